@@ -1,0 +1,379 @@
+"""``SqlStore``: the Store on SQLAlchemy 2 (SQLite embedded; PostgreSQL later).
+
+The relay calls the store from worker threads (``asyncio.to_thread``), so the
+engine is shared across threads. Writes take an in-process lock: SQLite has a
+single writer anyway, and serialising them here turns lock contention into a
+short wait instead of ``database is locked``. Password hashing runs outside
+every transaction and lock, so slow argon2 checks never block other requests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    TypeDecorator,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from hatchway.auth.device import derive_device_key, new_device_secret, validate_device_id
+from hatchway.auth.passwords import DUMMY_HASH, hash_password, needs_rehash, verify_password
+from hatchway.auth.tokens import hash_token, new_api_token
+from hatchway.errors import AlreadyExistsError, ConfigError, NotFoundError
+from hatchway.store.base import ROLES, ChannelRecord, DeviceRecord, UserRecord
+
+USER_NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+DB_FILE_NAME = "hatchway.db"
+
+# Writing last_used_at on every API request would make each read a write.
+_LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, whatever the backend stores.
+
+    SQLite has no time zone type, so values are stored as naive UTC there and
+    given back their tzinfo on the way out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Device(_Base):
+    __tablename__ = "devices"
+
+    device_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class _User(_Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    def record(self) -> UserRecord:
+        return UserRecord(name=self.name, role=self.role, created_at=self.created_at)
+
+
+class _ApiToken(_Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    label: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class _Channel(_Base):
+    """Audit log: plain names, no foreign keys, so it outlives users and devices."""
+
+    __tablename__ = "channels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str] = mapped_column(String(63))
+    service: Mapped[str] = mapped_column(String(255))
+    source: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    ended_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+    bytes_up: Mapped[int] = mapped_column(BigInteger)
+    bytes_down: Mapped[int] = mapped_column(BigInteger)
+    outcome: Mapped[str] = mapped_column(String(64))
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA foreign_keys=ON")
+        # WAL lets readers proceed while one thread writes.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def _validate_user_name(name: str) -> str:
+    if USER_NAME_RE.fullmatch(name) is None:
+        raise ConfigError(
+            f"invalid user name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-'"
+        )
+    return name
+
+
+class SqlStore:
+    """The Store protocol on a SQLAlchemy engine."""
+
+    def __init__(self, url: str | URL) -> None:
+        parsed = make_url(url)
+        kwargs: dict[str, Any] = {}
+        if parsed.get_backend_name() == "sqlite":
+            kwargs["connect_args"] = {"check_same_thread": False}
+            if parsed.database in (None, "", ":memory:"):
+                # One shared connection, or every thread would see its own empty database.
+                kwargs["poolclass"] = StaticPool
+        self._engine = create_engine(parsed, **kwargs)
+        if parsed.get_backend_name() == "sqlite":
+            event.listen(self._engine, "connect", _sqlite_on_connect)
+        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        self._write_lock = threading.Lock()
+        # No migrations yet: they arrive with the PostgreSQL store (Alembic).
+        _Base.metadata.create_all(self._engine)
+
+    @classmethod
+    def open_data_dir(cls, data_dir: Path) -> SqlStore:
+        """Open (creating if needed) the SQLite database in ``data_dir``, private to us."""
+        if not data_dir.exists():
+            data_dir.mkdir(mode=0o700, parents=True)
+            data_dir.chmod(0o700)  # mkdir's mode is filtered by the umask
+        db_path = data_dir / DB_FILE_NAME
+        # Create the file ourselves so it is never world-readable, even briefly;
+        # SQLite gives the -wal and -shm files the same mode.
+        fd = os.open(db_path, os.O_CREAT | os.O_RDWR, 0o600)
+        os.close(fd)
+        db_path.chmod(0o600)
+        return cls(URL.create("sqlite", database=str(db_path.resolve())))
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._write_lock, self._sessions() as session, session.begin():
+            yield session
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # Devices
+
+    def add_device(self, device_id: str) -> str:
+        validate_device_id(device_id)
+        secret = new_device_secret()
+        with self._write() as session:
+            if session.get(_Device, device_id) is not None:
+                raise AlreadyExistsError(f"device {device_id!r} already exists")
+            session.add(
+                _Device(device_id=device_id, key=derive_device_key(secret), created_at=_now())
+            )
+        return secret
+
+    def device_key(self, device_id: str) -> bytes | None:
+        with self._read() as session:
+            device = session.get(_Device, device_id)
+            return None if device is None else device.key
+
+    def list_devices(self) -> list[DeviceRecord]:
+        with self._read() as session:
+            rows = session.scalars(select(_Device).order_by(_Device.device_id))
+            return [DeviceRecord(device_id=d.device_id, created_at=d.created_at) for d in rows]
+
+    def remove_device(self, device_id: str) -> None:
+        with self._write() as session:
+            result = session.execute(delete(_Device).where(_Device.device_id == device_id))
+            if result.rowcount == 0:
+                raise NotFoundError(f"no device {device_id!r}")
+
+    # Users
+
+    def add_user(self, name: str, role: str, password: str) -> UserRecord:
+        _validate_user_name(name)
+        if role not in ROLES:
+            raise ConfigError(f"invalid role {role!r}: choose one of {', '.join(ROLES)}")
+        password_hash = hash_password(password)
+        with self._write() as session:
+            if self._user(session, name) is not None:
+                raise AlreadyExistsError(f"user {name!r} already exists")
+            user = _User(name=name, role=role, password_hash=password_hash, created_at=_now())
+            session.add(user)
+            return user.record()
+
+    def list_users(self) -> list[UserRecord]:
+        with self._read() as session:
+            return [u.record() for u in session.scalars(select(_User).order_by(_User.name))]
+
+    def remove_user(self, name: str) -> None:
+        with self._write() as session:
+            user = self._user(session, name)
+            if user is None:
+                raise NotFoundError(f"no user {name!r}")
+            # Explicit, so tokens go even on a connection without foreign_keys.
+            session.execute(delete(_ApiToken).where(_ApiToken.user_id == user.id))
+            session.delete(user)
+
+    def count_users(self) -> int:
+        with self._read() as session:
+            return session.scalar(select(func.count()).select_from(_User)) or 0
+
+    def set_password(self, name: str, password: str) -> None:
+        password_hash = hash_password(password)
+        with self._write() as session:
+            user = self._user(session, name)
+            if user is None:
+                raise NotFoundError(f"no user {name!r}")
+            user.password_hash = password_hash
+
+    def authenticate_user(self, name: str, password: str) -> UserRecord | None:
+        with self._read() as session:
+            user = self._user(session, name)
+            if user is None:
+                # Spend the same time as for a wrong password: no user enumeration.
+                verify_password(DUMMY_HASH, password)
+                return None
+            record, stored_hash = user.record(), user.password_hash
+        if not verify_password(stored_hash, password):
+            return None
+        if needs_rehash(stored_hash):
+            new_hash = hash_password(password)
+            with self._write() as session:
+                # Only if nobody changed the password meanwhile.
+                fresh = self._user(session, name)
+                if fresh is not None and fresh.password_hash == stored_hash:
+                    fresh.password_hash = new_hash
+        return record
+
+    @staticmethod
+    def _user(session: Session, name: str) -> _User | None:
+        return session.scalars(select(_User).where(_User.name == name)).one_or_none()
+
+    # API tokens
+
+    def create_token(self, user: str, label: str, ttl: timedelta | None) -> str:
+        if ttl is not None and ttl <= timedelta(0):
+            raise ConfigError("token lifetime must be positive")
+        token = new_api_token()
+        now = _now()
+        with self._write() as session:
+            owner = self._user(session, user)
+            if owner is None:
+                raise NotFoundError(f"no user {user!r}")
+            session.add(
+                _ApiToken(
+                    user_id=owner.id,
+                    token_hash=hash_token(token),
+                    label=label,
+                    created_at=now,
+                    expires_at=None if ttl is None else now + ttl,
+                )
+            )
+        return token
+
+    def user_for_token(self, token: str) -> UserRecord | None:
+        now = _now()
+        query = (
+            select(_ApiToken, _User)
+            .join(_User, _ApiToken.user_id == _User.id)
+            .where(_ApiToken.token_hash == hash_token(token))
+        )
+        with self._read() as session:
+            row = session.execute(query).one_or_none()
+            if row is None:
+                return None
+            api_token, user = row.tuple()
+            if api_token.expires_at is not None and api_token.expires_at <= now:
+                return None
+            record, token_id, last_used = user.record(), api_token.id, api_token.last_used_at
+        if last_used is None or now - last_used >= _LAST_USED_RESOLUTION:
+            with self._write() as session:
+                fresh = session.get(_ApiToken, token_id)
+                if fresh is not None:
+                    fresh.last_used_at = now
+        return record
+
+    def revoke_tokens(self, user: str) -> int:
+        with self._write() as session:
+            owner = self._user(session, user)
+            if owner is None:
+                raise NotFoundError(f"no user {user!r}")
+            result = session.execute(delete(_ApiToken).where(_ApiToken.user_id == owner.id))
+            return result.rowcount
+
+    # Channel log
+
+    def record_channel(self, rec: ChannelRecord) -> None:
+        with self._write() as session:
+            session.add(
+                _Channel(
+                    user=rec.user,
+                    device=rec.device,
+                    service=rec.service,
+                    source=rec.source,
+                    started_at=rec.started_at,
+                    ended_at=rec.ended_at,
+                    bytes_up=rec.bytes_up,
+                    bytes_down=rec.bytes_down,
+                    outcome=rec.outcome,
+                )
+            )
+
+    def recent_channels(self, limit: int = 100) -> list[ChannelRecord]:
+        query = select(_Channel).order_by(_Channel.ended_at.desc(), _Channel.id.desc()).limit(limit)
+        with self._read() as session:
+            return [
+                ChannelRecord(
+                    user=c.user,
+                    device=c.device,
+                    service=c.service,
+                    source=c.source,
+                    started_at=c.started_at,
+                    ended_at=c.ended_at,
+                    bytes_up=c.bytes_up,
+                    bytes_down=c.bytes_down,
+                    outcome=c.outcome,
+                )
+                for c in session.scalars(query)
+            ]
