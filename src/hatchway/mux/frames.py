@@ -120,7 +120,9 @@ def decode_u32(payload: bytes, what: str) -> int:
 
 
 def encode_reason(code: int, message: str) -> bytes:
-    return OPEN_FAILED_HEAD.pack(code) + message.encode()[:1024]
+    # Cut at 1024 bytes without splitting a character: the peer rejects invalid UTF-8.
+    raw = message.encode()[:1024].decode(errors="ignore").encode()
+    return OPEN_FAILED_HEAD.pack(code) + raw
 
 
 def decode_reason(payload: bytes, what: str) -> tuple[int, str]:

@@ -325,7 +325,7 @@ class Multiplexer:
                 raise RemoteProtocolError("HELLO after the tunnel was established")
             try:
                 info = json.loads(frame.payload)
-            except ValueError:
+            except (ValueError, RecursionError):  # deep nesting fits in 8 KiB
                 raise RemoteProtocolError("HELLO is not valid JSON") from None
             if not isinstance(info, dict):
                 raise RemoteProtocolError("HELLO is not a JSON object")

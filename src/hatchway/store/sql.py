@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Delete,
     Dialect,
     ForeignKey,
     Integer,
@@ -33,7 +34,7 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, CursorResult, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -145,6 +146,12 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _deleted(session: Session, statement: Delete) -> int:
+    """Run a DELETE and say how many rows it removed."""
+    result = cast("CursorResult[Any]", session.execute(statement))
+    return int(result.rowcount)
+
+
 def _validate_user_name(name: str) -> str:
     if USER_NAME_RE.fullmatch(name) is None:
         raise ConfigError(
@@ -224,8 +231,7 @@ class SqlStore:
 
     def remove_device(self, device_id: str) -> None:
         with self._write() as session:
-            result = session.execute(delete(_Device).where(_Device.device_id == device_id))
-            if result.rowcount == 0:
+            if _deleted(session, delete(_Device).where(_Device.device_id == device_id)) == 0:
                 raise NotFoundError(f"no device {device_id!r}")
 
     # Users
@@ -323,7 +329,7 @@ class SqlStore:
             row = session.execute(query).one_or_none()
             if row is None:
                 return None
-            api_token, user = row.tuple()
+            api_token, user = row
             if api_token.expires_at is not None and api_token.expires_at <= now:
                 return None
             record, token_id, last_used = user.record(), api_token.id, api_token.last_used_at
@@ -339,8 +345,7 @@ class SqlStore:
             owner = self._user(session, user)
             if owner is None:
                 raise NotFoundError(f"no user {user!r}")
-            result = session.execute(delete(_ApiToken).where(_ApiToken.user_id == owner.id))
-            return result.rowcount
+            return _deleted(session, delete(_ApiToken).where(_ApiToken.user_id == owner.id))
 
     # Channel log
 

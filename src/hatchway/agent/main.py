@@ -1,0 +1,66 @@
+"""``hatchway agent``: argparse only, so a device needs nothing but websockets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from hatchway import __version__
+from hatchway.agent.config import load_agent_config
+from hatchway.agent.runner import Agent
+from hatchway.errors import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hatchway agent",
+        description="Keep a tunnel to a Hatchway relay and expose local services through it.",
+    )
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("--server", help="relay URL, e.g. https://relay.example.com:8443")
+    parser.add_argument("--device", help="this device's id")
+    parser.add_argument("--secret-file", type=Path, help="file holding the device secret")
+    parser.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="expose a service (repeatable); the agent connects to nothing else",
+    )
+    parser.add_argument("--ca-file", type=Path, help="verify the relay against this CA")
+    parser.add_argument("--proxy", help="HTTP CONNECT proxy URL (default: $HTTPS_PROXY)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"hatchway {__version__}")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        config = load_agent_config(
+            config_file=args.config,
+            server=args.server,
+            device=args.device,
+            secret_file=args.secret_file,
+            services=args.service,
+            ca_file=args.ca_file,
+            proxy=args.proxy,
+        )
+        agent = Agent(config)
+    except ConfigError as exc:
+        print(f"hatchway agent: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(agent.run())
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,213 @@
+"""The device agent: keeps one tunnel to the relay and serves its channel requests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import logging
+import random
+import socket
+import time
+from typing import Any
+
+from websockets.client import ClientProtocol
+
+from hatchway import __version__
+from hatchway.agent.config import AgentConfig, ServiceTarget
+from hatchway.auth.device import derive_device_key, device_proof
+from hatchway.errors import LocalProtocolError
+from hatchway.mux.frames import GoAwayReason, OpenFailure
+from hatchway.mux.session import DEFAULT_MAX_CHANNELS, DEFAULT_WINDOW, PROTOCOL_VERSION, Role
+from hatchway.tlsutil import client_context
+from hatchway.tunnel.connect import (
+    ConnectError,
+    ProxyConfig,
+    open_websocket,
+    proxy_from_environment,
+)
+from hatchway.tunnel.endpoint import TUNNEL_MAX_MESSAGE, TunnelEndpoint
+from hatchway.tunnel.local import TcpBinding
+
+log = logging.getLogger("hatchway.agent")
+
+SUBPROTOCOL = "hatchway.v1"
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 30.0
+HANDSHAKE_TIMEOUT = 10.0
+LOCAL_CONNECT_TIMEOUT = 10.0
+_STARTED = time.monotonic()
+
+
+class AgentTunnel(TunnelEndpoint):
+    def __init__(self, ws: ClientProtocol, config: AgentConfig, key: bytes) -> None:
+        super().__init__(ws, Role.AGENT, window=DEFAULT_WINDOW, max_channels=DEFAULT_MAX_CHANNELS)
+        self.config = config
+        self.key = key
+        self.established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.auth_refused = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def describe(self) -> str:
+        return f"tunnel to {self.config.server}"
+
+    def on_hello(self, info: dict[str, Any]) -> None:
+        if info.get("welcome") is True:
+            self.mux.mark_established()
+            self.start_keepalive()
+            if not self.established.done():
+                self.established.set_result(None)
+            return
+        if info.get("version") != PROTOCOL_VERSION:
+            self.shutdown(GoAwayReason.VERSION, f"agent speaks version {PROTOCOL_VERSION}")
+            return
+        nonce_text = info.get("nonce")
+        if not isinstance(nonce_text, str):
+            raise LocalProtocolError("the relay's HELLO has no nonce")
+        try:
+            nonce = base64.b64decode(nonce_text, validate=True)
+        except ValueError:
+            raise LocalProtocolError("the relay's nonce is not base64") from None
+        if len(nonce) < 16:
+            raise LocalProtocolError("the relay's nonce is too short")
+        proof = device_proof(self.key, self.config.device, nonce)
+        self.mux.send_hello(
+            {
+                "version": PROTOCOL_VERSION,
+                "role": "agent",
+                "device": self.config.device,
+                "proof": base64.b64encode(proof).decode(),
+                "capabilities": [],
+                "properties": {
+                    "hostname": socket.gethostname(),
+                    "agent_version": __version__,
+                    "uptime": int(time.monotonic() - _STARTED),
+                    "services": sorted(self.config.services),
+                },
+            }
+        )
+        self.request_flush()
+
+    def on_goaway(self, reason: int, message: str) -> None:
+        if reason == GoAwayReason.AUTH_FAILED:
+            self.auth_refused = True
+            log.error("the relay refused this device's credentials: %s", message)
+        elif reason == GoAwayReason.REPLACED:
+            log.warning("the relay replaced this tunnel: %s", message)
+        super().on_goaway(reason, message)
+
+    def on_channel_requested(self, channel: int, service: str) -> None:
+        target = self.config.services.get(service)
+        if target is None:
+            log.warning("relay asked for unexposed service %r: refused", service)
+            self.reject(channel, OpenFailure.UNKNOWN_SERVICE, f"service {service} is not exposed")
+            return
+        task = asyncio.get_running_loop().create_task(self._connect(channel, target))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, channel: int, target: ServiceTarget) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, binding = await asyncio.wait_for(
+                loop.create_connection(TcpBinding, target.host, target.port),
+                LOCAL_CONNECT_TIMEOUT,
+            )
+        except TimeoutError:
+            failure, text = OpenFailure.TIMEOUT, "timed out"
+        except ConnectionRefusedError:
+            failure, text = OpenFailure.REFUSED, "connection refused"
+        except OSError as exc:
+            failure = OpenFailure.UNREACHABLE
+            text = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+        else:
+            if self.closed:
+                if binding.transport is not None:
+                    binding.transport.abort()
+                return
+            self.attach(channel, binding)
+            binding.start()
+            log.info(
+                "channel %d: connected to %s (%s:%d)",
+                channel,
+                target.name,
+                target.host,
+                target.port,
+            )
+            return
+        log.warning(
+            "channel %d: %s (%s:%d): %s", channel, target.name, target.host, target.port, text
+        )
+        if not self.closed:
+            self.reject(channel, failure, f"{target.name}: {text}")
+
+    def on_tunnel_closed(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class Agent:
+    """Connects, serves until the tunnel drops, and tries again with backoff, forever."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.key = derive_device_key(config.secret)
+        self.ssl_context = client_context(config.ca_file)
+        self.tunnel: AgentTunnel | None = None
+        self.connected = asyncio.Event()
+
+    def _proxy(self, host: str) -> ProxyConfig | None:
+        return self.config.proxy or proxy_from_environment(host)
+
+    async def connect_once(self) -> AgentTunnel:
+        from websockets.uri import parse_uri
+
+        url = self.config.tunnel_url
+        tunnel = await open_websocket(
+            url,
+            lambda ws: AgentTunnel(ws, self.config, self.key),
+            ssl_context=self.ssl_context,
+            proxy=self._proxy(parse_uri(url).host),
+            subprotocols=[SUBPROTOCOL],
+            max_size=TUNNEL_MAX_MESSAGE,
+            timeout=HANDSHAKE_TIMEOUT,
+        )
+        done, _ = await asyncio.wait(
+            [tunnel.established, tunnel.done],
+            timeout=HANDSHAKE_TIMEOUT,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if not done:
+            tunnel.abort()
+            raise ConnectError("the relay did not complete the tunnel handshake in time") from None
+        if not tunnel.established.done():
+            raise ConnectError(
+                "the relay refused this device's credentials"
+                if tunnel.auth_refused
+                else "the relay closed the tunnel during the handshake"
+            )
+        return tunnel
+
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                tunnel = await self.connect_once()
+            except ConnectError as exc:
+                log.warning("cannot connect: %s", exc)
+            else:
+                attempt = 0
+                self.tunnel = tunnel
+                self.connected.set()
+                log.info("connected to %s as %s", self.config.server, self.config.device)
+                await tunnel.done
+                self.connected.clear()
+                log.warning("tunnel to %s closed", self.config.server)
+            delay = min(BACKOFF_MAX, BACKOFF_MIN * 2**attempt)
+            delay = max(BACKOFF_MIN, random.uniform(delay * 0.75, delay))  # jitter
+            attempt = min(attempt + 1, 10)
+            log.info("reconnecting in %.1f s", delay)
+            await asyncio.sleep(delay)

@@ -1,0 +1,389 @@
+"""The ``hatchway`` command line (relay administration and the user's client)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from hatchway import __version__
+from hatchway.errors import HatchwayError
+
+T = TypeVar("T")
+
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("hatchway-data"),
+    envvar="HATCHWAY_DATA_DIR",
+    show_default=True,
+    help="the relay's data directory (database, TLS files)",
+)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"hatchway: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(coro: Coroutine[Any, Any, T], loop: str = "auto") -> T:
+    if loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+
+            return uvloop.run(coro)
+        except ImportError:
+            if loop == "uvloop":
+                raise click.UsageError("uvloop is not installed") from None
+    return asyncio.run(coro)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except HatchwayError as exc:
+        _fail(str(exc))
+        raise AssertionError from exc  # unreachable
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hatchway")
+def cli() -> None:
+    """Secure remote access to devices behind NAT."""
+
+
+@cli.command(
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],
+    }
+)
+@click.pass_context
+def agent(ctx: click.Context) -> None:
+    """Run the device agent (see 'hatchway agent --help')."""
+    from hatchway.agent.main import main as agent_main
+
+    sys.exit(agent_main(ctx.args))
+
+
+# --- relay ------------------------------------------------------------------------------
+
+
+@cli.command()
+@data_dir_option
+@click.option("--listen", default="0.0.0.0:8443", show_default=True, help="HOST:PORT to serve")
+@click.option("--domain", default="localhost", show_default=True, help="the relay's domain")
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="certificate chain (PEM); reloaded on SIGHUP",
+)
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="its key")
+@click.option(
+    "--loop",
+    type=click.Choice(["auto", "asyncio", "uvloop"]),
+    default="auto",
+    show_default=True,
+    help="event loop implementation",
+)
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def server(
+    data_dir: Path,
+    listen: str,
+    domain: str,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    loop: str,
+    verbose: bool,
+) -> None:
+    """Run the relay server."""
+    from hatchway.agent.config import parse_host_port
+    from hatchway.relay.server import RelayConfig, run_relay
+
+    _setup_logging(verbose)
+    host, port = _guard(lambda: parse_host_port(listen, "--listen"))
+    config = RelayConfig(
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        domain=domain.lower(),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+    )
+    try:
+        _run(run_relay(config), loop)
+    except HatchwayError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot listen on {listen}: {exc.strerror or exc}")
+
+
+def _store(data_dir: Path) -> Any:
+    from hatchway.store.sql import SqlStore
+
+    return _guard(lambda: SqlStore.open_data_dir(data_dir))
+
+
+@cli.group()
+def device() -> None:
+    """Manage devices (offline, against the relay's data directory)."""
+
+
+@device.command("add")
+@click.argument("device_id")
+@click.option("--json", "as_json", is_flag=True, help='print {"device": ..., "secret": ...}')
+@data_dir_option
+def device_add(device_id: str, as_json: bool, data_dir: Path) -> None:
+    """Create a device and print its secret (shown only this once)."""
+    store = _store(data_dir)
+    secret = _guard(lambda: store.add_device(device_id))
+    if as_json:
+        click.echo(json.dumps({"device": device_id, "secret": secret}))
+    else:
+        click.echo(f"device {device_id} created. Its secret (shown only once):\n{secret}")
+
+
+@device.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@data_dir_option
+def device_list(as_json: bool, data_dir: Path) -> None:
+    """List the devices."""
+    records = _store(data_dir).list_devices()
+    if as_json:
+        click.echo(
+            json.dumps(
+                [{"device": r.device_id, "created_at": r.created_at.isoformat()} for r in records]
+            )
+        )
+        return
+    for r in records:
+        click.echo(f"{r.device_id}\t{r.created_at:%Y-%m-%d %H:%M}")
+
+
+@device.command("remove")
+@click.argument("device_id")
+@data_dir_option
+def device_remove(device_id: str, data_dir: Path) -> None:
+    """Remove a device (its secret stops working at its next connection)."""
+    store = _store(data_dir)
+    _guard(lambda: store.remove_device(device_id))
+    click.echo(f"device {device_id} removed")
+
+
+@cli.group()
+def user() -> None:
+    """Manage users (offline, against the relay's data directory)."""
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        _fail("empty password")
+    return password
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["admin", "user"]), default="user", show_default=True)
+@click.option("--password-stdin", is_flag=True, help="read the password from standard input")
+@data_dir_option
+def user_add(name: str, role: str, password_stdin: bool, data_dir: Path) -> None:
+    """Create a user."""
+    store = _store(data_dir)
+    password = _read_password(password_stdin)
+    _guard(lambda: store.add_user(name, role, password))
+    click.echo(f"user {name} created with role {role}")
+
+
+@user.command("list")
+@data_dir_option
+def user_list(data_dir: Path) -> None:
+    """List the users."""
+    for r in _store(data_dir).list_users():
+        click.echo(f"{r.name}\t{r.role}\t{r.created_at:%Y-%m-%d %H:%M}")
+
+
+@user.command("remove")
+@click.argument("name")
+@data_dir_option
+def user_remove(name: str, data_dir: Path) -> None:
+    """Remove a user and revoke their tokens."""
+    store = _store(data_dir)
+    _guard(lambda: store.remove_user(name))
+    click.echo(f"user {name} removed")
+
+
+@user.command("passwd")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="read the password from standard input")
+@data_dir_option
+def user_passwd(name: str, password_stdin: bool, data_dir: Path) -> None:
+    """Set a user's password."""
+    store = _store(data_dir)
+    password = _read_password(password_stdin)
+    _guard(lambda: store.set_password(name, password))
+    click.echo(f"password of {name} changed")
+
+
+# --- client -----------------------------------------------------------------------------
+
+
+def _login() -> Any:
+    from hatchway.client.config import load_login
+
+    return _guard(load_login)
+
+
+@cli.command()
+@click.argument("url")
+@click.option("--user", "name", required=True, help="user name")
+@click.option("--password-stdin", is_flag=True, help="read the password from standard input")
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="verify the relay against this CA (the relay prints it at start)",
+)
+def login(url: str, name: str, password_stdin: bool, ca_file: Path | None) -> None:
+    """Log in to a relay and store the API token."""
+    from hatchway.client.config import Login, save_login
+    from hatchway.client.relay_api import call
+
+    if not url.startswith("https://"):
+        _fail("the relay URL must start with https://")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("password", hide_input=True)
+    ca = str(ca_file.resolve()) if ca_file else None
+    answer = _guard(
+        lambda: call(
+            url,
+            "POST",
+            "/api/v1/login",
+            ca_file=ca,
+            body={"user": name, "password": password, "label": "cli"},
+        )
+    )
+    path = save_login(Login(server=url.rstrip("/"), user=name, token=answer["token"], ca_file=ca))
+    click.echo(f"logged in to {url} as {name} (token saved in {path})")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def devices(as_json: bool) -> None:
+    """List the devices you may reach, with their state and services."""
+    from hatchway.client.relay_api import call
+
+    login_ = _login()
+    answer = _guard(
+        lambda: call(
+            login_.server, "GET", "/api/v1/devices", ca_file=login_.ca_file, token=login_.token
+        )
+    )
+    items = answer["devices"]
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    if not items:
+        click.echo("no devices")
+    for item in items:
+        state = "online" if item["online"] else "offline"
+        services = ",".join(item.get("services") or []) or "-"
+        click.echo(f"{item['id']:<24} {state:<8} {services}")
+
+
+@cli.command()
+@click.argument("device_id")
+@click.argument("service")
+@click.option(
+    "--local-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="local port (default: a free one)",
+)
+@click.option("--bind", default="127.0.0.1", show_default=True, help="local address")
+def forward(device_id: str, service: str, local_port: int, bind: str) -> None:
+    """Forward a local port to a device's service."""
+    from hatchway.client.streams import serve_forward
+
+    login_ = _login()
+
+    def listening(host: str, port: int) -> None:
+        click.echo(f"listening on {host}:{port}")
+        sys.stdout.flush()
+
+    try:
+        _run(serve_forward(login_, device_id, service, bind, local_port, listening))
+    except OSError as exc:
+        _fail(f"cannot listen on {bind}:{local_port}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+@click.argument("device_id")
+@click.argument("service")
+def proxy(device_id: str, service: str) -> None:
+    """Join standard input and output to a device's service (ssh ProxyCommand)."""
+    from hatchway.client.streams import run_stdio
+
+    login_ = _login()
+    try:
+        # The stdlib loop: uvloop aborts the process on some kinds of stdio.
+        reason = _run(run_stdio(login_, device_id, service), "asyncio")
+    except HatchwayError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if reason:
+        _fail(reason)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("target")
+@click.argument("ssh_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--service", default="ssh", show_default=True, help="the device's SSH service")
+def ssh(target: str, ssh_args: tuple[str, ...], service: str) -> None:
+    """Run OpenSSH to [USER@]DEVICE through the relay."""
+    _login()  # fail early with a clear message
+    user_part, _, device_id = target.rpartition("@")
+    ssh_bin = shutil.which("ssh")
+    if ssh_bin is None:
+        _fail("OpenSSH's ssh is not installed")
+        return
+    proxy_command = f"{sys.executable} -m hatchway proxy {device_id} {service}"
+    argv = [
+        ssh_bin,
+        "-o",
+        f"ProxyCommand={proxy_command}",
+        "-o",
+        f"HostKeyAlias=hatchway-{device_id}",
+        target if user_part else device_id,
+        *ssh_args,
+    ]
+    os.execv(ssh_bin, argv)
+
+
+def main() -> None:
+    cli()

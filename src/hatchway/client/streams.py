@@ -1,0 +1,266 @@
+"""Client streams: a local byte stream (TCP connection or stdin/stdout) joined to a
+device service through one WebSocket to the relay.
+
+Backpressure: when the WebSocket's transport pauses writing, the local side stops
+reading; when the local side pauses writing, the WebSocket stops reading (and the
+relay, then the device, stop after one channel window).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+import sys
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+from websockets.client import ClientProtocol
+
+from hatchway.client.config import Login
+from hatchway.client.relay_api import error_from_body
+from hatchway.errors import ConfigError, RelayError
+from hatchway.tlsutil import client_context
+from hatchway.tunnel.connect import (
+    ConnectError,
+    open_websocket,
+    proxy_from_environment,
+    relay_websocket_url,
+)
+from hatchway.tunnel.websocket import WebSocketEndpoint, set_nodelay
+
+log = logging.getLogger("hatchway.client")
+
+EOF_MESSAGE = b"eof"
+STREAM_MAX_MESSAGE = 1024 * 1024
+
+
+class LocalSide:
+    """The local end: where bytes from the device go, and where ours come from."""
+
+    def __init__(self) -> None:
+        self.read_transport: asyncio.ReadTransport | None = None
+        self.write_transport: asyncio.WriteTransport | None = None
+        self.stream: StreamClient | None = None
+        self.write_paused = False
+        self.done = asyncio.get_running_loop().create_future()
+        # Pipe transports may deliver a read before pause_reading() takes effect.
+        self._early: list[bytes] = []
+        self._early_eof = False
+
+    # from the device
+    def write(self, data: bytes) -> None:
+        if self.write_transport is not None and not self.write_transport.is_closing():
+            self.write_transport.write(data)
+
+    def write_eof(self) -> None:
+        wt = self.write_transport
+        if wt is None or wt.is_closing():
+            return
+        if wt.can_write_eof():
+            wt.write_eof()
+        elif wt is not self.read_transport:  # type: ignore[comparison-overlap]
+            wt.close()
+
+    def close(self) -> None:
+        for transport in (self.read_transport, self.write_transport):
+            if transport is not None and not transport.is_closing():
+                transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def pause_reading(self) -> None:
+        if self.read_transport is not None and self.read_transport.is_reading():
+            self.read_transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_transport is not None and not self.read_transport.is_reading():
+            self.read_transport.resume_reading()
+
+    # to the device
+    def attach(self, stream: StreamClient) -> None:
+        self.stream = stream
+        early, self._early = self._early, []
+        for data in early:
+            stream.send_binary(data)
+        if self._early_eof:
+            stream.send_text(EOF_MESSAGE)
+        self.resume_reading()
+
+    def received(self, data: bytes) -> None:
+        stream = self.stream
+        if stream is None:
+            self._early.append(data)
+            self.pause_reading()
+            return
+        stream.send_binary(data)
+        if stream.write_paused:
+            self.pause_reading()
+
+    def received_eof(self) -> None:
+        if self.stream is not None:
+            self.stream.send_text(EOF_MESSAGE)
+        else:
+            self._early_eof = True
+
+    def lost(self) -> None:
+        if self.stream is not None:
+            self.stream.close(1000)
+        self.close()
+
+    def sink_paused(self) -> None:
+        self.write_paused = True
+
+    def sink_resumed(self) -> None:
+        self.write_paused = False
+        stream = self.stream
+        if stream is not None and stream.transport is not None:
+            stream.transport.resume_reading()
+
+
+class _LocalProtocol(asyncio.Protocol):
+    """Adapts asyncio callbacks (TCP socket, or one of the stdio pipes) to ``LocalSide``."""
+
+    def __init__(self, side: LocalSide, reading: bool, writing: bool) -> None:
+        self.side = side
+        self.reading = reading
+        self.writing = writing
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        set_nodelay(transport)
+        if self.reading:
+            self.side.read_transport = cast(asyncio.ReadTransport, transport)
+            self.side.read_transport.pause_reading()  # until the stream is open
+        if self.writing:
+            self.side.write_transport = cast(asyncio.WriteTransport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.side.received(data)
+
+    def eof_received(self) -> bool:
+        self.side.received_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.reading:
+            self.side.read_transport = None
+        if self.writing:
+            self.side.write_transport = None
+        if self.side.read_transport is None and self.side.write_transport is None:
+            self.side.lost()
+        elif self.writing:
+            self.side.lost()  # nowhere to deliver the device's bytes any more
+
+    def pause_writing(self) -> None:
+        self.side.sink_paused()
+
+    def resume_writing(self) -> None:
+        self.side.sink_resumed()
+
+
+class StreamClient(WebSocketEndpoint):
+    def __init__(self, ws: ClientProtocol, local: LocalSide) -> None:
+        super().__init__(ws)
+        self.local = local
+        self.close_reason = ""
+
+    def on_binary(self, data: bytes) -> None:
+        self.local.write(data)
+        if self.local.write_paused and self.transport is not None:
+            self.transport.pause_reading()
+
+    def on_text(self, data: bytes) -> None:
+        if data == EOF_MESSAGE:
+            self.local.write_eof()
+
+    def on_close_frame(self) -> None:
+        rcvd = self.ws.close_rcvd
+        if rcvd is not None and rcvd.code != 1000:
+            self.close_reason = rcvd.reason or f"closed with code {rcvd.code}"
+
+    def on_writable(self) -> None:
+        self.local.resume_reading()
+
+    def on_connection_lost(self, exc: Exception | None) -> None:
+        self.local.close()
+
+
+def stream_url(login: Login, device: str, service: str) -> str:
+    query = urllib.parse.urlencode({"device": device, "service": service})
+    return relay_websocket_url(login.server, "/api/v1/connect") + "?" + query
+
+
+async def open_stream(login: Login, device: str, service: str, local: LocalSide) -> StreamClient:
+    """Open the WebSocket; raise RelayError with the relay's message on refusal."""
+    url = stream_url(login, device, service)
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        stream = await open_websocket(
+            url,
+            lambda ws: StreamClient(ws, local),
+            ssl_context=client_context(Path(login.ca_file) if login.ca_file else None),
+            proxy=proxy_from_environment(host),
+            headers=[("Authorization", f"Bearer {login.token}")],
+            max_size=STREAM_MAX_MESSAGE,
+            timeout=30.0,
+        )
+    except ConnectError as exc:
+        if exc.status is not None:
+            raise error_from_body(exc.status, exc.body) from None
+        raise RelayError(0, "unreachable", str(exc)) from None
+    local.attach(stream)
+    return stream
+
+
+async def run_stdio(login: Login, device: str, service: str) -> str:
+    """Join stdin/stdout to the service (OpenSSH ProxyCommand); return an error or ''."""
+    for name, stream in (("input", sys.stdin), ("output", sys.stdout)):
+        mode = os.fstat(stream.fileno()).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)):
+            raise ConfigError(f"standard {name} must be a pipe, a socket or a terminal")
+    loop = asyncio.get_running_loop()
+    local = LocalSide()
+    await loop.connect_read_pipe(lambda: _LocalProtocol(local, True, False), sys.stdin)
+    await loop.connect_write_pipe(lambda: _LocalProtocol(local, False, True), sys.stdout)
+    stream = await open_stream(login, device, service, local)
+    await local.done
+    return stream.close_reason
+
+
+async def serve_forward(
+    login: Login,
+    device: str,
+    service: str,
+    bind: str,
+    port: int,
+    on_listening: Callable[[str, int], None],
+) -> None:
+    """Listen on ``bind:port``; every accepted connection gets its own stream."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def accept() -> asyncio.Protocol:
+        local = LocalSide()
+        task = loop.create_task(_forward_one(login, device, service, local))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return _LocalProtocol(local, True, True)
+
+    server = await loop.create_server(accept, bind, port, reuse_address=True)
+    sockname = server.sockets[0].getsockname()
+    on_listening(sockname[0], sockname[1])
+    async with server:
+        await server.serve_forever()
+
+
+async def _forward_one(login: Login, device: str, service: str, local: LocalSide) -> None:
+    try:
+        await open_stream(login, device, service, local)
+    except RelayError as exc:
+        print(f"hatchway: {exc.message}", file=sys.stderr, flush=True)
+        local.close()
+        return
+    await local.done

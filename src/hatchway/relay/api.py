@@ -1,0 +1,100 @@
+"""The relay's JSON API (version 1): login, device list, health.
+
+The full REST API with its OpenAPI document comes with accounts and roles; this is
+the part the CLI needs today. Every error body is ``{"error": CODE, "message": TEXT}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from hatchway import __version__
+from hatchway.store.base import UserRecord
+
+if TYPE_CHECKING:
+    from hatchway.relay.frontdoor import HttpRequest
+    from hatchway.relay.server import RelayServer
+
+TOKEN_TTL = timedelta(days=30)
+#: Logins verified at once (argon2 is deliberately expensive: bound the CPU spent).
+LOGIN_CONCURRENCY = 4
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+UNAUTHORIZED = ApiError(401, "unauthorized", "missing, invalid or expired token: log in again")
+
+_login_slots: asyncio.Semaphore | None = None
+
+
+def _json_body(request: HttpRequest) -> dict[str, Any]:
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        raise ApiError(400, "bad_request", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+async def handle(
+    server: RelayServer, method: str, path: str, query: str, request: HttpRequest, source: str
+) -> tuple[int, Any]:
+    if path == "/api/v1/health":
+        _method(method, "GET")
+        return 200, {"status": "ok", "version": __version__}
+    if path == "/api/v1/login":
+        _method(method, "POST")
+        return await _login(server, request, source)
+    if path == "/api/v1/devices":
+        _method(method, "GET")
+        user = await server.authenticate_bearer(request.header("authorization"))
+        return 200, {"devices": server.visible_devices(user)}
+    if path == "/api/v1/whoami":
+        _method(method, "GET")
+        user = await server.authenticate_bearer(request.header("authorization"))
+        return 200, {"user": user.name, "role": user.role}
+    if path == "/":
+        return 200, {"service": "hatchway relay", "version": __version__}
+    raise ApiError(404, "not_found", "no such endpoint")
+
+
+def _method(actual: str, expected: str) -> None:
+    if actual != expected:
+        raise ApiError(405, "bad_method", f"use {expected}")
+
+
+async def _login(server: RelayServer, request: HttpRequest, source: str) -> tuple[int, Any]:
+    global _login_slots
+    body = _json_body(request)
+    name, password = body.get("user"), body.get("password")
+    if not isinstance(name, str) or not isinstance(password, str) or len(password) > 1024:
+        raise ApiError(400, "bad_request", "user and password are required")
+    label = body.get("label")
+    if not isinstance(label, str):
+        label = "cli"
+    if _login_slots is None:
+        _login_slots = asyncio.Semaphore(LOGIN_CONCURRENCY)
+    async with _login_slots:
+        user: UserRecord | None = await asyncio.to_thread(
+            server.store.authenticate_user, name, password
+        )
+        if user is None:
+            server.log_login_failure(name, source)
+            raise ApiError(401, "invalid_credentials", "wrong user name or password")
+        token = await asyncio.to_thread(server.store.create_token, user.name, label[:64], TOKEN_TTL)
+    return 200, {
+        "token": token,
+        "user": user.name,
+        "role": user.role,
+        "expires_in": int(TOKEN_TTL.total_seconds()),
+    }

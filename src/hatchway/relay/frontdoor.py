@@ -1,0 +1,252 @@
+"""The relay's front door: every TLS connection starts here.
+
+It reads one HTTP request (head bounded to ``MAX_HEAD``, body to ``MAX_BODY``, both
+within ``REQUEST_TIMEOUT``) and routes it:
+
+- ``GET /api/v1/tunnel`` with a WebSocket upgrade: a device tunnel;
+- ``GET /api/v1/connect?device=D&service=S`` with a WebSocket upgrade: a client stream,
+  authenticated with a bearer token before anything reaches the device;
+- anything else: the small JSON API (``relay.api``), one request per connection.
+
+For the WebSocket routes the connection's protocol is switched to the endpoint, which
+is fed the bytes read so far (the websockets library parses the request again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.parse
+from typing import TYPE_CHECKING, cast
+
+import httptools
+from websockets.server import ServerProtocol
+
+from hatchway.relay import api
+from hatchway.relay.streams import ClientStream, error_response
+from hatchway.relay.tunnels import SUBPROTOCOL, RelayTunnel
+from hatchway.tunnel.endpoint import TUNNEL_MAX_MESSAGE
+
+if TYPE_CHECKING:
+    from hatchway.relay.server import RelayServer
+
+log = logging.getLogger("hatchway.relay.http")
+
+MAX_HEAD = 16 * 1024
+MAX_BODY = 64 * 1024
+MAX_URL = 4 * 1024
+REQUEST_TIMEOUT = 10.0
+STREAM_MAX_MESSAGE = 1024 * 1024
+
+_STATUS_TEXT = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class _RequestTooLarge(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+class HttpRequest:
+    """What the front door keeps of a request (httptools parser callbacks)."""
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+        self.body = bytearray()
+        self.head_complete = False
+        self.complete = False
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > MAX_URL:
+            raise _RequestTooLarge(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEAD or len(self.headers) >= 100:
+            raise _RequestTooLarge(431)
+        self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self.head_complete = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+        if len(self.body) > MAX_BODY:
+            raise _RequestTooLarge(413)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+class FrontDoor(asyncio.Protocol):
+    def __init__(self, server: RelayServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.request = HttpRequest()
+        self.parser = httptools.HttpRequestParser(self.request)
+        self.buffer = bytearray()
+        self.source = "?"
+        self._timer: asyncio.TimerHandle | None = None
+        self._handed_over = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.source = peer[0] if isinstance(peer, tuple) else str(peer)
+        if not self.server.admit(self.source):
+            log.warning("%s: too many pending connections from this address", self.source)
+            transport.abort()
+            return
+        self._timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self._expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self.server.release(self.source)
+
+    def _expired(self) -> None:
+        self._timer = None
+        self.server.release(self.source)
+        self._respond(408, {"error": "timeout", "message": "request timed out"})
+
+    def data_received(self, data: bytes) -> None:
+        if self._handed_over:
+            return
+        self.buffer += data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # the head is complete; the endpoint takes the rest
+        except _RequestTooLarge as exc:
+            self._respond(exc.status, {"error": "too_large", "message": _STATUS_TEXT[exc.status]})
+            return
+        except httptools.HttpParserError:
+            self._respond(400, {"error": "bad_request", "message": "malformed HTTP request"})
+            return
+        if len(self.buffer) > MAX_HEAD + MAX_BODY:
+            self._respond(431, {"error": "too_large", "message": "request too large"})
+            return
+        if self.request.head_complete and (self.request.complete or self._is_upgrade()):
+            self._route()
+
+    def _is_upgrade(self) -> bool:
+        return (self.request.header("upgrade") or "").lower() == "websocket"
+
+    def _route(self) -> None:
+        assert self.transport is not None
+        self._release()
+        req = self.request
+        url = urllib.parse.urlsplit(req.url.decode("latin-1"))
+        method = self.parser.get_method().decode("latin-1")
+        if self._is_upgrade():
+            if method != "GET":
+                self._respond(405, {"error": "bad_method", "message": "use GET to upgrade"})
+            elif url.path == "/api/v1/tunnel":
+                ws = ServerProtocol(
+                    subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+                    extensions=None,
+                    max_size=TUNNEL_MAX_MESSAGE,
+                )
+                self._hand_over(RelayTunnel(ws, self.server))
+            elif url.path == "/api/v1/connect":
+                self.transport.pause_reading()
+                self._handed_over = True
+                task = asyncio.get_running_loop().create_task(self._connect(url.query))
+                self.server.track(task)
+            else:
+                self._respond(404, {"error": "not_found", "message": "no such endpoint"})
+            return
+        self.transport.pause_reading()
+        self._handed_over = True
+        task = asyncio.get_running_loop().create_task(self._api(method, url))
+        self.server.track(task)
+
+    def _hand_over(self, endpoint: asyncio.Protocol) -> None:
+        assert self.transport is not None
+        self._handed_over = True
+        self.transport.set_protocol(endpoint)
+        endpoint.connection_made(self.transport)
+        endpoint.data_received(bytes(self.buffer))
+        self.buffer.clear()
+
+    async def _connect(self, query: str) -> None:
+        assert self.transport is not None
+        params = urllib.parse.parse_qs(query)
+        device = (params.get("device") or [""])[0]
+        service = (params.get("service") or [""])[0]
+        ws = ServerProtocol(extensions=None, max_size=STREAM_MAX_MESSAGE)
+        try:
+            user = await self.server.authenticate_bearer(self.request.header("authorization"))
+            if self.transport.is_closing():
+                return
+            tunnel = self.server.authorize_stream(user, device, service)
+        except api.ApiError as exc:
+            stream = ClientStream(ws, self.server, "-", device, service)
+            self._hand_over(stream)
+            stream.reject(exc.status, exc.code, exc.message)
+            return
+        stream = ClientStream(ws, self.server, user.name, device, service)
+        self._hand_over(stream)
+        if stream.request is None:
+            stream.reject(400, "bad_request", "invalid WebSocket upgrade request")
+            return
+        stream.open(tunnel)
+
+    async def _api(self, method: str, url: urllib.parse.SplitResult) -> None:
+        try:
+            status, body = await api.handle(
+                self.server, method, url.path, url.query, self.request, self.source
+            )
+        except api.ApiError as exc:
+            status, body = exc.status, {"error": exc.code, "message": exc.message}
+        except Exception:
+            log.exception("internal error serving %s %s", method, url.path)
+            status, body = 500, {"error": "internal", "message": "internal error"}
+        self._respond(status, body)
+
+    def _respond(self, status: int, body: object) -> None:
+        transport = self.transport
+        self._handed_over = True
+        if transport is None or transport.is_closing():
+            return
+        payload = json.dumps(body).encode() + b"\n"
+        head = (
+            f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n"
+            "Cache-Control: no-store\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        transport.write(head + payload)
+        transport.close()
+
+
+__all__ = ["FrontDoor", "HttpRequest", "error_response"]

@@ -1,0 +1,226 @@
+"""The relay server: one TLS port for device tunnels, client streams and the API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from hatchway import __version__
+from hatchway.agent.config import SERVICE_NAME_RE
+from hatchway.auth.device import DEVICE_ID_RE
+from hatchway.auth.passwords import new_password
+from hatchway.errors import ConfigError
+from hatchway.mux.frames import GoAwayReason
+from hatchway.mux.session import DEFAULT_MAX_CHANNELS, DEFAULT_WINDOW
+from hatchway.relay.api import UNAUTHORIZED, ApiError
+from hatchway.relay.frontdoor import FrontDoor
+from hatchway.relay.pki import certificate_fingerprint, ensure_tls_files
+from hatchway.relay.registry import LocalRegistry
+from hatchway.relay.tunnels import RelayTunnel
+from hatchway.store.base import ChannelRecord, UserRecord
+from hatchway.store.sql import SqlStore
+from hatchway.tlsutil import reload_server_context, server_context
+
+log = logging.getLogger("hatchway.relay")
+
+#: Connections per source address that have not yet finished their request/handshake.
+MAX_PENDING_PER_SOURCE = 64
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    data_dir: Path = Path("hatchway-data")
+    host: str = "0.0.0.0"
+    port: int = 8443
+    domain: str = "localhost"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    window: int = DEFAULT_WINDOW
+    max_channels: int = DEFAULT_MAX_CHANNELS
+
+
+class RelayServer:
+    def __init__(self, config: RelayConfig) -> None:
+        if (config.tls_cert is None) != (config.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        self.config = config
+        self.store = SqlStore.open_data_dir(config.data_dir)
+        self.registry = LocalRegistry()
+        self.unauthenticated: set[RelayTunnel] = set()
+        self._pending: defaultdict[str, int] = defaultdict(int)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.Server | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.cert_file, self.key_file = config.tls_cert, config.tls_key
+            self.ca_file: Path | None = None
+        else:
+            files = ensure_tls_files(config.data_dir / "tls", config.domain)
+            self.cert_file, self.key_file, self.ca_file = (
+                files.server_cert,
+                files.server_key,
+                files.ca_cert,
+            )
+        self.ssl_context: ssl.SSLContext = server_context(self.cert_file, self.key_file)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def bootstrap(self) -> str | None:
+        """Create the first admin on an empty database; return its password once."""
+        if self.store.count_users():
+            return None
+        password = new_password()
+        self.store.add_user("admin", "admin", password)
+        return password
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: FrontDoor(self),
+            self.config.host,
+            self.config.port,
+            ssl=self.ssl_context,
+            ssl_handshake_timeout=10.0,
+            backlog=4096,
+            reuse_address=True,
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        host = self.config.domain
+        return f"https://{host}:{self.port}" if self.port != 443 else f"https://{host}"
+
+    def reload_tls(self) -> None:
+        try:
+            if self.ca_file is not None:
+                ensure_tls_files(self.config.data_dir / "tls", self.config.domain)
+            reload_server_context(self.ssl_context, self.cert_file, self.key_file)
+        except ConfigError as exc:
+            log.error("TLS reload failed, keeping the current certificate: %s", exc)
+        else:
+            log.info("TLS certificate reloaded from %s", self.cert_file)
+
+    async def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for entry in self.registry.all():
+            entry.tunnel.shutdown(GoAwayReason.SHUTDOWN, "relay shutting down")
+        for tunnel in list(self.unauthenticated):
+            tunnel.abort()
+        await asyncio.sleep(0.1)
+        for task in self._tasks:
+            task.cancel()
+        self.store.close()
+
+    # --- front door helpers ---------------------------------------------------------------
+
+    def admit(self, source: str) -> bool:
+        if self._pending[source] >= MAX_PENDING_PER_SOURCE:
+            return False
+        self._pending[source] += 1
+        return True
+
+    def release(self, source: str) -> None:
+        self._pending[source] -= 1
+        if self._pending[source] <= 0:
+            del self._pending[source]
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- access -------------------------------------------------------------------------
+
+    async def authenticate_bearer(self, header: str | None) -> UserRecord:
+        if not header or not header.lower().startswith("bearer "):
+            raise UNAUTHORIZED
+        token = header[7:].strip()
+        if not token or len(token) > 256:
+            raise UNAUTHORIZED
+        user = await asyncio.to_thread(self.store.user_for_token, token)
+        if user is None:
+            raise UNAUTHORIZED
+        return user
+
+    @staticmethod
+    def may_reach(user: UserRecord, device: str) -> bool:
+        """Until roles and grants arrive: admins reach every device, nobody else any."""
+        return user.role == "admin"
+
+    def authorize_stream(self, user: UserRecord, device: str, service: str) -> RelayTunnel:
+        if not DEVICE_ID_RE.match(device) or not self.may_reach(user, device):
+            raise ApiError(403, "not_permitted", "not permitted")
+        if not SERVICE_NAME_RE.match(service):
+            raise ApiError(400, "bad_request", f"invalid service name {service!r}")
+        entry = self.registry.get(device)
+        if entry is None or not entry.tunnel.is_open:
+            raise ApiError(404, "offline", f"device {device} is offline")
+        return entry.tunnel
+
+    def visible_devices(self, user: UserRecord) -> list[dict[str, Any]]:
+        out = []
+        for record in self.store.list_devices():
+            if not self.may_reach(user, record.device_id):
+                continue
+            entry = self.registry.get(record.device_id)
+            item: dict[str, Any] = {"id": record.device_id, "online": entry is not None}
+            if entry is not None:
+                item.update(
+                    since=entry.since.isoformat(),
+                    address=entry.address,
+                    services=entry.properties.get("services", []),
+                    hostname=entry.properties.get("hostname"),
+                    agent_version=entry.properties.get("agent_version"),
+                )
+            out.append(item)
+        return out
+
+    def log_login_failure(self, name: str, source: str) -> None:
+        log.warning("login failed for %r from %s", name[:64], source)
+
+    def record_channel(self, record: ChannelRecord) -> None:
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(self.store.record_channel, record)
+        )
+        self.track(task)
+
+
+async def run_relay(config: RelayConfig, out: Any = sys.stdout) -> None:
+    """Run until SIGINT/SIGTERM; SIGHUP reloads the TLS certificate."""
+    server = RelayServer(config)
+    password = server.bootstrap()
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+    print(f"hatchway relay {__version__} listening on {config.host}:{server.port}", file=out)
+    print(f"relay URL: {server.url}", file=out)
+    if server.ca_file is not None:
+        print(f"CA certificate: {server.ca_file}", file=out)
+        print(f"CA fingerprint (SHA-256): {certificate_fingerprint(server.ca_file)}", file=out)
+    if password is not None:
+        print("", file=out)
+        print("First start: created the administrator account. This is shown only once:", file=out)
+        print("  user:     admin", file=out)
+        print(f"  password: {password}", file=out)
+        ca = f" --ca-file {server.ca_file}" if server.ca_file else ""
+        print(f"  log in:   hatchway login {server.url} --user admin{ca}", file=out)
+    out.flush()
+    log.info("relay started at %s", datetime.now(UTC).isoformat(timespec="seconds"))
+    await stop.wait()
+    log.info("shutting down")
+    await server.shutdown()

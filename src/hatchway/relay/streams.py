@@ -1,0 +1,233 @@
+"""A client's stream: one WebSocket from the CLI, spliced onto one tunnel channel.
+
+Wire contract (docs/PROTOCOL.md, "Client streams"): binary messages carry the
+stream's bytes; a text message ``eof`` ends the sender's direction (TCP half-close);
+the relay closes the WebSocket with 1000 once both directions ended, or with 1011 and
+the reason when the channel was reset. The WebSocket upgrade is only answered once the
+device accepted the channel, so open errors arrive as HTTP error responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+from websockets.protocol import CONNECTING
+from websockets.server import ServerProtocol
+
+from hatchway.mux.frames import OpenFailure, ResetReason
+from hatchway.store.base import ChannelRecord
+from hatchway.tunnel.endpoint import ChannelBinding
+from hatchway.tunnel.websocket import WebSocketEndpoint
+
+if TYPE_CHECKING:
+    from hatchway.relay.server import RelayServer
+    from hatchway.relay.tunnels import RelayTunnel
+
+log = logging.getLogger("hatchway.relay.channel")
+
+OPEN_TIMEOUT = 15.0
+CLOSE_INTERNAL_ERROR = 1011
+EOF_MESSAGE = b"eof"
+
+_FAILURES: dict[int, tuple[int, str, str]] = {
+    OpenFailure.UNKNOWN_SERVICE: (
+        404,
+        "unknown_service",
+        "service {service} is not exposed by {device}",
+    ),
+    OpenFailure.REFUSED: (502, "refused", "{device} refused the connection to {service}: {detail}"),
+    OpenFailure.UNREACHABLE: (502, "unreachable", "{device} cannot reach {service}: {detail}"),
+    OpenFailure.TIMEOUT: (504, "timeout", "{device} timed out connecting to {service}"),
+    OpenFailure.NOT_PERMITTED: (403, "not_permitted", "not permitted"),
+    OpenFailure.TOO_MANY_CHANNELS: (503, "busy", "{device} has too many open channels"),
+    OpenFailure.SHUTTING_DOWN: (503, "offline", "device {device} is going offline"),
+}
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    body = json.dumps({"error": code, "message": message}).encode() + b"\n"
+    headers = Headers(
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ]
+    )
+    reasons = {
+        400: "Bad Request",
+        401: "Unauthorized",
+        403: "Forbidden",
+        404: "Not Found",
+        426: "Upgrade Required",
+        502: "Bad Gateway",
+        503: "Service Unavailable",
+        504: "Gateway Timeout",
+    }
+    return Response(status, reasons.get(status, "Error"), headers, body)
+
+
+class ClientStream(WebSocketEndpoint, ChannelBinding):
+    def __init__(
+        self, ws: ServerProtocol, server: RelayServer, user: str, device: str, service: str
+    ) -> None:
+        WebSocketEndpoint.__init__(self, ws)
+        ChannelBinding.__init__(self)
+        self.server = server
+        self.user = user
+        self.device = device
+        self.service = service
+        self.request: Request | None = None
+        self.outcome = "open-failed"
+        self.started_at = datetime.now(UTC)
+        self._open_timer: asyncio.TimerHandle | None = None
+
+    # --- opening ------------------------------------------------------------------------
+
+    def on_handshake(self, event: Request | Response) -> None:
+        assert isinstance(event, Request)
+        self.request = event
+
+    def open(self, tunnel: RelayTunnel) -> None:
+        """Called once the request was read and the user is allowed."""
+        assert self.transport is not None
+        self.transport.pause_reading()  # nothing to read until the channel is open
+        tunnel.open_binding(self.service, self)
+        self._open_timer = asyncio.get_running_loop().call_later(OPEN_TIMEOUT, self._open_expired)
+
+    def _open_expired(self) -> None:
+        if self.tunnel is not None and not self.finished:
+            self.tunnel.mux.reset_channel(self.channel, ResetReason.CANCEL, "open timed out")
+            self.tunnel.bindings.pop(self.channel, None)
+            self.tunnel.request_flush()
+            self.finished = True
+        self.on_open_failed(OpenFailure.TIMEOUT, "timed out")
+
+    def reject(self, status: int, code: str, message: str) -> None:
+        if self.ws.state is CONNECTING:
+            assert isinstance(self.ws, ServerProtocol)
+            self.ws.send_response(error_response(status, code, message))
+            self.flush()
+
+    def on_open_ok(self) -> None:
+        assert isinstance(self.ws, ServerProtocol) and self.request is not None
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+        response = self.ws.accept(self.request)
+        self.ws.send_response(response)
+        self.flush()
+        if response.status_code != 101:
+            self.local_closed()
+            return
+        self.outcome = "open"
+        assert self.transport is not None
+        self.transport.resume_reading()
+        log.info(
+            "channel %s user=%s device=%s service=%s from=%s: open",
+            self.channel,
+            self.user,
+            self.device,
+            self.service,
+            self.peer_address(),
+        )
+
+    def on_open_failed(self, reason: int, message: str) -> None:
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+        status, code, template = _FAILURES.get(reason, (502, "failed", "{detail}"))
+        detail = message.split(": ", 1)[-1]
+        text = template.format(device=self.device, service=self.service, detail=detail)
+        log.info(
+            "channel user=%s device=%s service=%s: open failed: %s",
+            self.user,
+            self.device,
+            self.service,
+            message,
+        )
+        self.reject(status, code, text)
+
+    # --- WebSocket → channel ----------------------------------------------------------
+
+    def on_binary(self, data: bytes) -> None:
+        self.forward(data)
+
+    def on_text(self, data: bytes) -> None:
+        if data == EOF_MESSAGE:
+            self.forward_eof()
+        else:
+            self.close(1003, "unexpected text message")
+
+    def on_writable(self) -> None:
+        self.sink_resumed()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.sink_paused()
+
+    def on_connection_lost(self, exc: Exception | None) -> None:
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+        if self.outcome == "open":
+            self.outcome = "closed" if self.finished else "client-closed"
+        self.local_closed()
+        self._record()
+
+    # --- channel → WebSocket ------------------------------------------------------------
+
+    def deliver(self, data: bytes) -> None:
+        self.send_binary(data)
+
+    def deliver_eof(self) -> None:
+        self.send_text(EOF_MESSAGE)
+
+    def pause_source(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_source(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def on_reset(self, reason: int, message: str) -> None:
+        self.outcome = f"reset: {message}"
+        self.close(CLOSE_INTERNAL_ERROR, message or "channel reset")
+
+    def on_closed(self) -> None:
+        self.outcome = "closed"
+        self.close(1000)
+
+    # --- audit --------------------------------------------------------------------------
+
+    def _record(self) -> None:
+        duration = time.monotonic() - self.started
+        record = ChannelRecord(
+            user=self.user,
+            device=self.device,
+            service=self.service,
+            source=self.peer_address(),
+            started_at=self.started_at,
+            ended_at=self.started_at + timedelta(seconds=duration),
+            bytes_up=self.bytes_to_tunnel,
+            bytes_down=self.bytes_from_tunnel,
+            outcome=self.outcome,
+        )
+        log.info(
+            "channel %s user=%s device=%s service=%s from=%s: %s, %d bytes up, %d bytes down, "
+            "%.3f s",
+            self.channel,
+            self.user,
+            self.device,
+            self.service,
+            record.source,
+            self.outcome,
+            record.bytes_up,
+            record.bytes_down,
+            duration,
+        )
+        self.server.record_channel(record)

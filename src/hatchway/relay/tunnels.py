@@ -1,0 +1,160 @@
+"""The relay's end of a device tunnel: authentication, registration, replacement."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from typing import TYPE_CHECKING, Any
+
+from websockets.http11 import Request, Response
+from websockets.protocol import CONNECTING
+from websockets.server import ServerProtocol
+
+from hatchway import __version__
+from hatchway.auth.device import new_nonce, validate_device_id, verify_device_proof
+from hatchway.errors import ConfigError
+from hatchway.mux.frames import GoAwayReason
+from hatchway.mux.session import PROTOCOL_VERSION, Role
+from hatchway.relay.registry import OnlineDevice
+from hatchway.tunnel.endpoint import CLOSE_POLICY, TunnelEndpoint
+
+if TYPE_CHECKING:
+    from hatchway.relay.server import RelayServer
+
+log = logging.getLogger("hatchway.relay.tunnel")
+
+SUBPROTOCOL = "hatchway.v1"
+#: From the TCP accept to an authenticated tunnel.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class RelayTunnel(TunnelEndpoint):
+    def __init__(self, ws: ServerProtocol, server: RelayServer) -> None:
+        super().__init__(
+            ws, Role.RELAY, window=server.config.window, max_channels=server.config.max_channels
+        )
+        self.server = server
+        self.device_id: str | None = None
+        self.nonce = new_nonce()
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._auth_task: asyncio.Task[None] | None = None
+        self.server.unauthenticated.add(self)
+
+    def describe(self) -> str:
+        return f"device {self.device_id or '?'} ({self.peer_address()})"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        self._handshake_timer = loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        if not self.mux.established:
+            log.warning("%s: tunnel handshake timed out", self.describe())
+            self.shutdown(GoAwayReason.TIMEOUT, "handshake timed out", CLOSE_POLICY)
+            asyncio.get_running_loop().call_later(1.0, self.abort)
+
+    def on_handshake(self, event: Request | Response) -> None:
+        assert isinstance(self.ws, ServerProtocol) and isinstance(event, Request)
+        if self.ws.state is not CONNECTING:
+            return
+        response = self.ws.accept(event)
+        if response.status_code == 101 and self.ws.subprotocol != SUBPROTOCOL:
+            response = self.ws.reject(426, f"use the WebSocket subprotocol {SUBPROTOCOL}\n")
+        self.ws.send_response(response)
+        self.flush()
+        if response.status_code != 101:
+            log.info("%s: WebSocket handshake refused (%d)", self.describe(), response.status_code)
+            return
+        self.mux.send_hello(
+            {
+                "version": PROTOCOL_VERSION,
+                "role": "relay",
+                "nonce": base64.b64encode(self.nonce).decode(),
+                "capabilities": [],
+                "server": f"hatchway/{__version__}",
+            }
+        )
+        self.request_flush()
+
+    def on_hello(self, info: dict[str, Any]) -> None:
+        if self._auth_task is not None:
+            self.shutdown(GoAwayReason.PROTOCOL_ERROR, "duplicate HELLO", CLOSE_POLICY)
+            return
+        if info.get("version") != PROTOCOL_VERSION:
+            self.shutdown(GoAwayReason.VERSION, f"relay speaks version {PROTOCOL_VERSION}")
+            return
+        device, proof = info.get("device"), info.get("proof")
+        if not isinstance(device, str) or not isinstance(proof, str):
+            self.shutdown(GoAwayReason.AUTH_FAILED, "device and proof are required", CLOSE_POLICY)
+            return
+        props = info.get("properties")
+        self._auth_task = asyncio.get_running_loop().create_task(
+            self._authenticate(device, proof, props if isinstance(props, dict) else {})
+        )
+
+    async def _authenticate(self, device: str, proof_text: str, props: dict[str, Any]) -> None:
+        try:
+            device = validate_device_id(device)
+            proof = base64.b64decode(proof_text, validate=True)
+        except (ConfigError, ValueError):
+            key = None
+        else:
+            key = await asyncio.to_thread(self.server.store.device_key, device)
+        if self.closed:
+            return
+        if key is None or not verify_device_proof(key, device, self.nonce, proof):
+            log.warning("device %r from %s: authentication failed", device, self.peer_address())
+            self.shutdown(GoAwayReason.AUTH_FAILED, "authentication failed", CLOSE_POLICY)
+            return
+        self.device_id = device
+        self.server.unauthenticated.discard(self)
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.mux.mark_established()
+        self.start_keepalive()
+        entry = OnlineDevice(device, self, self.peer_address(), properties=_clean_props(props))
+        previous = self.server.registry.register(entry)
+        if previous is not None:
+            log.info(
+                "device %s: new tunnel from %s replaces the one from %s",
+                device,
+                entry.address,
+                previous.address,
+            )
+            previous.tunnel.shutdown(GoAwayReason.REPLACED, "replaced by a newer tunnel")
+        self.mux.send_hello({"welcome": True, "device": device})
+        self.request_flush()
+        log.info(
+            "device %s connected from %s (agent %s, services %s)",
+            device,
+            entry.address,
+            entry.properties.get("agent_version", "?"),
+            entry.properties.get("services", []),
+        )
+
+    def on_tunnel_closed(self) -> None:
+        self.server.unauthenticated.discard(self)
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+        if self.device_id is not None and self.server.registry.unregister(self.device_id, self):
+            log.info("device %s disconnected", self.device_id)
+
+
+def _clean_props(props: dict[str, Any]) -> dict[str, Any]:
+    """Keep only the known device properties, with bounded sizes."""
+    out: dict[str, Any] = {}
+    for key in ("hostname", "agent_version"):
+        value = props.get(key)
+        if isinstance(value, str):
+            out[key] = value[:128]
+    uptime = props.get("uptime")
+    if isinstance(uptime, int) and uptime >= 0:
+        out["uptime"] = uptime
+    services = props.get("services")
+    if isinstance(services, list):
+        out["services"] = [s[:64] for s in services[:64] if isinstance(s, str)]
+    return out

@@ -1,0 +1,202 @@
+"""Outbound WebSocket connections to the relay: DNS, HTTP CONNECT proxy, TLS, handshake.
+
+Stdlib and websockets only: the agent uses this on small devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import ssl
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from websockets.client import ClientProtocol
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
+
+from hatchway.errors import ConfigError, HatchwayError
+from hatchway.tunnel.websocket import WebSocketEndpoint
+
+MAX_PROXY_RESPONSE = 16 * 1024
+
+E = TypeVar("E", bound=WebSocketEndpoint)
+
+
+class ConnectError(HatchwayError):
+    """The relay could not be reached or refused the WebSocket handshake."""
+
+    def __init__(self, message: str, status: int | None = None, body: bytes = b"") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    host: str
+    port: int
+    authorization: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> ProxyConfig:
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", ""):
+            raise ConfigError(f"unsupported proxy scheme {parts.scheme!r}: use http://HOST:PORT")
+        if not parts.hostname:
+            raise ConfigError(f"proxy URL {url!r} has no host")
+        auth = None
+        if parts.username is not None:
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
+            auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        return cls(parts.hostname, parts.port or 3128, auth)
+
+
+def proxy_from_environment(host: str) -> ProxyConfig | None:
+    """``HTTPS_PROXY``/``https_proxy``, unless ``NO_PROXY`` exempts ``host``."""
+    url = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if not url or bypass(host):
+        return None
+    return ProxyConfig.parse(url)
+
+
+def relay_websocket_url(server: str, path: str) -> str:
+    """``https://relay:8443`` or ``wss://relay:8443`` → ``wss://relay:8443/<path>``."""
+    parts = urllib.parse.urlsplit(server)
+    if parts.scheme not in ("https", "wss"):
+        raise ConfigError(f"relay URL {server!r} must start with https:// (TLS is required)")
+    if not parts.hostname:
+        raise ConfigError(f"relay URL {server!r} has no host")
+    return urllib.parse.urlunsplit(("wss", parts.netloc, path, "", ""))
+
+
+async def _open_via_proxy(proxy: ProxyConfig, host: str, port: int) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+    last: OSError | None = None
+    sock: socket.socket | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, addr)
+            break
+        except OSError as exc:
+            sock.close()
+            sock, last = None, exc
+    if sock is None:
+        raise ConnectError(f"cannot reach proxy {proxy.host}:{proxy.port}: {last}")
+    try:
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+        if proxy.authorization:
+            head += f"Proxy-Authorization: {proxy.authorization}\r\n"
+        await loop.sock_sendall(sock, (head + "\r\n").encode())
+        response = bytearray()
+        while b"\r\n\r\n" not in response:
+            chunk = await loop.sock_recv(sock, 4096)
+            if not chunk:
+                raise ConnectError("the proxy closed the connection during CONNECT")
+            response += chunk
+            if len(response) > MAX_PROXY_RESPONSE:
+                raise ConnectError("the proxy's CONNECT response is too large")
+        head_end = response.index(b"\r\n\r\n") + 4
+        if head_end != len(response):
+            raise ConnectError("the proxy sent data before the TLS handshake")
+        status_line = bytes(response.split(b"\r\n", 1)[0]).decode("latin-1")
+        fields = status_line.split(" ", 2)
+        if len(fields) < 2 or not fields[0].startswith("HTTP/1.") or fields[1] != "200":
+            raise ConnectError(f"the proxy refused CONNECT: {status_line.strip()}")
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def open_websocket(
+    url: str,
+    factory: Callable[[ClientProtocol], E],
+    *,
+    ssl_context: ssl.SSLContext,
+    proxy: ProxyConfig | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+    subprotocols: Sequence[str] = (),
+    max_size: int = 1024 * 1024,
+    timeout: float = 10.0,
+) -> E:
+    """Connect, complete the WebSocket handshake and return the endpoint.
+
+    Raises ``ConnectError`` (with the HTTP status and body when the relay answered
+    with an error) and ``TimeoutError``.
+    """
+    wsuri = parse_uri(url)
+    loop = asyncio.get_running_loop()
+    ws = ClientProtocol(
+        wsuri,
+        subprotocols=[Subprotocol(s) for s in subprotocols] or None,
+        extensions=None,
+        max_size=max_size,
+    )
+
+    def make() -> E:
+        return factory(ws)
+
+    async def establish() -> E:
+        try:
+            if proxy is not None:
+                sock = await _open_via_proxy(proxy, wsuri.host, wsuri.port)
+                _, endpoint = await loop.create_connection(
+                    make, sock=sock, ssl=ssl_context, server_hostname=wsuri.host
+                )
+            else:
+                _, endpoint = await loop.create_connection(
+                    make, wsuri.host, wsuri.port, ssl=ssl_context
+                )
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectError(
+                f"the relay's TLS certificate was refused: {exc.verify_message}"
+            ) from None
+        except ssl.SSLError as exc:
+            raise ConnectError(f"TLS handshake with the relay failed: {exc.reason}") from exc
+        except OSError as exc:
+            raise ConnectError(f"cannot reach {wsuri.host}:{wsuri.port}: {exc}") from exc
+        try:
+            response = await endpoint.handshake
+        except BaseException:
+            endpoint.abort()
+            raise
+        assert isinstance(response, Response)
+        if ws.handshake_exc is not None:
+            endpoint.abort()
+            raise ConnectError(
+                f"the relay refused the connection: {ws.handshake_exc}",
+                response.status_code,
+                bytes(response.body or b""),
+            )
+        return endpoint
+
+    request_headers = Headers(headers)
+    # ClientProtocol builds its request from these when connection_made runs.
+    ws_connect = ws.connect
+
+    def connect_with_headers() -> object:
+        request = ws_connect()
+        request.headers.update(request_headers)
+        return request
+
+    ws.connect = connect_with_headers  # type: ignore[method-assign,assignment]
+    try:
+        return await asyncio.wait_for(establish(), timeout)
+    except TimeoutError:
+        raise ConnectError(f"timed out connecting to {wsuri.host}:{wsuri.port}") from None
+    except ConnectionError as exc:
+        raise ConnectError(f"connection to {wsuri.host}:{wsuri.port} lost: {exc}") from exc

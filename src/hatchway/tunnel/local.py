@@ -1,0 +1,84 @@
+"""A channel bound to a local TCP connection (the agent's services, the client's
+forwarded connections)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import cast
+
+from hatchway.tunnel.endpoint import ChannelBinding
+from hatchway.tunnel.websocket import set_nodelay
+
+log = logging.getLogger(__name__)
+
+
+class TcpBinding(asyncio.Protocol, ChannelBinding):
+    """Splices one TCP connection with one channel, backpressure both ways.
+
+    Reading starts paused: the owner calls ``start()`` once the channel is bound.
+    """
+
+    def __init__(self) -> None:
+        ChannelBinding.__init__(self)
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
+        self.transport = transport
+        set_nodelay(transport)
+        transport.pause_reading()
+
+    def start(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.forward(data)
+
+    def eof_received(self) -> bool:
+        self.forward_eof()
+        return True  # keep the write half open (TCP half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.local_closed()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.sink_paused()
+
+    def resume_writing(self) -> None:
+        self.sink_resumed()
+
+    # --- ChannelBinding -----------------------------------------------------------------
+
+    def deliver(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def deliver_eof(self) -> None:
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def pause_source(self) -> None:
+        if self.transport is not None and self.transport.is_reading():
+            self.transport.pause_reading()
+
+    def resume_source(self) -> None:
+        if self.transport is not None and not self.transport.is_reading():
+            self.transport.resume_reading()
+
+    def on_reset(self, reason: int, message: str) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def on_closed(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    on_open_failed = on_reset

@@ -1,0 +1,198 @@
+"""An asyncio ``Protocol`` that drives a ``websockets`` sans-I/O connection.
+
+We use the websockets library for the WebSocket protocol (handshake, framing, masking,
+close handshake) but drive it from buffer-level callbacks instead of its asyncio
+layer: no task, queue or await per message on the data path, and backpressure comes
+straight from ``pause_writing``/``resume_writing`` of the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any, cast
+
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidState
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import CLOSED, CONNECTING, OPEN
+from websockets.protocol import Protocol as WsProtocol
+
+log = logging.getLogger(__name__)
+
+#: How long to wait for the peer to finish a closing handshake.
+CLOSE_TIMEOUT = 5.0
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+class WebSocketEndpoint(asyncio.Protocol):
+    """Base class: subclasses override the ``on_*`` hooks."""
+
+    transport: asyncio.Transport | None
+
+    def __init__(self, ws: WsProtocol) -> None:
+        self.ws = ws
+        self.transport = None
+        self.write_paused = False
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._lost = False
+        self._peer = "?"
+        self.handshake: asyncio.Future[Request | Response] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    # --- hooks ------------------------------------------------------------------------
+
+    def on_handshake(self, event: Request | Response) -> None:
+        """The opening handshake's request (server) or response (client) arrived."""
+
+    def on_binary(self, data: bytes) -> None:
+        """A binary frame (or a continuation of one) arrived."""
+
+    def on_text(self, data: bytes) -> None:
+        """A text frame arrived."""
+
+    def on_close_frame(self) -> None:
+        """The peer started or answered the closing handshake."""
+
+    def on_writable(self) -> None:
+        """The transport's write buffer drained below its low-water mark."""
+
+    def on_connection_lost(self, exc: Exception | None) -> None:
+        """The TCP connection is gone; release everything."""
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
+        self.transport = transport
+        self._peer = _format_peer(transport.get_extra_info("peername"))
+        set_nodelay(transport)
+        if isinstance(self.ws, ClientProtocol) and self.ws.state is CONNECTING:
+            self.ws.send_request(self.ws.connect())
+            self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        ws.receive_data(data)
+        self.flush()
+        for event in ws.events_received():
+            if self._lost:
+                return
+            if isinstance(event, Frame):
+                opcode = event.opcode
+                if opcode is Opcode.BINARY or opcode is Opcode.CONT:
+                    self.on_binary(bytes(event.data))
+                elif opcode is Opcode.TEXT:
+                    self.on_text(bytes(event.data))
+                elif opcode is Opcode.CLOSE:
+                    self.on_close_frame()
+            else:
+                if not self.handshake.done():
+                    self.handshake.set_result(event)
+                self.on_handshake(event)
+        self._after_receive()
+
+    def eof_received(self) -> bool | None:
+        self.ws.receive_eof()
+        self.flush()
+        self._after_receive()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if self.ws.state is not CLOSED:
+            self.ws.receive_eof()
+        if not self.handshake.done():
+            self.handshake.set_exception(ConnectionError("connection closed during the handshake"))
+            self.handshake.exception()  # mark retrieved: nobody may be waiting
+        self.on_connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.on_writable()
+
+    # --- sending ------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self.ws.state is OPEN and not self._lost
+
+    def send_binary(self, data: bytes | bytearray | memoryview) -> None:
+        if self.is_open:
+            self.ws.send_binary(data)
+            self.flush()
+
+    def send_text(self, data: bytes) -> None:
+        if self.is_open:
+            self.ws.send_text(data)
+            self.flush()
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake; the TCP connection follows."""
+        if self._lost:
+            return
+        if self.ws.state is OPEN:
+            try:
+                self.ws.send_close(code, reason[:120])
+            except InvalidState:
+                pass
+            self.flush()
+            self._after_receive()
+        elif self.ws.state is CONNECTING and self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def flush(self) -> None:
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        chunks = self.ws.data_to_send()
+        if not chunks:
+            return
+        if chunks[-1] == b"":
+            chunks.pop()
+            if chunks:
+                transport.writelines(chunks)
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+        elif len(chunks) == 1:
+            transport.write(chunks[0])
+        else:
+            transport.writelines(chunks)
+
+    def _after_receive(self) -> None:
+        if self.ws.close_expected() and self._close_timer is None and not self._lost:
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.abort)
+        if self.ws.state is CLOSED and self.transport is not None and not self._lost:
+            self.transport.close()
+
+    def peer_address(self) -> str:
+        return self._peer
+
+
+def _format_peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
