@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from mux_pair import MuxPair
 
 from hatchway.errors import LocalProtocolError, RemoteProtocolError
 from hatchway.mux import (
@@ -41,6 +40,7 @@ from hatchway.mux import (
     SendWindowAvailable,
 )
 from hatchway.mux.frames import MAX_CONTROL_PAYLOAD, MAX_SERVICE_NAME, MAX_WINDOW
+from tests.mux_pair import MuxPair
 
 U32 = struct.Struct("!I")
 

@@ -57,7 +57,10 @@ _STATUS_TEXT = {
 
 
 class _RequestTooLarge(Exception):
-    def __init__(self, status: int) -> None:
+    """Raised in a parser callback; httptools wraps it, so the request keeps the status."""
+
+    def __init__(self, request: HttpRequest, status: int) -> None:
+        request.too_large = status
         self.status = status
 
 
@@ -70,17 +73,18 @@ class HttpRequest:
         self.body = bytearray()
         self.head_complete = False
         self.complete = False
+        self.too_large = 0
         self._header_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
         if len(self.url) > MAX_URL:
-            raise _RequestTooLarge(414)
+            raise _RequestTooLarge(self, 414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_HEAD or len(self.headers) >= 100:
-            raise _RequestTooLarge(431)
+            raise _RequestTooLarge(self, 431)
         self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
@@ -89,7 +93,7 @@ class HttpRequest:
     def on_body(self, body: bytes) -> None:
         self.body += body
         if len(self.body) > MAX_BODY:
-            raise _RequestTooLarge(413)
+            raise _RequestTooLarge(self, 413)
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -145,11 +149,12 @@ class FrontDoor(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             pass  # the head is complete; the endpoint takes the rest
-        except _RequestTooLarge as exc:
-            self._respond(exc.status, {"error": "too_large", "message": _STATUS_TEXT[exc.status]})
-            return
-        except httptools.HttpParserError:
-            self._respond(400, {"error": "bad_request", "message": "malformed HTTP request"})
+        except (httptools.HttpParserError, _RequestTooLarge):
+            status = self.request.too_large
+            if status:
+                self._respond(status, {"error": "too_large", "message": _STATUS_TEXT[status]})
+            else:
+                self._respond(400, {"error": "bad_request", "message": "malformed HTTP request"})
             return
         if len(self.buffer) > MAX_HEAD + MAX_BODY:
             self._respond(431, {"error": "too_large", "message": "request too large"})

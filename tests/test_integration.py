@@ -1,0 +1,465 @@
+"""Real relay, agent and client processes on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.procs import HATCHWAY, Env, Proc, device_online, free_port, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class EchoServer:
+    """A real TCP service on loopback: echoes, and on half-close echoes then closes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    conn.shutdown(socket.SHUT_WR)
+                    return
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+@dataclass
+class Setup:
+    env: Env
+    relay: Proc
+    port: int
+    password: str
+    agent: Proc
+    echo: EchoServer
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+
+@pytest.fixture
+def setup(env: Env) -> Iterator[Setup]:
+    echo = EchoServer()
+    relay, port, password = env.start_relay()
+    assert password is not None
+    secret = env.add_device("dev1")
+    closed_port = free_port()
+    agent = env.start_agent(
+        f"https://localhost:{port}",
+        "dev1",
+        secret,
+        [f"echo=127.0.0.1:{echo.port}", f"closed=127.0.0.1:{closed_port}"],
+    )
+    env.login(f"https://localhost:{port}", "admin", password)
+    wait_for(lambda: device_online(env, "dev1"), 20, "dev1 online")
+    try:
+        yield Setup(env, relay, port, password, agent, echo)
+    finally:
+        echo.close()
+
+
+def roundtrip(port: int, payload: bytes) -> bytes:
+    """Send everything, half-close, read until the service closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        sender = threading.Thread(
+            target=lambda: (conn.sendall(payload), conn.shutdown(socket.SHUT_WR))
+        )
+        sender.start()
+        chunks = []
+        while True:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            chunks.append(data)
+        sender.join()
+    return b"".join(chunks)
+
+
+def test_first_start_prints_admin_credentials_and_ca(env: Env) -> None:
+    relay, port, password = env.start_relay()
+    out = relay.output()
+    assert password is not None and len(password) >= 16
+    assert f"relay URL: https://localhost:{port}" in out
+    assert "CA fingerprint (SHA-256): " in out
+    assert env.ca_file.exists()
+    # Only once: a restart with the same data dir does not create a new admin.
+    relay.stop()
+    relay2, _, again = env.start_relay(port=port)
+    assert again is None
+    assert "password:" not in relay2.output()
+
+
+def test_device_admin_commands(env: Env) -> None:
+    data = ["--data-dir", str(env.data_dir)]
+    out = json.loads(env.hatchway("device", "add", "plc-7", "--json", *data).stdout)
+    assert out["device"] == "plc-7" and len(out["secret"]) >= 32
+    listed = json.loads(env.hatchway("device", "list", "--json", *data).stdout)
+    assert [d["device"] for d in listed] == ["plc-7"]
+    dup = env.hatchway("device", "add", "plc-7", *data, check=False)
+    assert dup.returncode != 0 and b"exists" in dup.stderr
+    bad = env.hatchway("device", "add", "Bad_Name", *data, check=False)
+    assert bad.returncode != 0 and b"Traceback" not in bad.stderr
+    env.hatchway("device", "remove", "plc-7", *data)
+    assert json.loads(env.hatchway("device", "list", "--json", *data).stdout) == []
+
+
+def test_devices_lists_online_state_and_services(setup: Setup) -> None:
+    devices = json.loads(setup.env.hatchway("devices", "--json").stdout)
+    (dev1,) = devices
+    assert dev1["id"] == "dev1" and dev1["online"] is True
+    assert dev1["services"] == ["closed", "echo"]
+    assert dev1["hostname"] == socket.gethostname()
+    text = setup.env.hatchway("devices").stdout.decode()
+    assert "dev1" in text and "online" in text
+
+
+def test_forward_carries_bytes_both_ways_with_half_close(setup: Setup) -> None:
+    _fwd, port = setup.env.start_forward("dev1", "echo")
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    assert hashlib.sha256(roundtrip(port, payload)).digest() == hashlib.sha256(payload).digest()
+    # Several connections at once, each its own channel.
+    results: list[bytes] = []
+    payloads = [os.urandom(200_000 + i) for i in range(8)]
+    threads = [
+        threading.Thread(target=lambda p=p: results.append(roundtrip(port, p))) for p in payloads
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == sorted(payloads)
+    # The relay logged every channel with user, device, service and bytes.
+    wait_for(lambda: "bytes up" in setup.relay.output(), 5, "channel log line")
+    assert "user=admin device=dev1 service=echo" in setup.relay.output()
+    assert f"{len(payload)} bytes up, {len(payload)} bytes down" in setup.relay.output()
+
+
+def test_proxy_joins_stdio(setup: Setup) -> None:
+    payload = os.urandom(500_000)
+    out = setup.env.hatchway("proxy", "dev1", "echo", input=payload)
+    assert out.stdout == payload
+
+
+@pytest.mark.parametrize(
+    ("device", "service", "message"),
+    [
+        ("dev1", "vnc", "service vnc is not exposed by dev1"),
+        ("dev1", "closed", "dev1 refused the connection to closed"),
+        ("dev2", "echo", "device dev2 is offline"),
+        ("dev1", "no such", "invalid service name"),
+    ],
+)
+def test_open_errors_read_as_a_person_expects(
+    setup: Setup, device: str, service: str, message: str
+) -> None:
+    out = setup.env.hatchway("proxy", device, service, input=b"", check=False)
+    assert out.returncode == 1
+    err = out.stderr.decode()
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_non_admin_is_not_permitted(setup: Setup) -> None:
+    setup.env.hatchway(
+        "user",
+        "add",
+        "alice",
+        "--role",
+        "user",
+        "--password-stdin",
+        "--data-dir",
+        str(setup.env.data_dir),
+        input=b"alice-Password-123!\n",
+    )
+    setup.env.login(setup.url, "alice", "alice-Password-123!")
+    assert json.loads(setup.env.hatchway("devices", "--json").stdout) == []
+    out = setup.env.hatchway("proxy", "dev1", "echo", input=b"", check=False)
+    assert out.returncode == 1 and "not permitted" in out.stderr.decode()
+    # Same answer for a device that does not exist: nothing leaks.
+    out = setup.env.hatchway("proxy", "nope", "echo", input=b"", check=False)
+    assert out.returncode == 1 and "not permitted" in out.stderr.decode()
+
+
+def test_wrong_password_and_bad_token(setup: Setup) -> None:
+    out = setup.env.hatchway(
+        "login",
+        setup.url,
+        "--user",
+        "admin",
+        "--password-stdin",
+        "--ca-file",
+        str(setup.env.ca_file),
+        input=b"wrong\n",
+        check=False,
+    )
+    assert out.returncode == 1 and "wrong user name or password" in out.stderr.decode()
+    login_file = setup.env.config_dir / "login.json"
+    assert oct(login_file.stat().st_mode & 0o777) == "0o600"
+    data = json.loads(login_file.read_text())
+    data["token"] = "hwt_forged"
+    login_file.write_text(json.dumps(data))
+    out = setup.env.hatchway("devices", check=False)
+    assert out.returncode == 1 and "log in again" in out.stderr.decode()
+
+
+def test_agent_with_a_wrong_secret_is_refused(setup: Setup, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.secret"
+    wrong.write_text("not-the-secret\n")
+    wrong.chmod(0o600)
+    impostor = setup.env.start_agent(setup.url, "dev1", wrong, ["echo=127.0.0.1:9"])
+    impostor.wait_output("refused this device's credentials", timeout=20)
+    assert "authentication failed" in setup.relay.output()
+    # The genuine device stays online.
+    assert device_online(setup.env, "dev1")
+
+
+def test_second_connection_replaces_the_first(setup: Setup) -> None:
+    secret = setup.env.root / "dev1.secret"
+    second = setup.env.start_agent(setup.url, "dev1", secret, [f"echo=127.0.0.1:{setup.echo.port}"])
+    second.wait_output("connected to", timeout=20)
+    setup.agent.wait_output("replaced this tunnel", timeout=10)
+    setup.agent.stop()
+    # Only the second one serves now, with its own (smaller) service list.
+    wait_for(lambda: device_online(setup.env, "dev1"), 40, "dev1 online again")
+    devices = json.loads(setup.env.hatchway("devices", "--json").stdout)
+    assert devices[0]["services"] == ["echo"]
+    out = setup.env.hatchway("proxy", "dev1", "echo", input=b"still here")
+    assert out.stdout == b"still here"
+
+
+def test_agent_refuses_a_relay_with_an_unknown_ca(env: Env, tmp_path: Path) -> None:
+    _, port, _ = env.start_relay()
+    secret = env.add_device("dev1")
+    other_ca = tmp_path / "other-ca"
+    from hatchway.relay.pki import ensure_tls_files
+
+    files = ensure_tls_files(other_ca, "localhost")
+    agent = env.spawn(
+        "agent",
+        [
+            *HATCHWAY,
+            "agent",
+            "--server",
+            f"https://localhost:{port}",
+            "--device",
+            "dev1",
+            "--secret-file",
+            str(secret),
+            "--ca-file",
+            str(files.ca_cert),
+            "--service",
+            "x=127.0.0.1:9",
+        ],
+    )
+    agent.wait_output("certificate was refused", timeout=20)
+
+
+def test_agent_config_errors_are_clear(env: Env, tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        'server = "http://relay:8443"\ndevice = "dev1"\nsecret_file = "s"\n'
+        '[services]\nssh = "localhost:22"\n'
+    )
+    (tmp_path / "s").write_text("x")
+    out = env.hatchway("agent", "--config", str(cfg), check=False)
+    assert out.returncode == 2 and "must start with https://" in out.stderr.decode()
+    out = env.hatchway(
+        "agent",
+        "--server",
+        "https://r:1",
+        "--device",
+        "d",
+        "--secret-file",
+        str(tmp_path / "s"),
+        "--service",
+        "ssh=nohostport",
+        check=False,
+    )
+    assert out.returncode == 2 and "expected HOST:PORT" in out.stderr.decode()
+
+
+def test_relay_survives_bad_input(setup: Setup) -> None:
+    context = ssl.create_default_context(cafile=str(setup.env.ca_file))
+
+    def raw(request: bytes, timeout: float = 15.0) -> bytes:
+        with socket.create_connection(("127.0.0.1", setup.port), timeout=timeout) as tcp:
+            with context.wrap_socket(tcp, server_hostname="localhost") as tls:
+                tls.sendall(request)
+                chunks = []
+                while True:
+                    try:
+                        data = tls.recv(65536)
+                    except (ssl.SSLError, ConnectionResetError):
+                        break
+                    if not data:
+                        break
+                    chunks.append(data)
+                return b"".join(chunks)
+
+    assert raw(b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert raw(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n").startswith(
+        b"HTTP/1.1 431"
+    )
+    assert raw(b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 414")
+    started = time.monotonic()
+    assert raw(b"GET / HTTP/1.1\r\n").startswith(b"HTTP/1.1 408")  # never finishes its head
+    assert 9 <= time.monotonic() - started < 14
+    # A WebSocket that sends garbage frames on the tunnel endpoint is dropped.
+    from websockets.exceptions import ConnectionClosedError
+    from websockets.sync.client import connect
+
+    with connect(
+        f"wss://localhost:{setup.port}/api/v1/tunnel",
+        ssl=context,
+        subprotocols=["hatchway.v1"],
+        compression=None,
+    ) as ws:  # type: ignore[list-item]
+        ws.recv(timeout=5)  # the relay's HELLO
+        ws.send(b"\xff" * 64)
+        with pytest.raises(ConnectionClosedError) as closed:
+            while True:
+                goaway = ws.recv(timeout=5)
+                assert isinstance(goaway, bytes) and goaway[0] == 0x0B  # GOAWAY
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1002
+    assert "protocol error from peer" in setup.relay.output()
+    # ... and the relay is still serving.
+    assert setup.env.hatchway("proxy", "dev1", "echo", input=b"ok").stdout == b"ok"
+
+
+def test_slow_reader_does_not_grow_memory(setup: Setup, tmp_path: Path) -> None:
+    """A client that stops reading: the relay and agent hold at most a window each."""
+    from tests.procs import rss_kib
+
+    source = socket.create_server(("127.0.0.1", 0))
+    sent = [0]
+
+    def firehose() -> None:
+        conn, _ = source.accept()
+        chunk = b"x" * 65536
+        conn.settimeout(1)
+        deadline = time.monotonic() + 40
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    conn.sendall(chunk)
+                    sent[0] += len(chunk)
+                except TimeoutError:
+                    continue
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    threading.Thread(target=firehose, daemon=True).start()
+    secret = setup.env.root / "dev1.secret"
+    setup.agent.stop()
+    agent = setup.env.start_agent(
+        setup.url, "dev1", secret, [f"hose=127.0.0.1:{source.getsockname()[1]}"]
+    )
+    agent.wait_output("connected to", timeout=20)
+    _, port = setup.env.start_forward("dev1", "hose")
+    relay_before = rss_kib(setup.relay.popen.pid)
+    agent_before = rss_kib(agent.popen.pid)
+    reader = socket.create_connection(("127.0.0.1", port))
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    reader.recv(1000)  # the stream is flowing; now stop reading
+    time.sleep(6)
+    sent_at_pause = sent[0]
+    time.sleep(3)
+    relay_after = rss_kib(setup.relay.popen.pid)
+    agent_after = rss_kib(agent.popen.pid)
+    print(
+        f"\nsource sent {sent[0] / 1e6:.1f} MB; relay RSS {relay_before} -> {relay_after} KiB,"
+        f" agent RSS {agent_before} -> {agent_after} KiB"
+    )
+    # The source is stalled: nothing more than socket buffers moved in the last 3 s.
+    assert sent[0] - sent_at_pause < 1024 * 1024
+    # Memory: one 1 MiB window plus transport buffers, not the whole stream.
+    assert relay_after - relay_before < 8 * 1024
+    assert agent_after - agent_before < 8 * 1024
+    reader.close()
+    source.close()
+
+
+def test_sighup_reloads_operator_certificate_without_dropping_tunnels(
+    env: Env, tmp_path: Path
+) -> None:
+    from hatchway.relay.pki import ensure_tls_files
+
+    files = ensure_tls_files(tmp_path / "op-tls", "localhost")
+    port = free_port()
+    relay, _, password = env.start_relay(
+        port=port, extra=["--tls-cert", str(files.server_cert), "--tls-key", str(files.server_key)]
+    )
+    assert password is not None
+    echo = EchoServer()
+    secret = env.add_device("dev1")
+    url = f"https://localhost:{port}"
+    agent = env.spawn(
+        "agent",
+        [
+            *HATCHWAY,
+            "agent",
+            "--server",
+            url,
+            "--device",
+            "dev1",
+            "--secret-file",
+            str(secret),
+            "--ca-file",
+            str(files.ca_cert),
+            "--service",
+            f"echo=127.0.0.1:{echo.port}",
+        ],
+    )
+    agent.wait_output("connected to", timeout=20)
+    # Replace the certificate on disk (a new one from a new CA) and send SIGHUP.
+    new = ensure_tls_files(tmp_path / "op-tls-2", "localhost")
+    files.server_cert.write_bytes(new.server_cert.read_bytes())
+    files.server_key.write_bytes(new.server_key.read_bytes())
+    relay.popen.send_signal(1)
+    relay.wait_output("TLS certificate reloaded", timeout=10)
+    # New connections get the new certificate ...
+    served = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate(("127.0.0.1", port)))
+    leaf = new.server_cert.read_text().split("-----END CERTIFICATE-----")[0]
+    assert served == ssl.PEM_cert_to_DER_cert(leaf + "-----END CERTIFICATE-----\n")
+    # ... and the device's tunnel was not dropped.
+    time.sleep(1)
+    assert agent.output().count("connected to") == 1
+    assert "tunnel to" not in agent.output()
+    echo.close()
