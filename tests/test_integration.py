@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import ssl
 import threading
@@ -75,7 +76,7 @@ class Setup:
 @pytest.fixture
 def setup(env: Env) -> Iterator[Setup]:
     echo = EchoServer()
-    relay, port, password = env.start_relay()
+    _, port, password = env.start_relay()
     assert password is not None
     secret = env.add_device("dev1")
     closed_port = free_port()
@@ -111,7 +112,7 @@ def roundtrip(port: int, payload: bytes) -> bytes:
 
 
 def test_first_start_prints_admin_credentials_and_ca(env: Env) -> None:
-    relay, port, password = env.start_relay()
+    _, port, password = env.start_relay()
     out = relay.output()
     assert password is not None and len(password) >= 16
     assert f"relay URL: https://localhost:{port}" in out
@@ -462,4 +463,73 @@ def test_sighup_reloads_operator_certificate_without_dropping_tunnels(
     time.sleep(1)
     assert agent.output().count("connected to") == 1
     assert "tunnel to" not in agent.output()
+    echo.close()
+
+
+def _start_tinyproxy(env: Env, tmp_path: Path, relay_port: int) -> int:
+    port = free_port()
+    conf = tmp_path / "tinyproxy.conf"
+    conf.write_text(
+        f"Port {port}\nListen 127.0.0.1\nTimeout 60\nLogLevel Connect\n"
+        f'LogFile "{tmp_path / "tinyproxy.log"}"\nPidFile "{tmp_path / "tinyproxy.pid"}"\n'
+        f"MaxClients 20\nAllow 127.0.0.1\nBasicAuth agent s3cret\nConnectPort {relay_port}\n"
+    )
+    proxy = env.spawn("tinyproxy", ["tinyproxy", "-d", "-c", str(conf)], prefix=())
+    wait_for(lambda: _port_open(port), 10, "tinyproxy listening")
+    assert proxy.popen.poll() is None
+    return port
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(shutil.which("tinyproxy") is None, reason="tinyproxy is not installed")
+def test_agent_through_an_http_connect_proxy(env: Env, tmp_path: Path) -> None:
+    _, port, password = env.start_relay()
+    assert password is not None
+    echo = EchoServer()
+    secret = env.add_device("dev1")
+    proxy_port = _start_tinyproxy(env, tmp_path, port)
+    url = f"https://localhost:{port}"
+    # Wrong proxy credentials: a clear error, and the agent keeps trying.
+    bad = env.start_agent(
+        url,
+        "dev1",
+        secret,
+        [f"echo=127.0.0.1:{echo.port}"],
+        extra=["--proxy", f"http://agent:wrong@127.0.0.1:{proxy_port}"],
+    )
+    bad.wait_output("the proxy refused CONNECT: HTTP/1.[01] 407", timeout=20)
+    bad.stop()
+    # Credentials from HTTPS_PROXY, as a device's environment would carry them.
+    environ = env.environ()
+    environ["HTTPS_PROXY"] = f"http://agent:s3cret@127.0.0.1:{proxy_port}"
+    agent = env.spawn(
+        "agent",
+        [
+            *HATCHWAY,
+            "agent",
+            "--server",
+            url,
+            "--device",
+            "dev1",
+            "--secret-file",
+            str(secret),
+            "--ca-file",
+            str(env.ca_file),
+            "--service",
+            f"echo=127.0.0.1:{echo.port}",
+        ],
+        env=environ,
+    )
+    agent.wait_output("connected to", timeout=20)
+    env.login(url, "admin", password)
+    assert env.hatchway("proxy", "dev1", "echo", input=b"via proxy").stdout == b"via proxy"
+    log = (tmp_path / "tinyproxy.log").read_text()
+    assert f"CONNECT localhost:{port}" in log or f"localhost:{port}" in log
     echo.close()
