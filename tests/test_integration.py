@@ -76,7 +76,7 @@ class Setup:
 @pytest.fixture
 def setup(env: Env) -> Iterator[Setup]:
     echo = EchoServer()
-    _, port, password = env.start_relay()
+    relay, port, password = env.start_relay()
     assert password is not None
     secret = env.add_device("dev1")
     closed_port = free_port()
@@ -112,7 +112,7 @@ def roundtrip(port: int, payload: bytes) -> bytes:
 
 
 def test_first_start_prints_admin_credentials_and_ca(env: Env) -> None:
-    _, port, password = env.start_relay()
+    relay, port, password = env.start_relay()
     out = relay.output()
     assert password is not None and len(password) >= 16
     assert f"relay URL: https://localhost:{port}" in out
