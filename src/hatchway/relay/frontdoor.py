@@ -106,39 +106,42 @@ class HttpRequest:
 
 
 class FrontDoor(asyncio.Protocol):
-    def __init__(self, server: RelayServer) -> None:
+    """One accepted connection until its first request is routed.
+
+    ``source`` was admitted by the server's accept loop (a bounded number of pending
+    connections per address); ``release()`` gives the slot back exactly once.
+    """
+
+    def __init__(self, server: RelayServer, source: str) -> None:
         self.server = server
+        self.source = source
         self.transport: asyncio.Transport | None = None
         self.request = HttpRequest()
         self.parser = httptools.HttpRequestParser(self.request)
         self.buffer = bytearray()
-        self.source = "?"
         self._timer: asyncio.TimerHandle | None = None
         self._handed_over = False
+        self._admitted = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.source = peer[0] if isinstance(peer, tuple) else str(peer)
-        if not self.server.admit(self.source):
-            log.warning("%s: too many pending connections from this address", self.source)
-            transport.abort()
-            return
         self._timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self._expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._release()
+        self.release()
 
-    def _release(self) -> None:
+    def release(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._admitted:
+            self._admitted = False
             self.server.release(self.source)
 
     def _expired(self) -> None:
         self._timer = None
-        self.server.release(self.source)
+        self.release()
         self._respond(408, {"error": "timeout", "message": "request timed out"})
 
     def data_received(self, data: bytes) -> None:
@@ -167,7 +170,7 @@ class FrontDoor(asyncio.Protocol):
 
     def _route(self) -> None:
         assert self.transport is not None
-        self._release()
+        self.release()
         req = self.request
         url = urllib.parse.urlsplit(req.url.decode("latin-1"))
         method = self.parser.get_method().decode("latin-1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import ssl
 import sys
 from collections import defaultdict
@@ -28,11 +29,14 @@ from hatchway.relay.tunnels import RelayTunnel
 from hatchway.store.base import ChannelRecord, UserRecord
 from hatchway.store.sql import SqlStore
 from hatchway.tlsutil import reload_server_context, server_context
+from hatchway.tunnel.websocket import tune_socket
 
 log = logging.getLogger("hatchway.relay")
 
 #: Connections per source address that have not yet finished their request/handshake.
 MAX_PENDING_PER_SOURCE = 64
+#: TLS handshakes in progress at once, all sources together.
+MAX_PENDING_HANDSHAKES = 4096
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,9 @@ class RelayServer:
         self.unauthenticated: set[RelayTunnel] = set()
         self._pending: defaultdict[str, int] = defaultdict(int)
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._handshaking = 0
         if config.tls_cert is not None and config.tls_key is not None:
             self.cert_file, self.key_file = config.tls_cert, config.tls_key
             self.ca_file: Path | None = None
@@ -81,21 +87,56 @@ class RelayServer:
         return password
 
     async def start(self) -> None:
+        """Listen. Connections are accepted here, not by ``loop.create_server``, so that
+        the per-address limit applies before the TLS handshake costs anything."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: FrontDoor(self),
-            self.config.host,
-            self.config.port,
-            ssl=self.ssl_context,
-            ssl_handshake_timeout=10.0,
-            backlog=4096,
-            reuse_address=True,
+        infos = await loop.getaddrinfo(
+            self.config.host, self.config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
+        family = infos[0][0]
+        listener = socket.create_server(
+            (self.config.host, self.config.port), family=family, backlog=4096
+        )
+        listener.setblocking(False)
+        self._listener = listener
+        self._accept_task = loop.create_task(self._accept_loop(listener))
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                log.error("accept failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            source = str(addr[0])
+            if self._handshaking >= MAX_PENDING_HANDSHAKES or not self.admit(source):
+                log.warning("%s: too many pending connections, refused", source)
+                conn.close()
+                continue
+            tune_socket(conn)
+            self._handshaking += 1
+            self.track(loop.create_task(self._handshake(conn, source)))
+
+    async def _handshake(self, conn: socket.socket, source: str) -> None:
+        loop = asyncio.get_running_loop()
+        door = FrontDoor(self, source)
+        try:
+            await loop.connect_accepted_socket(
+                lambda: door, conn, ssl=self.ssl_context, ssl_handshake_timeout=10.0
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.debug("%s: TLS handshake failed: %s", source, exc)
+            door.release()
+            conn.close()
+        finally:
+            self._handshaking -= 1
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._listener is not None
+        return int(self._listener.getsockname()[1])
 
     @property
     def url(self) -> str:
@@ -113,8 +154,10 @@ class RelayServer:
             log.info("TLS certificate reloaded from %s", self.cert_file)
 
     async def shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        if self._listener is not None:
+            self._listener.close()
         for entry in self.registry.all():
             entry.tunnel.shutdown(GoAwayReason.SHUTDOWN, "relay shutting down")
         for tunnel in list(self.unauthenticated):

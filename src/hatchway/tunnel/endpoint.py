@@ -263,8 +263,16 @@ class TunnelEndpoint(WebSocketEndpoint):
     def _flush_mux(self) -> None:
         self._flush_handle = None
         chunks = self.mux.data_to_send()
-        if chunks:
-            self.send_binary(b"".join(chunks))
+        if not chunks:
+            return
+        data = b"".join(chunks)
+        if len(data) <= TUNNEL_MAX_MESSAGE:
+            self.send_binary(data)
+            return
+        # The peer refuses larger messages (1009); frames may span messages.
+        view = memoryview(data)
+        for start in range(0, len(data), TUNNEL_MAX_MESSAGE):
+            self.send_binary(view[start : start + TUNNEL_MAX_MESSAGE])
 
     def dispatch(self) -> None:
         """Hand the multiplexer's events to the bindings."""
