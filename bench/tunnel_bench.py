@@ -114,6 +114,35 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its living descendants (all threads)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        fields = _stat_fields(current)
+        if fields is not None:
+            total += (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+        todo += parents.get(current, [])
+    return total
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -285,6 +314,8 @@ class Tool:
     banner_port: int = 0
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: (label, pid): process trees whose CPU use is measured during bulk tests
+    cpu: list[tuple[str, int]] = field(default_factory=list)
 
 
 class Bench:
@@ -302,6 +333,7 @@ class Bench:
         # results
         self.bulk: dict[tuple[str, str], list[float]] = {}
         self.bulk_errors: dict[tuple[str, str], str] = {}
+        self.bulk_cpu: dict[tuple[str, str], list[dict[str, float]]] = {}
         self.latency: dict[str, list[float]] = {}
         self.latency_errors: dict[str, str] = {}
         self.relay_open: dict[str, list[float]] = {}
@@ -371,7 +403,13 @@ class Bench:
             "port": port,
             "token": token,
         }
-        return Tool("hatchway", f"hatchway (relay --loop {loop})", iperf_port, banner_port)
+        tool = Tool("hatchway", f"hatchway (relay --loop {loop})", iperf_port, banner_port)
+        tool.cpu = [
+            ("relay", relay.popen.pid),
+            ("agent", agent.popen.pid),
+            ("forward", fwd_iperf.popen.pid),
+        ]
+        return tool
 
     def _start_ssh(self) -> Tool:
         assert self.sink is not None and self.banner is not None
@@ -445,7 +483,9 @@ class Bench:
         )
         wait_listening(iperf_port, ssh, 15, "ssh -L")
         wait_listening(banner_port, ssh, 15, "ssh -L")
-        return Tool("ssh", "ssh -L (aes128-gcm)", iperf_port, banner_port)
+        tool = Tool("ssh", "ssh -L (aes128-gcm)", iperf_port, banner_port)
+        tool.cpu = [("ssh", ssh.popen.pid), ("sshd", sshd.popen.pid)]
+        return tool
 
     def _start_websocat(self) -> Tool:
         assert self.sink is not None and self.banner is not None
@@ -517,6 +557,7 @@ class Bench:
         assert self.sink is not None and self.banner is not None
         ports: dict[str, int] = {}
         started: list[Proc] = []
+        cpu: list[tuple[str, int]] = []
         scheme = "wss" if identity is not None else "ws"
         try:
             for name, target in (("iperf", self.sink.port), ("banner", self.banner.port)):
@@ -544,11 +585,14 @@ class Bench:
                 started.append(client)
                 wait_listening(local_port, client, 10, "websocat client")
                 ports[name] = local_port
+                if name == "iperf":
+                    cpu = [("client", client.popen.pid), ("server", server.popen.pid)]
             tool = Tool(
                 "websocat",
                 "websocat (wss)" if identity is not None else "websocat (PLAIN ws, no TLS)",
                 ports["iperf"],
                 ports["banner"],
+                cpu=cpu,
             )
             self._probe(tool)
             return tool
@@ -569,17 +613,26 @@ class Bench:
                     key = (tool.name, label)
                     if key in self.bulk_errors:
                         continue
+                    cpu0 = {name: tree_cpu_seconds(pid) for name, pid in tool.cpu}
+                    t0 = time.monotonic()
                     try:
                         bps = run_iperf(tool.iperf_port, args.seconds, parallel, reverse)
+                        elapsed = time.monotonic() - t0
+                        cpu = {
+                            name: 100 * (tree_cpu_seconds(pid) - cpu0[name]) / elapsed
+                            for name, pid in tool.cpu
+                        }
                     except BenchError as exc:
                         self.bulk_errors[key] = str(exc)
                         self.fail(f"bulk {tool.name} {label} run {run}", str(exc))
                         self.sink.restart()
                         continue
                     self.bulk.setdefault(key, []).append(bps)
+                    self.bulk_cpu.setdefault(key, []).append(cpu)
                     log(
                         f"[bulk] run {run}/{args.runs} {tool.label:<34} {label:<12} "
-                        f"{bps / 1e9:6.2f} Gbit/s"
+                        f"{bps / 1e9:6.2f} Gbit/s  CPU % "
+                        + " ".join(f"{name} {value:.0f}" for name, value in cpu.items())
                     )
                     time.sleep(0.3)
 
@@ -627,7 +680,18 @@ class Bench:
         for name, proc in targets:
             out = self.root / f"profile-{name}.txt"
             cmd = [py_spy, "record", "-p", str(proc.popen.pid), "-d", str(duration)]
-            cmd += ["-r", "100", "--function", "--nonblocking", "-f", "raw", "-o", str(out)]
+            cmd += [
+                "-r",
+                "100",
+                "--function",
+                "--idle",
+                "--threads",
+                "--nonblocking",
+                "-f",
+                "raw",
+                "-o",
+                str(out),
+            ]
             spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             spies.append((name, spy, out))
         time.sleep(1.0)
@@ -649,7 +713,7 @@ class Bench:
             if spy.returncode != 0 or not out.exists():
                 self.profile.append(f"py-spy on the {name} failed: {err.decode()[-300:]}")
                 continue
-            self.profile.append(summarize_profile(name, out, duration * 100))
+            self.profile.append(summarize_profile(name, out))
 
     def run_memory(self) -> None:
         args = self.args
@@ -802,6 +866,28 @@ class Bench:
                 rows,
             )
         )
+        cpu_rows = []
+        for tool in self.tools.values():
+            if not tool.cpu:
+                continue
+            cells = [tool.label]
+            for label, _, _ in BULK_MODES:
+                runs = self.bulk_cpu.get((tool.name, label))
+                if not runs:
+                    cells.append("-")
+                    continue
+                cells.append(
+                    ", ".join(
+                        f"{name} {statistics.median(r[name] for r in runs):.0f}"
+                        for name, _ in tool.cpu
+                    )
+                )
+            cpu_rows.append(cells)
+        if cpu_rows:
+            log("")
+            log("CPU use of the tunnel's processes during the bulk tests (% of one core, median):")
+            log("")
+            log(markdown_table(["tool", *(label for label, _, _ in BULK_MODES)], cpu_rows))
         for tool in self.tools.values():
             for note in tool.notes:
                 log(f"\nnote on {tool.label}: {note}")
@@ -949,8 +1035,8 @@ def measure_relay_open(
     return out
 
 
-def summarize_profile(name: str, raw: Path, expected: int, top: int = 10) -> str:
-    """Top functions by own samples and by inclusive samples from py-spy's raw output."""
+def summarize_profile(name: str, raw: Path, top: int = 10) -> str:
+    """Top functions by own and by inclusive samples, from py-spy's raw output."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
@@ -958,36 +1044,41 @@ def summarize_profile(name: str, raw: Path, expected: int, top: int = 10) -> str
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
+        frames = stack.split(";")
+        if frames[0].startswith("thread ("):  # --threads: keep the event loop's thread
+            if not frames[0].endswith(": MainThread"):
+                continue
+            frames = frames[1:] or ["(thread idle)"]
         n = int(count)
         total += n
-        frames = stack.split(";")
         own[frames[-1]] += n
         for frame in set(frames):
             inclusive[frame] += n
     if not total:
         return f"### {name}: no samples"
-    skip = ("<module>", "run (", "_run_module", "main (", "run_forever", "_run_once")
-    wide = [(f, n) for f, n in inclusive.most_common() if not f.startswith(skip)][:top]
-    lines = [
-        f"### {name}: {total} non-idle samples of ~{expected} "
-        f"({100 * total / expected:.0f} % busy in Python-visible frames)",
-        "",
-        markdown_table(
-            ["#", "own %", "function (file:first line)"],
-            [
-                [str(i + 1), f"{100 * n / total:.1f}", f]
-                for i, (f, n) in enumerate(own.most_common(top))
-            ],
-        ),
-        "",
-        "inclusive (the function and what it calls; event-loop frames left out):",
-        "",
-        markdown_table(
-            ["#", "incl %", "function"],
-            [[str(i + 1), f"{100 * n / total:.1f}", f] for i, (f, n) in enumerate(wide)],
-        ),
-    ]
-    return "\n".join(lines)
+    # Leave the frames every sample passes through out of the inclusive list.
+    plumbing = ("(asyncio/", "(click/", "(<frozen", "(hatchway/cli.py", "(hatchway/__main__")
+    wide = [(f, n) for f, n in inclusive.most_common() if not any(p in f for p in plumbing)]
+    return "\n".join(
+        [
+            f"### {name}: {total} samples of the main (event loop) thread, % of wall-clock time",
+            "",
+            markdown_table(
+                ["#", "own %", "function (file:first line)"],
+                [
+                    [str(i + 1), f"{100 * n / total:.1f}", f]
+                    for i, (f, n) in enumerate(own.most_common(top))
+                ],
+            ),
+            "",
+            "inclusive (the function and what it calls; event-loop and CLI frames left out):",
+            "",
+            markdown_table(
+                ["#", "incl %", "function"],
+                [[str(i + 1), f"{100 * n / total:.1f}", f] for i, (f, n) in enumerate(wide[:top])],
+            ),
+        ]
+    )
 
 
 # --- the tunnel worker (a separate process for the memory test) -------------------------
@@ -1145,6 +1236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     log(f"tunnel_bench: tools {', '.join(args.tools)}; sections {', '.join(args.sections)}")
     log(f"work directory (logs): {root}")
+    log(f"load average at start: {Path('/proc/loadavg').read_text().split()[:3]}")
     try:
         wants_tools = {"bulk", "latency"} & set(args.sections)
         if wants_tools:
@@ -1163,6 +1255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every process", file=sys.stderr, flush=True)
         status = 130
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        bench.report()  # what was measured so far
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -12,12 +12,11 @@ from hypothesis import strategies as st
 
 from hatchway.errors import RemoteProtocolError
 from hatchway.mux.frames import (
-    CONTROL_TYPES,
     HEADER_SIZE,
     MAX_CONTROL_PAYLOAD,
-    MAX_PAYLOAD,
     MAX_SERVICE_NAME,
     MAX_WINDOW,
+    PAYLOAD_LIMITS,
     Frame,
     FrameParser,
     FrameType,
@@ -33,7 +32,7 @@ U32_MAX = 2**32 - 1
 
 
 def limit_of(frame_type: FrameType) -> int:
-    return MAX_CONTROL_PAYLOAD if frame_type in CONTROL_TYPES else MAX_PAYLOAD
+    return PAYLOAD_LIMITS[frame_type]
 
 
 @st.composite
@@ -97,7 +96,8 @@ def test_parse_of_serialize_is_identity(frame: Frame) -> None:
 
 @pytest.mark.parametrize("frame_type", list(FrameType))
 def test_payload_exactly_at_the_limit_round_trips(frame_type: FrameType) -> None:
-    frame = Frame(frame_type, 1, bytes(range(256)) * (limit_of(frame_type) // 256))
+    limit = limit_of(frame_type)
+    frame = Frame(frame_type, 1, (bytes(range(256)) * (limit // 256 + 1))[:limit])
     assert len(frame.payload) == limit_of(frame_type)
     assert FrameParser().feed(frame.serialize()) == [frame]
 
@@ -164,11 +164,32 @@ def test_oversized_header_raises_before_the_payload_arrives(frame_type: FrameTyp
         parser.feed(header)
 
 
-@pytest.mark.parametrize("frame_type", list(FrameType))
+def test_empty_frame_types_complete_with_their_header() -> None:
+    assert limit_of(FrameType.EOF) == 0
+    assert FrameParser().feed(encode_header(FrameType.EOF, 1, 0)) == [Frame(FrameType.EOF, 1)]
+
+
+@pytest.mark.parametrize("frame_type", [t for t in FrameType if limit_of(t) > 0])
 def test_header_at_the_limit_waits_for_its_payload(frame_type: FrameType) -> None:
     parser = FrameParser()
     assert parser.feed(encode_header(frame_type, 1, limit_of(frame_type))) == []
     assert parser.buffered() == HEADER_SIZE
+
+
+@pytest.mark.parametrize(
+    ("frame_type", "size"),
+    [
+        (FrameType.WINDOW, 5),
+        (FrameType.OPEN_OK, 5),
+        (FrameType.EOF, 1),
+        (FrameType.PING, 9),
+        (FrameType.PONG, 9),
+        (FrameType.RESET, MAX_CONTROL_PAYLOAD + 1),
+    ],
+)
+def test_fixed_size_frames_are_refused_when_longer(frame_type: FrameType, size: int) -> None:
+    with pytest.raises(RemoteProtocolError, match=f"{frame_type.name} frame of {size} bytes"):
+        FrameParser().feed(encode_header(frame_type, 1, size))
 
 
 def test_oversized_header_after_a_good_frame_raises() -> None:

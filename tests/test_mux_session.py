@@ -39,7 +39,7 @@ from hatchway.mux import (
     Role,
     SendWindowAvailable,
 )
-from hatchway.mux.frames import MAX_CONTROL_PAYLOAD, MAX_SERVICE_NAME, MAX_WINDOW
+from hatchway.mux.frames import MAX_CONTROL_PAYLOAD, MAX_SERVICE_NAME, MAX_WINDOW, PAYLOAD_LIMITS
 from tests.mux_pair import MuxPair
 
 U32 = struct.Struct("!I")
@@ -191,7 +191,8 @@ def test_session_frames_off_channel_zero_are_errors(frame_type: FrameType) -> No
 )
 def test_channel_frames_on_channel_zero_are_errors(frame_type: FrameType) -> None:
     with pytest.raises(RemoteProtocolError, match="on channel 0"):
-        established(Role.RELAY).receive_data(frame(frame_type, 0, b"\x00\x00\x00\x01x"))
+        payload = b"\x00\x00\x00\x01x"[: PAYLOAD_LIMITS[frame_type]]
+        established(Role.RELAY).receive_data(frame(frame_type, 0, payload))
 
 
 # --- opening channels -----------------------------------------------------------------
@@ -645,7 +646,7 @@ def test_window_of_the_wrong_size_is_an_error(pair: MuxPair) -> None:
 def test_window_before_accept_is_an_error(pair: MuxPair) -> None:
     channel = pair.relay.mux.open_channel("s")
     pair.pump()
-    with pytest.raises(RemoteProtocolError, match="before it was accepted"):
+    with pytest.raises(RemoteProtocolError, match=r"WINDOW for channel .* which is requested"):
         pair.agent.mux.receive_data(frame(FrameType.WINDOW, channel, U32.pack(1)))
 
 
@@ -886,7 +887,7 @@ def test_ping_works_before_established() -> None:
 
 
 def test_oversized_ping_is_an_error() -> None:
-    with pytest.raises(RemoteProtocolError, match="PING payload"):
+    with pytest.raises(RemoteProtocolError, match="PING frame of 9 bytes exceeds"):
         Multiplexer(Role.AGENT).receive_data(frame(FrameType.PING, 0, b"123456789"))
 
 

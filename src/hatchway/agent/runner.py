@@ -47,6 +47,7 @@ class AgentTunnel(TunnelEndpoint):
         self.established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.auth_refused = False
+        self._hello_sent = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     def describe(self) -> str:
@@ -54,12 +55,17 @@ class AgentTunnel(TunnelEndpoint):
 
     def on_hello(self, info: dict[str, Any]) -> None:
         if info.get("welcome") is True:
+            if not self._hello_sent:
+                raise LocalProtocolError("the relay welcomed the device before it proved itself")
             self.mux.mark_established()
             self.start_keepalive()
             if not self.established.done():
                 self.established.set_result(None)
             return
-        if info.get("version") != PROTOCOL_VERSION:
+        version = info.get("version")
+        if info.get("role") != "relay" or type(version) is not int or self._hello_sent:
+            raise LocalProtocolError("unexpected HELLO from the relay")
+        if version != PROTOCOL_VERSION:
             self.shutdown(GoAwayReason.VERSION, f"agent speaks version {PROTOCOL_VERSION}")
             return
         nonce_text = info.get("nonce")
@@ -72,6 +78,7 @@ class AgentTunnel(TunnelEndpoint):
         if len(nonce) < 16:
             raise LocalProtocolError("the relay's nonce is too short")
         proof = device_proof(self.key, self.config.device, nonce)
+        self._hello_sent = True
         self.mux.send_hello(
             {
                 "version": PROTOCOL_VERSION,
@@ -122,7 +129,8 @@ class AgentTunnel(TunnelEndpoint):
             failure = OpenFailure.UNREACHABLE
             text = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
         else:
-            if self.closed:
+            if self.closed or not self.mux.is_requested(channel):
+                # The tunnel closed, or the relay gave up on the channel meanwhile.
                 if binding.transport is not None:
                     binding.transport.abort()
                 return
@@ -139,7 +147,7 @@ class AgentTunnel(TunnelEndpoint):
         log.warning(
             "channel %d: %s (%s:%d): %s", channel, target.name, target.host, target.port, text
         )
-        if not self.closed:
+        if not self.closed and self.mux.is_requested(channel):
             self.reject(channel, failure, f"{target.name}: {text}")
 
     def on_tunnel_closed(self) -> None:

@@ -78,9 +78,21 @@ class GoAwayReason(enum.IntEnum):
     VERSION = 6
 
 
-CONTROL_TYPES = frozenset(
-    {FrameType.HELLO, FrameType.OPEN, FrameType.OPEN_FAILED, FrameType.GOAWAY}
-)
+#: The largest payload each frame type may carry; a header announcing more is refused
+#: before its payload is read.
+PAYLOAD_LIMITS: dict[int, int] = {
+    FrameType.HELLO: MAX_CONTROL_PAYLOAD,
+    FrameType.OPEN: MAX_CONTROL_PAYLOAD,
+    FrameType.OPEN_OK: 4,
+    FrameType.OPEN_FAILED: MAX_CONTROL_PAYLOAD,
+    FrameType.DATA: MAX_PAYLOAD,
+    FrameType.EOF: 0,
+    FrameType.RESET: MAX_CONTROL_PAYLOAD,
+    FrameType.WINDOW: 4,
+    FrameType.PING: 8,
+    FrameType.PONG: 8,
+    FrameType.GOAWAY: MAX_CONTROL_PAYLOAD,
+}
 #: Frames that always travel on channel 0.
 SESSION_TYPES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
 
@@ -176,9 +188,9 @@ class FrameParser:
 
 
 def _check_header(ftype: int, length: int) -> None:
-    if ftype < FrameType.HELLO or ftype > FrameType.GOAWAY:
+    limit = PAYLOAD_LIMITS.get(ftype)
+    if limit is None:
         raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
-    limit = MAX_CONTROL_PAYLOAD if ftype in CONTROL_TYPES else MAX_PAYLOAD
     if length > limit:
         raise RemoteProtocolError(
             f"{FrameType(ftype).name} frame of {length} bytes exceeds the limit of {limit}"

@@ -219,6 +219,11 @@ class Multiplexer:
     def channel_ids(self) -> list[int]:
         return list(self._channels)
 
+    def is_requested(self, channel_id: int) -> bool:
+        """True while a channel the peer asked for still awaits our answer."""
+        ch = self._channels.get(channel_id)
+        return ch is not None and ch.state is _State.REQUESTED
+
     def service_of(self, channel_id: int) -> str | None:
         ch = self._channels.get(channel_id)
         return ch.service if ch is not None else None
@@ -315,8 +320,6 @@ class Multiplexer:
     def _handle_session(self, frame: Frame) -> None:
         ftype = frame.type
         if ftype is FrameType.PING:
-            if len(frame.payload) > 8:
-                raise RemoteProtocolError("PING payload longer than 8 bytes")
             self._control(FrameType.PONG, 0, frame.payload)
         elif ftype is FrameType.PONG:
             self._events.append(ev.PongReceived(frame.payload))
@@ -377,8 +380,8 @@ class Multiplexer:
     def _handle_window(self, ch: _Channel, increment: int) -> None:
         if increment == 0:
             raise RemoteProtocolError(f"WINDOW of 0 on channel {ch.id}")
-        if ch.state is _State.REQUESTED:
-            raise RemoteProtocolError(f"WINDOW for channel {ch.id} before it was accepted")
+        if ch.state is not _State.OPEN:
+            raise RemoteProtocolError(f"WINDOW for channel {ch.id} which is {ch.state.value}")
         ch.send_window += increment
         if ch.send_window > MAX_WINDOW:
             raise RemoteProtocolError(f"channel {ch.id}: window overflow")

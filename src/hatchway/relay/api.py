@@ -64,6 +64,7 @@ async def handle(
         user = await server.authenticate_bearer(request.header("authorization"))
         return 200, {"user": user.name, "role": user.role}
     if path == "/":
+        _method(method, "GET")
         return 200, {"service": "hatchway relay", "version": __version__}
     raise ApiError(404, "not_found", "no such endpoint")
 

@@ -223,7 +223,7 @@ class FrontDoor(asyncio.Protocol):
             return
         stream = ClientStream(ws, self.server, user.name, device, service)
         self._hand_over(stream)
-        if stream.request is None:
+        if not stream.prepare():
             stream.reject(400, "bad_request", "invalid WebSocket upgrade request")
             return
         stream.open(tunnel)

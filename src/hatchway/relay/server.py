@@ -203,9 +203,9 @@ class RelayServer:
         return user.role == "admin"
 
     def authorize_stream(self, user: UserRecord, device: str, service: str) -> RelayTunnel:
-        if not DEVICE_ID_RE.match(device) or not self.may_reach(user, device):
+        if not DEVICE_ID_RE.fullmatch(device) or not self.may_reach(user, device):
             raise ApiError(403, "not_permitted", "not permitted")
-        if not SERVICE_NAME_RE.match(service):
+        if not SERVICE_NAME_RE.fullmatch(service):
             raise ApiError(400, "bad_request", f"invalid service name {service!r}")
         entry = self.registry.get(device)
         if entry is None or not entry.tunnel.is_open:

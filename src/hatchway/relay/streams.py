@@ -84,6 +84,7 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
         self.device = device
         self.service = service
         self.request: Request | None = None
+        self._response: Response | None = None
         self.outcome = "open-failed"
         self.started_at = datetime.now(UTC)
         self._open_timer: asyncio.TimerHandle | None = None
@@ -115,16 +116,24 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
             self.ws.send_response(error_response(status, code, message))
             self.flush()
 
+    def prepare(self) -> bool:
+        """Check the upgrade request before anything reaches the device; the 101
+        response is only sent once the device accepted the channel."""
+        if self.request is None:
+            return False
+        assert isinstance(self.ws, ServerProtocol)
+        response = self.ws.accept(self.request)
+        if response.status_code != 101:
+            return False
+        self._response = response
+        return True
+
     def on_open_ok(self) -> None:
-        assert isinstance(self.ws, ServerProtocol) and self.request is not None
+        assert isinstance(self.ws, ServerProtocol) and self._response is not None
         if self._open_timer is not None:
             self._open_timer.cancel()
-        response = self.ws.accept(self.request)
-        self.ws.send_response(response)
+        self.ws.send_response(self._response)
         self.flush()
-        if response.status_code != 101:
-            self.local_closed()
-            return
         self.outcome = "open"
         assert self.transport is not None
         self.transport.resume_reading()
@@ -196,6 +205,11 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
 
     def on_reset(self, reason: int, message: str) -> None:
         self.outcome = f"reset: {message}"
+        if self.ws.state is CONNECTING:  # still opening: answer the upgrade with an error
+            if self._open_timer is not None:
+                self._open_timer.cancel()
+            self.reject(502, "tunnel_closed", f"the tunnel to {self.device} closed")
+            return
         self.close(CLOSE_INTERNAL_ERROR, message or "channel reset")
 
     def on_closed(self) -> None:

@@ -59,9 +59,8 @@ class RelayTunnel(TunnelEndpoint):
         assert isinstance(self.ws, ServerProtocol) and isinstance(event, Request)
         if self.ws.state is not CONNECTING:
             return
+        # accept() refuses (400) a request without our subprotocol.
         response = self.ws.accept(event)
-        if response.status_code == 101 and self.ws.subprotocol != SUBPROTOCOL:
-            response = self.ws.reject(426, f"use the WebSocket subprotocol {SUBPROTOCOL}\n")
         self.ws.send_response(response)
         self.flush()
         if response.status_code != 101:

@@ -109,13 +109,12 @@ async def _open_via_proxy(proxy: ProxyConfig, host: str, port: int) -> socket.so
             response += chunk
             if len(response) > MAX_PROXY_RESPONSE:
                 raise ConnectError("the proxy's CONNECT response is too large")
-        head_end = response.index(b"\r\n\r\n") + 4
-        if head_end != len(response):
-            raise ConnectError("the proxy sent data before the TLS handshake")
         status_line = bytes(response.split(b"\r\n", 1)[0]).decode("latin-1")
         fields = status_line.split(" ", 2)
         if len(fields) < 2 or not fields[0].startswith("HTTP/1.") or fields[1] != "200":
             raise ConnectError(f"the proxy refused CONNECT: {status_line.strip()}")
+        if response.index(b"\r\n\r\n") + 4 != len(response):
+            raise ConnectError("the proxy sent data before the TLS handshake")
         return sock
     except BaseException:
         sock.close()

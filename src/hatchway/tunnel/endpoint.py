@@ -265,7 +265,7 @@ class TunnelEndpoint(WebSocketEndpoint):
         chunks = self.mux.data_to_send()
         if not chunks:
             return
-        data = b"".join(chunks)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if len(data) <= TUNNEL_MAX_MESSAGE:
             self.send_binary(data)
             return

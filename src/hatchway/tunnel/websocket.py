@@ -111,6 +111,9 @@ class WebSocketEndpoint(asyncio.Protocol):
                 if opcode is Opcode.BINARY or opcode is Opcode.CONT:
                     self.on_binary(bytes(event.data))
                 elif opcode is Opcode.TEXT:
+                    if not event.fin:
+                        self.close(1003, "fragmented text messages are not supported")
+                        return
                     self.on_text(bytes(event.data))
                 elif opcode is Opcode.CLOSE:
                     self.on_close_frame()
@@ -166,7 +169,8 @@ class WebSocketEndpoint(asyncio.Protocol):
             return
         if self.ws.state is OPEN:
             try:
-                self.ws.send_close(code, reason[:120])
+                # A close reason is at most 123 bytes of UTF-8.
+                self.ws.send_close(code, reason.encode()[:120].decode(errors="ignore"))
             except InvalidState:
                 pass
             self.flush()
