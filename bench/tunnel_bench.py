@@ -1162,6 +1162,16 @@ async def _tunnel_worker(devices: list[list[str]], server: str, ca: Path, warm: 
 # --- main -------------------------------------------------------------------------------
 
 
+def code_revision() -> str:
+    """The commit measured, and whether src/ has uncommitted changes."""
+    try:
+        head = run_quiet(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]).strip()
+        dirty = run_quiet(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"])
+    except (BenchError, OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout?)"
+    return f"{head}" + (" + uncommitted changes in src/" if dirty.strip() else "")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark hatchway against direct TCP, ssh -L and websocat (loopback)."
@@ -1237,6 +1247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"tunnel_bench: tools {', '.join(args.tools)}; sections {', '.join(args.sections)}")
     log(f"work directory (logs): {root}")
     log(f"load average at start: {Path('/proc/loadavg').read_text().split()[:3]}")
+    log(f"code: {code_revision()}")
     try:
         wants_tools = {"bulk", "latency"} & set(args.sections)
         if wants_tools:
