@@ -351,13 +351,19 @@ class Bench:
         self.banner = BannerServer()
         self.sink = IperfSink(self.infra)
         log(f"sinks: iperf3 -s on {self.sink.port}, banner on {self.banner.port}")
+        starters: dict[str, Callable[[], Tool]] = {
+            "direct": self._start_direct,
+            "hatchway": lambda: self._start_hatchway(loop),
+            "ssh": self._start_ssh,
+            "websocat": self._start_websocat,
+        }
         for name in names:
-            starter: Callable[[], Tool] = getattr(self, f"_start_{name}")
             try:
-                tool = starter() if name != "hatchway" else self._start_hatchway(loop)
+                tool = starters[name]()
                 self._probe(tool)
             except (BenchError, AssertionError, OSError, subprocess.SubprocessError) as exc:
-                tool = Tool(name, name, error=str(exc).strip().splitlines()[0][:300])
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                tool = Tool(name, name, error=first[:300])
                 self.fail(f"setup of {name}", str(exc)[-1500:])
             self.tools[name] = tool
             if tool.error is None:
@@ -830,7 +836,7 @@ class Bench:
         rows = []
         for tool in self.tools.values():
             if tool.error is not None:
-                rows.append([tool.label, f"setup failed: {tool.error[:80]}", "", "", "", "", ""])
+                rows.append([tool.label, f"setup failed: {tool.error[:80]}", "", "", "", ""])
                 continue
             row = [tool.label]
             for label, _, _ in BULK_MODES:
