@@ -40,6 +40,7 @@ from hatchway.mux import (
     SendWindowAvailable,
 )
 from hatchway.mux.frames import MAX_CONTROL_PAYLOAD, MAX_SERVICE_NAME, MAX_WINDOW, PAYLOAD_LIMITS
+from hatchway.mux.session import DATA_CHUNK
 from tests.mux_pair import MuxPair
 
 U32 = struct.Struct("!I")
@@ -449,14 +450,14 @@ def test_empty_send_is_a_no_op(pair: MuxPair) -> None:
     assert pair.relay.mux.events_received() == []
 
 
-def test_large_payload_is_split_at_max_payload() -> None:
+def test_large_payload_is_split_at_data_chunk() -> None:
     pair = MuxPair(window=4 * MAX_PAYLOAD)
     channel = open_pair(pair)
-    data = bytes(range(256)) * ((2 * MAX_PAYLOAD + 1000) // 256)
+    data = bytes(range(256)) * ((2 * DATA_CHUNK + 1000) // 256)
     assert pair.relay.mux.send_data(channel, data) == len(data)
     frames = pair.relay.sent_frames()
     assert [f.type for f in frames] == [FrameType.DATA] * 3
-    assert [len(f.payload) for f in frames] == [MAX_PAYLOAD, MAX_PAYLOAD, len(data) % MAX_PAYLOAD]
+    assert [len(f.payload) for f in frames] == [DATA_CHUNK, DATA_CHUNK, len(data) % DATA_CHUNK]
     assert b"".join(f.payload for f in frames) == data
 
 
@@ -513,15 +514,15 @@ def test_sender_is_held_to_the_peer_window_until_consumed() -> None:
     assert received_bytes(agent_events, channel) == b"a" * 100
     assert relay_events == []
 
-    pair.agent.mux.consumed(channel, 49)  # below half a window: no WINDOW yet
+    pair.agent.mux.consumed(channel, 24)  # below a quarter window: no WINDOW yet
     assert pair.pump() == ([], [])
     assert pair.relay.mux.send_window(channel) == 0
 
-    pair.agent.mux.consumed(channel, 1)  # 50 consumed: half a window
+    pair.agent.mux.consumed(channel, 1)  # 25 consumed: a quarter window
     relay_events, _ = pair.pump()
     assert relay_events == [SendWindowAvailable(channel)]
-    assert pair.relay.mux.send_window(channel) == 50
-    assert pair.relay.mux.send_data(channel, b"c" * 60) == 50
+    assert pair.relay.mux.send_window(channel) == 25
+    assert pair.relay.mux.send_data(channel, b"c" * 60) == 25
 
 
 def test_send_window_available_only_after_being_held_back() -> None:

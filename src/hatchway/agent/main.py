@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from hatchway import __version__
 from hatchway.agent.config import load_agent_config
@@ -60,7 +62,17 @@ def main(argv: list[str]) -> int:
         print(f"hatchway agent: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(agent.run())
+        _run(agent.run())
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    """uvloop when it is installed (the optional ``speedups`` extra), else the stdlib."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)

@@ -13,7 +13,7 @@ protocol error.
 Flow control: each side advertises a receive window when it opens or accepts a
 channel and may never be sent more than the credit it granted. The receiver grants
 more with WINDOW frames as the application reports bytes ``consumed``, in batches of
-half a window, so a slow reader stalls only its own channel and the bytes in flight
+a quarter window, so a slow reader stalls only its own channel and the bytes in flight
 per channel never exceed its window.
 """
 
@@ -27,7 +27,6 @@ from hatchway.errors import LocalProtocolError, RemoteProtocolError
 from hatchway.mux import events as ev
 from hatchway.mux.frames import (
     MAX_CONTROL_PAYLOAD,
-    MAX_PAYLOAD,
     MAX_SERVICE_NAME,
     MAX_WINDOW,
     SESSION_TYPES,
@@ -48,6 +47,10 @@ from hatchway.mux.frames import (
 
 PROTOCOL_VERSION = 1
 DEFAULT_WINDOW = 1024 * 1024
+#: DATA frames are cut to this size when sent: a receiver can only act on a whole frame,
+#: so smaller frames let every hop of the relay path work on a stream at once instead
+#: of storing and forwarding big blocks. Frames up to MAX_PAYLOAD are still accepted.
+DATA_CHUNK = 64 * 1024
 DEFAULT_MAX_CHANNELS = 1024
 
 
@@ -183,8 +186,8 @@ class Multiplexer:
         ch.send_window -= n
         view = memoryview(data)
         out = self._out
-        for start in range(0, n, MAX_PAYLOAD):
-            chunk = view[start : min(n, start + MAX_PAYLOAD)]
+        for start in range(0, n, DATA_CHUNK):
+            chunk = view[start : min(n, start + DATA_CHUNK)]
             out.append(encode_header(FrameType.DATA, channel_id, len(chunk)))
             out.append(bytes(chunk))
         return n
@@ -195,7 +198,7 @@ class Multiplexer:
         if ch is None or ch.remote_eof or n <= 0:
             return
         ch.recv_pending += n
-        if ch.recv_pending >= ch.recv_window // 2:
+        if ch.recv_pending >= ch.recv_window // 4:
             grant, ch.recv_pending = ch.recv_pending, 0
             ch.recv_credit += grant
             self._control(FrameType.WINDOW, channel_id, U32.pack(grant))

@@ -34,6 +34,8 @@ PING_INTERVAL = 15.0
 DEAD_AFTER = 35.0
 #: Largest WebSocket message a tunnel accepts (frames may span messages).
 TUNNEL_MAX_MESSAGE = 4 * 1024 * 1024
+#: A tunnel sends a message once this much is batched (see ``_flush_mux``).
+TUNNEL_SEND_MESSAGE = 64 * 1024
 
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008
@@ -261,18 +263,23 @@ class TunnelEndpoint(WebSocketEndpoint):
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_mux)
 
     def _flush_mux(self) -> None:
+        """Send what the multiplexer queued, in WebSocket messages of about
+        ``TUNNEL_SEND_MESSAGE`` bytes: the peer parses a message only once it has all
+        of it, so small messages keep the path pipelined."""
         self._flush_handle = None
         chunks = self.mux.data_to_send()
         if not chunks:
             return
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if len(data) <= TUNNEL_MAX_MESSAGE:
-            self.send_binary(data)
-            return
-        # The peer refuses larger messages (1009); frames may span messages.
-        view = memoryview(data)
-        for start in range(0, len(data), TUNNEL_MAX_MESSAGE):
-            self.send_binary(view[start : start + TUNNEL_MAX_MESSAGE])
+        batch: list[bytes] = []
+        size = 0
+        for chunk in chunks:
+            batch.append(chunk)
+            size += len(chunk)
+            if size >= TUNNEL_SEND_MESSAGE:
+                self.send_binary(batch[0] if len(batch) == 1 else b"".join(batch))
+                batch, size = [], 0
+        if batch:
+            self.send_binary(batch[0] if len(batch) == 1 else b"".join(batch))
 
     def dispatch(self) -> None:
         """Hand the multiplexer's events to the bindings."""
