@@ -8,6 +8,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +38,10 @@ log = logging.getLogger("hatchway.relay")
 MAX_PENDING_PER_SOURCE = 64
 #: TLS handshakes in progress at once, all sources together.
 MAX_PENDING_HANDSHAKES = 4096
+#: A token checked against the store is trusted this long without asking again: a
+#: revoked token or removed user stops working within this many seconds.
+TOKEN_CACHE_SECONDS = 5.0
+TOKEN_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class RelayServer:
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._handshaking = 0
+        # token -> (user, valid until): saves a database round trip per channel open.
+        self._token_cache: dict[str, tuple[UserRecord, float]] = {}
         if config.tls_cert is not None and config.tls_key is not None:
             self.cert_file, self.key_file = config.tls_cert, config.tls_key
             self.ca_file: Path | None = None
@@ -192,9 +199,17 @@ class RelayServer:
         token = header[7:].strip()
         if not token or len(token) > 256:
             raise UNAUTHORIZED
+        now = time.monotonic()
+        cached = self._token_cache.get(token)
+        if cached is not None and cached[1] > now:
+            return cached[0]
         user = await asyncio.to_thread(self.store.user_for_token, token)
         if user is None:
+            self._token_cache.pop(token, None)
             raise UNAUTHORIZED
+        if len(self._token_cache) >= TOKEN_CACHE_SIZE:
+            self._token_cache.clear()
+        self._token_cache[token] = (user, now + TOKEN_CACHE_SECONDS)
         return user
 
     @staticmethod

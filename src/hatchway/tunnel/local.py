@@ -23,6 +23,10 @@ class TcpBinding(asyncio.Protocol, ChannelBinding):
         ChannelBinding.__init__(self)
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
+        # Some loops (uvloop) deliver a read before pause_reading() in connection_made
+        # takes effect: keep it until the channel is bound.
+        self._early: list[bytes] = []
+        self._early_eof = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -33,13 +37,25 @@ class TcpBinding(asyncio.Protocol, ChannelBinding):
         transport.pause_reading()
 
     def start(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        early, self._early = self._early, []
+        for data in early:
+            self.forward(data)
+        if self._early_eof:
+            self.forward_eof()
+        elif self._backlog is None and self.transport is not None:
+            self.resume_source()  # else resumed when the peer grants credit
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is None:
+            self._early.append(data)
+            self.pause_source()
+            return
         self.forward(data)
 
     def eof_received(self) -> bool:
+        if self.tunnel is None:
+            self._early_eof = True
+            return True
         self.forward_eof()
         return True  # keep the write half open (TCP half-close)
 
@@ -70,8 +86,9 @@ class TcpBinding(asyncio.Protocol, ChannelBinding):
             self.transport.pause_reading()
 
     def resume_source(self) -> None:
-        if self.transport is not None and not self.transport.is_reading():
-            self.transport.resume_reading()
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and not transport.is_reading():
+            transport.resume_reading()
 
     def on_reset(self, reason: int, message: str) -> None:
         if self.transport is not None:
