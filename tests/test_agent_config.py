@@ -1,0 +1,131 @@
+"""The agent's configuration: TOML file, flags on top, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hatchway.agent.config import (
+    ServiceTarget,
+    load_agent_config,
+    parse_host_port,
+    parse_service,
+)
+from hatchway.errors import ConfigError
+from hatchway.tunnel.connect import ProxyConfig, proxy_from_environment, relay_websocket_url
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Path:
+    path = tmp_path / "secret"
+    path.write_text("  s3cret-value \n")
+    path.chmod(0o600)
+    return path
+
+
+def test_toml_file_with_relative_paths(tmp_path: Path, secret: Path) -> None:
+    (tmp_path / "ca.pem").write_text("x")
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        'server = "https://relay.example.com:8443"\ndevice = "plc-7"\n'
+        'secret_file = "secret"\nca_file = "ca.pem"\nproxy = "http://u:p%40ss@proxy:3128"\n'
+        '[services]\nssh = "localhost:22"\nhttp = "192.168.1.20:80"\nv6 = "[::1]:5900"\n'
+    )
+    config = load_agent_config(config_file=cfg)
+    assert config.server == "https://relay.example.com:8443"
+    assert config.device == "plc-7"
+    assert config.secret == "s3cret-value"
+    assert config.ca_file == tmp_path / "ca.pem"
+    assert config.services == {
+        "ssh": ServiceTarget("ssh", "localhost", 22),
+        "http": ServiceTarget("http", "192.168.1.20", 80),
+        "v6": ServiceTarget("v6", "::1", 5900),
+    }
+    assert config.services["http"].is_gateway and not config.services["ssh"].is_gateway
+    assert config.proxy == ProxyConfig("proxy", 3128, "Basic dTpwQHNz")  # u:p@ss
+    assert config.tunnel_url == "wss://relay.example.com:8443/api/v1/tunnel"
+
+
+def test_flags_win_over_the_file(tmp_path: Path, secret: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        'server = "https://a:1"\ndevice = "one"\nsecret_file = "secret"\n'
+        '[services]\nssh = "localhost:22"\n'
+    )
+    config = load_agent_config(
+        config_file=cfg, server="https://b:2", device="two", services=["ssh=127.0.0.1:2222"]
+    )
+    assert (config.server, config.device) == ("https://b:2", "two")
+    assert config.services["ssh"] == ServiceTarget("ssh", "127.0.0.1", 2222)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"server": None}, "no relay given"),
+        ({"server": "http://relay:80"}, "must start with https://"),
+        ({"device": None}, "no device id given"),
+        ({"device": "Bad_ID"}, "invalid device id"),
+        ({"services": []}, "no service exposed"),
+        ({"services": ["ssh"]}, "expected NAME=HOST:PORT"),
+        ({"services": ["ssh=host"]}, "expected HOST:PORT"),
+        ({"services": ["ssh=host:0"]}, "out of range"),
+        ({"services": ["ssh=host:70000"]}, "out of range"),
+        ({"services": ["Bad Name=host:1"]}, "invalid service name"),
+        ({"proxy": "socks5://p:1"}, "unsupported proxy scheme"),
+    ],
+)
+def test_errors_are_clear(secret: Path, kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {
+        "server": "https://relay:8443",
+        "device": "dev1",
+        "secret_file": secret,
+        "services": ["ssh=localhost:22"],
+    }
+    args.update(kwargs)
+    with pytest.raises(ConfigError, match=message):
+        load_agent_config(**args)  # type: ignore[arg-type]
+
+
+def test_file_errors(tmp_path: Path, secret: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_agent_config(config_file=tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("server = \n")
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
+        load_agent_config(config_file=bad)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('srever = "https://x:1"\n')
+    with pytest.raises(ConfigError, match="unknown settings srever"):
+        load_agent_config(config_file=unknown)
+    empty = tmp_path / "empty-secret"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_agent_config(server="https://r:1", device="d", secret_file=empty, services=["s=h:1"])
+    with pytest.raises(ConfigError, match="cannot read the secret file"):
+        load_agent_config(
+            server="https://r:1", device="d", secret_file=tmp_path / "nope", services=["s=h:1"]
+        )
+
+
+def test_host_port_and_service_parsing() -> None:
+    assert parse_host_port("[fe80::1]:22", "x") == ("fe80::1", 22)
+    assert parse_service("web=10.0.0.5:8080") == ServiceTarget("web", "10.0.0.5", 8080)
+    with pytest.raises(ConfigError):
+        parse_host_port("::1:22", "x")
+
+
+def test_proxy_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.local:8080")
+    monkeypatch.setenv("NO_PROXY", "internal.example")
+    assert proxy_from_environment("relay.example.com") == ProxyConfig("proxy.local", 8080)
+    assert proxy_from_environment("internal.example") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    assert proxy_from_environment("relay.example.com") is None
+
+
+def test_relay_websocket_url() -> None:
+    assert relay_websocket_url("https://r.example:8443/", "/p") == "wss://r.example:8443/p"
+    with pytest.raises(ConfigError, match="TLS is required"):
+        relay_websocket_url("ws://r:1", "/p")
