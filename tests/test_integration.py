@@ -534,3 +534,34 @@ def test_agent_through_an_http_connect_proxy(env: Env, tmp_path: Path) -> None:
     log = (tmp_path / "tinyproxy.log").read_text()
     assert f"CONNECT localhost:{port}" in log or f"localhost:{port}" in log
     echo.close()
+
+
+def test_pending_connections_are_limited_per_source(env: Env) -> None:
+    """64 connections that never finish their TLS handshake use up this address's
+    slots; the next one is closed at once, and slots come back when they go away."""
+    _, port, _ = env.start_relay()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(64)]
+    time.sleep(0.5)
+    extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+    extra.settimeout(5)
+    try:
+        assert extra.recv(1) == b""  # closed by the relay without a word
+    except ConnectionResetError:
+        pass
+    extra.close()
+    for sock in idle:
+        sock.close()
+    context = ssl.create_default_context(cafile=str(env.ca_file))
+
+    def health() -> bool:
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=5) as tcp,
+                context.wrap_socket(tcp, server_hostname="localhost") as tls,
+            ):
+                tls.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                return tls.recv(100).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    wait_for(health, 10, "the relay to serve again")
