@@ -206,6 +206,8 @@ class Agent:
                 tunnel = await self.connect_once()
             except ConnectError as exc:
                 log.warning("cannot connect: %s", exc)
+            except Exception:  # never give up: a device has nobody to restart it
+                log.exception("unexpected error while connecting")
             else:
                 attempt = 0
                 self.tunnel = tunnel
