@@ -38,6 +38,7 @@ log = logging.getLogger("hatchway.client")
 
 EOF_MESSAGE = b"eof"
 STREAM_MAX_MESSAGE = 1024 * 1024
+MESSAGE_CHUNK = 64 * 1024
 
 
 class LocalSide:
@@ -98,7 +99,12 @@ class LocalSide:
             self._early.append(data)
             self.pause_reading()
             return
-        stream.send_binary(data)
+        if len(data) <= MESSAGE_CHUNK:
+            stream.send_binary(data)
+        else:  # the relay acts on whole messages: keep them small to keep it busy
+            view = memoryview(data)
+            for start in range(0, len(data), MESSAGE_CHUNK):
+                stream.send_binary(view[start : start + MESSAGE_CHUNK])
         if stream.write_paused:
             self.pause_reading()
 
