@@ -167,6 +167,9 @@ class WebSocketEndpoint(asyncio.Protocol):
         """Start the closing handshake; the TCP connection follows."""
         if self._lost:
             return
+        if self.transport is not None and not self.transport.is_reading():
+            # Reading may be paused by backpressure; the peer's close frame must be read.
+            self.transport.resume_reading()
         if self.ws.state is OPEN:
             try:
                 # A close reason is at most 123 bytes of UTF-8.
