@@ -205,6 +205,8 @@ class Env:
         services: Sequence[str],
         prefix: Sequence[str] | None = None,
         extra: Sequence[str] = (),
+        ca_file: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proc:
         args = [
             *HATCHWAY,
@@ -216,12 +218,12 @@ class Env:
             "--secret-file",
             str(secret),
             "--ca-file",
-            str(self.ca_file),
+            str(ca_file or self.ca_file),
             *extra,
         ]
         for spec in services:
             args += ["--service", spec]
-        return self.spawn(f"agent-{device}", args, prefix=prefix)
+        return self.spawn(f"agent-{device}", args, prefix=prefix, env=env)
 
     def login(
         self, server: str, user: str, password: str, prefix: Sequence[str] | None = None

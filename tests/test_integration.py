@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import HATCHWAY, Env, Proc, device_online, free_port, wait_for
+from tests.procs import Env, Proc, device_online, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -270,22 +270,8 @@ def test_agent_refuses_a_relay_with_an_unknown_ca(env: Env, tmp_path: Path) -> N
     from hatchway.relay.pki import ensure_tls_files
 
     files = ensure_tls_files(other_ca, "localhost")
-    agent = env.spawn(
-        "agent",
-        [
-            *HATCHWAY,
-            "agent",
-            "--server",
-            f"https://localhost:{port}",
-            "--device",
-            "dev1",
-            "--secret-file",
-            str(secret),
-            "--ca-file",
-            str(files.ca_cert),
-            "--service",
-            "x=127.0.0.1:9",
-        ],
+    agent = env.start_agent(
+        f"https://localhost:{port}", "dev1", secret, ["x=127.0.0.1:9"], ca_file=files.ca_cert
     )
     agent.wait_output("certificate was refused", timeout=20)
 
@@ -431,22 +417,8 @@ def test_sighup_reloads_operator_certificate_without_dropping_tunnels(
     echo = EchoServer()
     secret = env.add_device("dev1")
     url = f"https://localhost:{port}"
-    agent = env.spawn(
-        "agent",
-        [
-            *HATCHWAY,
-            "agent",
-            "--server",
-            url,
-            "--device",
-            "dev1",
-            "--secret-file",
-            str(secret),
-            "--ca-file",
-            str(files.ca_cert),
-            "--service",
-            f"echo=127.0.0.1:{echo.port}",
-        ],
+    agent = env.start_agent(
+        url, "dev1", secret, [f"echo=127.0.0.1:{echo.port}"], ca_file=files.ca_cert
     )
     agent.wait_output("connected to", timeout=20)
     # Replace the certificate on disk (a new one from a new CA) and send SIGHUP.
@@ -510,23 +482,8 @@ def test_agent_through_an_http_connect_proxy(env: Env, tmp_path: Path) -> None:
     # Credentials from HTTPS_PROXY, as a device's environment would carry them.
     environ = env.environ()
     environ["HTTPS_PROXY"] = f"http://agent:s3cret@127.0.0.1:{proxy_port}"
-    agent = env.spawn(
-        "agent",
-        [
-            *HATCHWAY,
-            "agent",
-            "--server",
-            url,
-            "--device",
-            "dev1",
-            "--secret-file",
-            str(secret),
-            "--ca-file",
-            str(env.ca_file),
-            "--service",
-            f"echo=127.0.0.1:{echo.port}",
-        ],
-        env=environ,
+    agent = env.start_agent(
+        url, "dev1", secret, [f"echo=127.0.0.1:{echo.port}"], ca_file=env.ca_file, env=environ
     )
     agent.wait_output("connected to", timeout=20)
     env.login(url, "admin", password)
