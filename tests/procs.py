@@ -241,10 +241,16 @@ class Env:
         )
 
     def start_forward(
-        self, device: str, service: str, prefix: Sequence[str] | None = None
+        self,
+        device: str,
+        service: str,
+        prefix: Sequence[str] | None = None,
+        extra: Sequence[str] = (),
     ) -> tuple[Proc, int]:
         proc = self.spawn(
-            f"forward-{device}-{service}", [*HATCHWAY, "forward", device, service], prefix=prefix
+            f"forward-{device}-{service}",
+            [*HATCHWAY, "forward", device, service, *extra],
+            prefix=prefix,
         )
         match = proc.wait_output(r"listening on [^\s:]+:(\d+)")
         return proc, int(match.group(1))

@@ -149,8 +149,9 @@ def test_devices_lists_online_state_and_services(setup: Setup) -> None:
     assert "dev1" in text and "online" in text
 
 
-def test_forward_carries_bytes_both_ways_with_half_close(setup: Setup) -> None:
-    _fwd, port = setup.env.start_forward("dev1", "echo")
+@pytest.mark.parametrize("mode", [[], ["--mux"]], ids=["stream-per-connection", "mux"])
+def test_forward_carries_bytes_both_ways_with_half_close(setup: Setup, mode: list[str]) -> None:
+    _fwd, port = setup.env.start_forward("dev1", "echo", extra=mode)
     payload = os.urandom(3 * 1024 * 1024 + 17)
     assert hashlib.sha256(roundtrip(port, payload)).digest() == hashlib.sha256(payload).digest()
     # Several connections at once, each its own channel.
@@ -522,3 +523,35 @@ def test_pending_connections_are_limited_per_source(env: Env) -> None:
             return False
 
     wait_for(health, 10, "the relay to serve again")
+
+
+def test_forward_mux_reports_open_errors_and_survives_them(setup: Setup) -> None:
+    fwd, port = setup.env.start_forward("dev1", "closed", extra=["--mux"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.settimeout(10)
+        try:
+            assert conn.recv(10) == b""
+        except ConnectionResetError:
+            pass
+    fwd.wait_output("dev1 refused the connection to closed", timeout=10)
+    other, port2 = setup.env.start_forward("nope", "echo", extra=["--mux"])
+    with socket.create_connection(("127.0.0.1", port2), timeout=10) as conn:
+        conn.settimeout(10)
+        try:
+            assert conn.recv(10) == b""
+        except ConnectionResetError:
+            pass
+    other.wait_output("device nope is offline", timeout=10)
+    # The client tunnel is still up: a good target on it works.
+    _, port3 = setup.env.start_forward("dev1", "echo", extra=["--mux"])
+    assert roundtrip(port3, b"after errors") == b"after errors"
+    wait_for(lambda: "service=echo" in setup.relay.output(), 5, "channel log")
+
+
+def test_forward_mux_follows_a_relay_restart(setup: Setup) -> None:
+    _, port = setup.env.start_forward("dev1", "echo", extra=["--mux"])
+    assert roundtrip(port, b"one") == b"one"
+    setup.relay.stop()
+    setup.env.start_relay(port=setup.port)
+    wait_for(lambda: device_online(setup.env, "dev1"), 40, "dev1 online again")
+    assert roundtrip(port, b"two") == b"two"

@@ -323,9 +323,18 @@ def devices(as_json: bool) -> None:
     help="local port (default: a free one)",
 )
 @click.option("--bind", default="127.0.0.1", show_default=True, help="local address")
-def forward(device_id: str, service: str, local_port: int, bind: str) -> None:
+@click.option(
+    "--mux",
+    is_flag=True,
+    help="carry every connection on one multiplexed tunnel to the relay: opens in ~2 ms "
+    "instead of ~5 ms (no TLS handshake each), at some cost in bulk throughput",
+)
+def forward(device_id: str, service: str, local_port: int, bind: str, mux: bool) -> None:
     """Forward a local port to a device's service."""
-    from hatchway.client.streams import serve_forward
+    from hatchway.client.session import serve_forward_mux
+    from hatchway.client.streams import serve_forward_streams
+
+    serve_forward = serve_forward_mux if mux else serve_forward_streams
 
     login_ = _login()
 
@@ -335,6 +344,8 @@ def forward(device_id: str, service: str, local_port: int, bind: str) -> None:
 
     try:
         _run(serve_forward(login_, device_id, service, bind, local_port, listening))
+    except HatchwayError as exc:
+        _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot listen on {bind}:{local_port}: {exc.strerror or exc}")
     except KeyboardInterrupt:

@@ -197,7 +197,7 @@ class StreamClient(WebSocketEndpoint):
 
 
 @functools.lru_cache(maxsize=4)
-def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
+def ssl_context_for(ca_file: str | None) -> ssl.SSLContext:
     """One context per process: building one costs about a millisecond per connection."""
     return client_context(Path(ca_file) if ca_file else None)
 
@@ -215,7 +215,7 @@ async def open_stream(login: Login, device: str, service: str, local: LocalSide)
         stream = await open_websocket(
             url,
             lambda ws: StreamClient(ws, local),
-            ssl_context=_ssl_context(login.ca_file),
+            ssl_context=ssl_context_for(login.ca_file),
             proxy=proxy_from_environment(host),
             headers=[("Authorization", f"Bearer {login.token}")],
             max_size=STREAM_MAX_MESSAGE,
@@ -244,7 +244,7 @@ async def run_stdio(login: Login, device: str, service: str) -> str:
     return stream.close_reason
 
 
-async def serve_forward(
+async def serve_forward_streams(
     login: Login,
     device: str,
     service: str,

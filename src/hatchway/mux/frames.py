@@ -29,7 +29,8 @@ OPEN_FAILED_HEAD = struct.Struct("!B")
 MAX_PAYLOAD = 256 * 1024
 #: Largest control payload (HELLO, OPEN, GOAWAY...): these are small by nature.
 MAX_CONTROL_PAYLOAD = 8 * 1024
-MAX_SERVICE_NAME = 64
+#: Long enough for "DEVICE/SERVICE" on client tunnels (63 + 1 + 32).
+MAX_SERVICE_NAME = 128
 MAX_WINDOW = 2**31 - 1
 
 
@@ -57,6 +58,8 @@ class OpenFailure(enum.IntEnum):
     NOT_PERMITTED = 5
     TOO_MANY_CHANNELS = 6
     SHUTTING_DOWN = 7
+    OFFLINE = 8
+    BAD_REQUEST = 9
 
 
 class ResetReason(enum.IntEnum):

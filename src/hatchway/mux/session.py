@@ -222,6 +222,11 @@ class Multiplexer:
     def channel_ids(self) -> list[int]:
         return list(self._channels)
 
+    def is_open(self, channel_id: int) -> bool:
+        """True while data and EOF may still be sent on the channel."""
+        ch = self._channels.get(channel_id)
+        return ch is not None and ch.state is _State.OPEN and not ch.local_eof
+
     def is_requested(self, channel_id: int) -> bool:
         """True while a channel the peer asked for still awaits our answer."""
         ch = self._channels.get(channel_id)

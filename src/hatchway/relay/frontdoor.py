@@ -24,6 +24,7 @@ import httptools
 from websockets.server import ServerProtocol
 
 from hatchway.relay import api
+from hatchway.relay.client_tunnels import ClientTunnel
 from hatchway.relay.streams import ClientStream, error_response
 from hatchway.relay.tunnels import SUBPROTOCOL, RelayTunnel
 from hatchway.tunnel.endpoint import TUNNEL_MAX_MESSAGE
@@ -184,11 +185,14 @@ class FrontDoor(asyncio.Protocol):
                     max_size=TUNNEL_MAX_MESSAGE,
                 )
                 self._hand_over(RelayTunnel(ws, self.server))
-            elif url.path == "/api/v1/connect":
+            elif url.path in ("/api/v1/connect", "/api/v1/client"):
                 self.transport.pause_reading()
                 self._handed_over = True
-                task = asyncio.get_running_loop().create_task(self._connect(url.query))
-                self.server.track(task)
+                if url.path == "/api/v1/connect":
+                    coro = self._connect(url.query)
+                else:
+                    coro = self._client_tunnel()
+                self.server.track(asyncio.get_running_loop().create_task(coro))
             else:
                 self._respond(404, {"error": "not_found", "message": "no such endpoint"})
             return
@@ -227,6 +231,24 @@ class FrontDoor(asyncio.Protocol):
             stream.reject(400, "bad_request", "invalid WebSocket upgrade request")
             return
         stream.open(tunnel)
+
+    async def _client_tunnel(self) -> None:
+        """A user's multiplexed tunnel (``hatchway forward``), authenticated up front."""
+        assert self.transport is not None
+        try:
+            user = await self.server.authenticate_bearer(self.request.header("authorization"))
+        except api.ApiError as exc:
+            self._respond(exc.status, {"error": exc.code, "message": exc.message})
+            return
+        if self.transport.is_closing():
+            return
+        ws = ServerProtocol(
+            subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+            extensions=None,
+            max_size=TUNNEL_MAX_MESSAGE,
+        )
+        self._hand_over(ClientTunnel(ws, self.server, user))
+        self.transport.resume_reading()
 
     async def _api(self, method: str, url: urllib.parse.SplitResult) -> None:
         try:

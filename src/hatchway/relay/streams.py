@@ -51,6 +51,13 @@ _FAILURES: dict[int, tuple[int, str, str]] = {
 }
 
 
+def describe_failure(reason: int, message: str, device: str, service: str) -> tuple[int, str, str]:
+    """The HTTP status, error code and sentence for a device's OPEN_FAILED."""
+    status, code, template = _FAILURES.get(reason, (502, "failed", "{detail}"))
+    detail = message.split(": ", 1)[-1]
+    return status, code, template.format(device=device, service=service, detail=detail)
+
+
 def error_response(status: int, code: str, message: str) -> Response:
     body = json.dumps({"error": code, "message": message}).encode() + b"\n"
     headers = Headers(
@@ -149,9 +156,7 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
     def on_open_failed(self, reason: int, message: str) -> None:
         if self._open_timer is not None:
             self._open_timer.cancel()
-        status, code, template = _FAILURES.get(reason, (502, "failed", "{detail}"))
-        detail = message.split(": ", 1)[-1]
-        text = template.format(device=self.device, service=self.service, detail=detail)
+        status, code, text = describe_failure(reason, message, self.device, self.service)
         log.info(
             "channel user=%s device=%s service=%s: open failed: %s",
             self.user,

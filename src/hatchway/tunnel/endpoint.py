@@ -90,6 +90,10 @@ class ChannelBinding:
         tunnel = self.tunnel
         if tunnel is None or self.finished:
             return
+        if not tunnel.mux.is_open(self.channel):
+            # Gone in the same batch of frames (a RESET behind a WINDOW or EOF): its
+            # ChannelReset event is next and cleans up; nothing can be sent any more.
+            return
         if self._backlog is not None:
             # The source should be paused; keep the order anyway.
             self._backlog = memoryview(bytes(self._backlog) + bytes(data))
@@ -102,7 +106,7 @@ class ChannelBinding:
             self.pause_source()
 
     def forward_eof(self) -> None:
-        if self.tunnel is None or self.finished:
+        if self.tunnel is None or self.finished or not self.tunnel.mux.is_open(self.channel):
             return
         if self._backlog is not None:
             self._eof_pending = True
@@ -113,11 +117,15 @@ class ChannelBinding:
 
     def local_closed(self) -> None:
         """The local connection is gone: reset the channel unless it ended cleanly."""
+        self.reset_channel(ResetReason.CONNECTION_LOST, "connection closed")
+
+    def reset_channel(self, reason: ResetReason, message: str) -> None:
+        """Reset the channel (if it is still there) and forget it."""
         tunnel = self.tunnel
         if tunnel is None or self.finished:
             return
         self.finished = True
-        tunnel.mux.reset_channel(self.channel, ResetReason.CONNECTION_LOST, "connection closed")
+        tunnel.mux.reset_channel(self.channel, reason, message)
         tunnel.bindings.pop(self.channel, None)
         tunnel.request_flush()
 

@@ -27,6 +27,7 @@ class TcpBinding(asyncio.Protocol, ChannelBinding):
         # takes effect: keep it until the channel is bound.
         self._early: list[bytes] = []
         self._early_eof = False
+        self._started = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -37,6 +38,8 @@ class TcpBinding(asyncio.Protocol, ChannelBinding):
         transport.pause_reading()
 
     def start(self) -> None:
+        """The channel is open: pass on what arrived early, then read."""
+        self._started = True
         early, self._early = self._early, []
         for data in early:
             self.forward(data)
@@ -46,14 +49,14 @@ class TcpBinding(asyncio.Protocol, ChannelBinding):
             self.resume_source()  # else resumed when the peer grants credit
 
     def data_received(self, data: bytes) -> None:
-        if self.tunnel is None:
+        if not self._started:
             self._early.append(data)
             self.pause_source()
             return
         self.forward(data)
 
     def eof_received(self) -> bool:
-        if self.tunnel is None:
+        if not self._started:
             self._early_eof = True
             return True
         self.forward_eof()

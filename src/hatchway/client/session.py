@@ -1,0 +1,153 @@
+"""The client's multiplexed tunnel to the relay (``hatchway forward``).
+
+One TLS WebSocket to ``/api/v1/client`` carries every forwarded connection as a channel
+named ``DEVICE/SERVICE``: a new connection costs one OPEN round trip, not a TLS
+handshake. The tunnel is opened on first use and again after it drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from websockets.client import ClientProtocol
+
+from hatchway.client.config import Login
+from hatchway.client.relay_api import error_from_body
+from hatchway.client.streams import ssl_context_for
+from hatchway.errors import RelayError
+from hatchway.mux.session import DEFAULT_MAX_CHANNELS, DEFAULT_WINDOW, PROTOCOL_VERSION, Role
+from hatchway.tunnel.connect import (
+    ConnectError,
+    open_websocket,
+    proxy_from_environment,
+    relay_websocket_url,
+)
+from hatchway.tunnel.endpoint import TUNNEL_MAX_MESSAGE, TunnelEndpoint
+from hatchway.tunnel.local import TcpBinding
+
+log = logging.getLogger("hatchway.client")
+
+SUBPROTOCOL = "hatchway.v1"
+WELCOME_TIMEOUT = 10.0
+
+
+class ClientTunnelEndpoint(TunnelEndpoint):
+    def __init__(self, ws: ClientProtocol) -> None:
+        super().__init__(ws, Role.AGENT, window=DEFAULT_WINDOW, max_channels=DEFAULT_MAX_CHANNELS)
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()
+
+    def describe(self) -> str:
+        return "client tunnel"
+
+    def on_hello(self, info: dict[str, Any]) -> None:
+        if info.get("welcome") is not True or info.get("version") != PROTOCOL_VERSION:
+            self.close(1002, "unexpected HELLO")
+            return
+        self.mux.mark_established()
+        self.start_keepalive()
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def on_tunnel_closed(self) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(RelayError(0, "closed", "the relay closed the connection"))
+            self.ready.exception()  # retrieved: the opener may have gone
+
+
+class ForwardBinding(TcpBinding):
+    """A forwarded TCP connection: reads once the relay and device accepted it."""
+
+    def on_open_ok(self) -> None:
+        self.start()
+
+    def on_open_failed(self, reason: int, message: str) -> None:
+        print(f"hatchway: {message}", file=sys.stderr, flush=True)
+        super().on_open_failed(reason, message)
+
+
+class RelaySession:
+    """Owns the client tunnel; ``tunnel()`` returns an established one."""
+
+    def __init__(self, login: Login) -> None:
+        self.login = login
+        self._tunnel: ClientTunnelEndpoint | None = None
+        self._lock = asyncio.Lock()
+
+    async def tunnel(self) -> ClientTunnelEndpoint:
+        async with self._lock:
+            current = self._tunnel
+            if current is None or current.closed or not current.is_open:
+                current = self._tunnel = await self._connect()
+            return current
+
+    async def _connect(self) -> ClientTunnelEndpoint:
+        url = relay_websocket_url(self.login.server, "/api/v1/client")
+        try:
+            endpoint = await open_websocket(
+                url,
+                ClientTunnelEndpoint,
+                ssl_context=ssl_context_for(self.login.ca_file),
+                proxy=proxy_from_environment(urllib.parse.urlsplit(url).hostname or ""),
+                headers=[("Authorization", f"Bearer {self.login.token}")],
+                subprotocols=[SUBPROTOCOL],
+                max_size=TUNNEL_MAX_MESSAGE,
+                timeout=30.0,
+            )
+        except ConnectError as exc:
+            if exc.status is not None:
+                raise error_from_body(exc.status, exc.body) from None
+            raise RelayError(0, "unreachable", str(exc)) from None
+        try:
+            await asyncio.wait_for(asyncio.shield(endpoint.ready), WELCOME_TIMEOUT)
+        except TimeoutError:
+            endpoint.abort()
+            raise RelayError(0, "timeout", "the relay did not answer in time") from None
+        return endpoint
+
+
+async def serve_forward_mux(
+    login: Login,
+    device: str,
+    service: str,
+    bind: str,
+    port: int,
+    on_listening: Callable[[str, int], None],
+) -> None:
+    """Listen on ``bind:port``; every accepted connection becomes a channel."""
+    loop = asyncio.get_running_loop()
+    session = RelaySession(login)
+    await session.tunnel()  # fail now, with the relay's reason, rather than per connection
+    target = f"{device}/{service}"
+    tasks: set[asyncio.Task[None]] = set()
+
+    def accept() -> asyncio.Protocol:
+        binding = ForwardBinding()
+        task = loop.create_task(_open(session, target, binding))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return binding
+
+    server = await loop.create_server(accept, bind, port, reuse_address=True)
+    sockname = server.sockets[0].getsockname()
+    on_listening(sockname[0], sockname[1])
+    async with server:
+        await server.serve_forever()
+
+
+async def _open(session: RelaySession, target: str, binding: ForwardBinding) -> None:
+    try:
+        tunnel = await session.tunnel()
+    except RelayError as exc:
+        print(f"hatchway: {exc.message}", file=sys.stderr, flush=True)
+        if binding.transport is not None:
+            binding.transport.abort()
+        return
+    if binding.closed.done():
+        return  # the local connection went away meanwhile
+    tunnel.open_binding(target, binding)
