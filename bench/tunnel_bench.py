@@ -52,7 +52,7 @@ if str(REPO) not in sys.path:
 
 from tests.procs import Env, Proc, free_port, rss_kib  # noqa: E402
 
-TOOLS = ("direct", "hatchway", "ssh", "websocat")
+TOOLS = ("direct", "hatchway", "hatchway-mux", "ssh", "websocat")
 SECTIONS = ("bulk", "latency", "memory")
 #: (label, iperf3 parallel streams, reverse)
 BULK_MODES = (("1 stream", 1, False), ("1 stream -R", 1, True), ("10 streams", 10, False))
@@ -354,6 +354,7 @@ class Bench:
         starters: dict[str, Callable[[], Tool]] = {
             "direct": self._start_direct,
             "hatchway": lambda: self._start_hatchway(loop),
+            "hatchway-mux": lambda: self._start_hatchway_mux(loop),
             "ssh": self._start_ssh,
             "websocat": self._start_websocat,
         }
@@ -413,6 +414,23 @@ class Bench:
         tool.cpu = [
             ("relay", relay.popen.pid),
             ("agent", agent.popen.pid),
+            ("forward", fwd_iperf.popen.pid),
+        ]
+        return tool
+
+    def _start_hatchway_mux(self, loop: str) -> Tool:
+        """``hatchway forward --mux`` on the same relay and agent as the hatchway row."""
+        if not self.hatchway:
+            self._start_hatchway(loop)
+        env = self.hatchway["env"]
+        fwd_iperf, iperf_port = env.start_forward("dev1", "iperf", extra=["--mux"])
+        _, banner_port = env.start_forward("dev1", "banner", extra=["--mux"])
+        tool = Tool(
+            "hatchway-mux", f"hatchway forward --mux (relay --loop {loop})", iperf_port, banner_port
+        )
+        tool.cpu = [
+            ("relay", self.hatchway["relay"].popen.pid),
+            ("agent", self.hatchway["agent"].popen.pid),
             ("forward", fwd_iperf.popen.pid),
         ]
         return tool
