@@ -225,6 +225,9 @@ class RelayServer:
         entry = self.registry.get(device)
         if entry is None or not entry.tunnel.is_open:
             raise ApiError(404, "offline", f"device {device} is offline")
+        if len(entry.tunnel.bindings) >= self.config.max_channels:
+            # The agent would refuse the OPEN anyway; do not queue it.
+            raise ApiError(503, "busy", f"{device} has too many open channels")
         return entry.tunnel
 
     def visible_devices(self, user: UserRecord) -> list[dict[str, Any]]:

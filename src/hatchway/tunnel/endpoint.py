@@ -52,7 +52,7 @@ class ChannelBinding:
         self.bytes_to_tunnel = 0
         self.bytes_from_tunnel = 0
         self.started = time.monotonic()
-        self._backlog: memoryview | None = None
+        self._backlog: bytearray | None = None
         self._eof_pending = False
         self._sink_paused = False
         self._held_credit = 0
@@ -95,14 +95,15 @@ class ChannelBinding:
             # ChannelReset event is next and cleans up; nothing can be sent any more.
             return
         if self._backlog is not None:
-            # The source should be paused; keep the order anyway.
-            self._backlog = memoryview(bytes(self._backlog) + bytes(data))
+            # The source is paused, but a splice may still hand over what one batch of
+            # frames carried (bounded by the other side's window): keep it in order.
+            self._backlog += data
             return
         n = tunnel.mux.send_data(self.channel, data)
         self.bytes_to_tunnel += n
         tunnel.request_flush()
         if n < len(data):
-            self._backlog = memoryview(data)[n:]
+            self._backlog = bytearray(memoryview(data)[n:])
             self.pause_source()
 
     def forward_eof(self) -> None:
