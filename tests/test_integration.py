@@ -555,3 +555,28 @@ def test_forward_mux_follows_a_relay_restart(setup: Setup) -> None:
     setup.env.start_relay(port=setup.port)
     wait_for(lambda: device_online(setup.env, "dev1"), 40, "dev1 online again")
     assert roundtrip(port, b"two") == b"two"
+
+
+def test_channels_per_device_are_limited(env: Env) -> None:
+    echo = EchoServer()
+    _, port, password = env.start_relay(extra=["--max-channels", "2"])
+    assert password is not None
+    url = f"https://localhost:{port}"
+    env.start_agent(url, "dev1", env.add_device("dev1"), [f"echo=127.0.0.1:{echo.port}"])
+    env.login(url, "admin", password)
+    wait_for(lambda: device_online(env, "dev1"), 20, "dev1 online")
+    _, fport = env.start_forward("dev1", "echo")
+    held = [socket.create_connection(("127.0.0.1", fport), timeout=10) for _ in range(2)]
+    for conn in held:  # both channels are open and carry data
+        conn.sendall(b"x")
+        assert conn.recv(1) == b"x"
+    out = env.hatchway("proxy", "dev1", "echo", input=b"", check=False)
+    assert out.returncode == 1 and "dev1 has too many open channels" in out.stderr.decode()
+    held[0].close()
+    wait_for(
+        lambda: env.hatchway("proxy", "dev1", "echo", input=b"ok", check=False).stdout == b"ok",
+        10,
+        "a free channel again",
+    )
+    held[1].close()
+    echo.close()

@@ -104,6 +104,13 @@ def agent(ctx: click.Context) -> None:
     show_default=True,
     help="event loop implementation",
 )
+@click.option(
+    "--max-channels",
+    type=click.IntRange(1, 65536),
+    default=1024,
+    show_default=True,
+    help="open channels per device tunnel and per client tunnel",
+)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def server(
     data_dir: Path,
@@ -112,6 +119,7 @@ def server(
     tls_cert: Path | None,
     tls_key: Path | None,
     loop: str,
+    max_channels: int,
     verbose: bool,
 ) -> None:
     """Run the relay server."""
@@ -127,6 +135,7 @@ def server(
         domain=domain.lower(),
         tls_cert=tls_cert,
         tls_key=tls_key,
+        max_channels=max_channels,
     )
     try:
         _run(run_relay(config), loop)
