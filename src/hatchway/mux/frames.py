@@ -172,21 +172,32 @@ class FrameParser:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         buf = self._buffer
-        buf += data
+        # Whole frames are sliced straight from ``data`` when nothing is pending: one
+        # copy of each payload instead of two. Only a trailing partial frame is kept.
+        source: bytes | bytearray | memoryview
+        if buf:
+            buf += data
+            source = buf
+        else:
+            source = data
         frames: list[Frame] = []
         offset = 0
-        end = len(buf)
+        end = len(source)
         unpack = HEADER.unpack_from
         while end - offset >= HEADER_SIZE:
-            ftype, channel, length = unpack(buf, offset)
+            ftype, channel, length = unpack(source, offset)
             _check_header(ftype, length)
             stop = offset + HEADER_SIZE + length
             if stop > end:
                 break
-            frames.append(Frame(FrameType(ftype), channel, bytes(buf[offset + HEADER_SIZE : stop])))
+            payload = bytes(source[offset + HEADER_SIZE : stop])
+            frames.append(Frame(FrameType(ftype), channel, payload))
             offset = stop
-        if offset:
-            del buf[:offset]
+        if source is buf:
+            if offset:
+                del buf[:offset]
+        elif offset < end:
+            buf += memoryview(data)[offset:]
         return frames
 
 
