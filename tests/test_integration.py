@@ -79,6 +79,7 @@ def setup(env: Env) -> Iterator[Setup]:
     relay, port, password = env.start_relay()
     assert password is not None
     secret = env.add_device("dev1")
+    env.add_device("dev3")  # registered, never connected
     closed_port = free_port()
     agent = env.start_agent(
         f"https://localhost:{port}",
@@ -141,7 +142,8 @@ def test_device_admin_commands(env: Env) -> None:
 
 def test_devices_lists_online_state_and_services(setup: Setup) -> None:
     devices = json.loads(setup.env.hatchway("devices", "--json").stdout)
-    (dev1,) = devices
+    dev1, dev3 = devices
+    assert dev3 == {"id": "dev3", "online": False}
     assert dev1["id"] == "dev1" and dev1["online"] is True
     assert dev1["services"] == ["closed", "echo"]
     assert dev1["hostname"] == socket.gethostname()
@@ -182,7 +184,8 @@ def test_proxy_joins_stdio(setup: Setup) -> None:
     [
         ("dev1", "vnc", "service vnc is not exposed by dev1"),
         ("dev1", "closed", "dev1 refused the connection to closed"),
-        ("dev2", "echo", "device dev2 is offline"),
+        ("dev2", "echo", "device dev2 does not exist"),
+        ("dev3", "echo", "device dev3 is offline"),
         ("dev1", "no such", "invalid service name"),
     ],
 )
@@ -541,7 +544,7 @@ def test_forward_mux_reports_open_errors_and_survives_them(setup: Setup) -> None
             assert conn.recv(10) == b""
         except ConnectionResetError:
             pass
-    other.wait_output("device nope is offline", timeout=10)
+    other.wait_output("device nope does not exist", timeout=10)
     # The client tunnel is still up: a good target on it works.
     _, port3 = setup.env.start_forward("dev1", "echo", extra=["--mux"])
     assert roundtrip(port3, b"after errors") == b"after errors"
@@ -580,3 +583,28 @@ def test_channels_per_device_are_limited(env: Env) -> None:
     )
     held[1].close()
     echo.close()
+
+
+def test_upgrades_never_wait_for_more_bytes(env: Env) -> None:
+    """A client's request can arrive in the same flight as its TLS Finished; the relay
+    must act on it at once (it used to sit in the TLS layer about once in a few hundred
+    connections, until the 10 s request timeout answered 408)."""
+    from websockets.sync.client import connect
+
+    _, port, _ = env.start_relay()
+    context = ssl.create_default_context(cafile=str(env.ca_file))
+    slow = []
+    for i in range(600):
+        started = time.monotonic()
+        with connect(
+            f"wss://127.0.0.1:{port}/api/v1/tunnel",
+            ssl=context,
+            server_hostname="localhost",
+            subprotocols=["hatchway.v1"],  # type: ignore[list-item]
+            compression=None,
+            open_timeout=15,
+        ) as ws:
+            assert isinstance(ws.recv(timeout=5), bytes)  # the relay's HELLO
+        if time.monotonic() - started > 2:
+            slow.append(i)
+    assert slow == []

@@ -34,6 +34,7 @@ log = logging.getLogger("hatchway.relay.channel")
 _API_FAILURES = {
     "not_permitted": OpenFailure.NOT_PERMITTED,
     "offline": OpenFailure.OFFLINE,
+    "unknown_device": OpenFailure.OFFLINE,
     "bad_request": OpenFailure.BAD_REQUEST,
     "busy": OpenFailure.TOO_MANY_CHANNELS,
 }

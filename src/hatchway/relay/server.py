@@ -224,6 +224,10 @@ class RelayServer:
             raise ApiError(400, "bad_request", f"invalid service name {service!r}")
         entry = self.registry.get(device)
         if entry is None or not entry.tunnel.is_open:
+            # Only users who may reach the device get this far: they may know whether it
+            # exists. A small indexed read, on this path only.
+            if self.store.device_key(device) is None:
+                raise ApiError(404, "unknown_device", f"device {device} does not exist")
             raise ApiError(404, "offline", f"device {device} is offline")
         if len(entry.tunnel.bindings) >= self.config.max_channels:
             # The agent would refuse the OPEN anyway; do not queue it.
