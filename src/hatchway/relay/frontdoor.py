@@ -128,12 +128,6 @@ class FrontDoor(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
         self.transport = transport
         self._timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self._expired)
-        # Application data that arrived in the same flight as the client's TLS Finished
-        # is sometimes left in the TLS layer until more bytes come (seen with both the
-        # stdlib loop and uvloop: a WebSocket upgrade then waited for the 408). Resuming
-        # reading makes the TLS protocol drain what it already holds.
-        transport.pause_reading()
-        transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.release()
