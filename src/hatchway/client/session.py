@@ -10,21 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
 from websockets.client import ClientProtocol
 
 from hatchway.client.config import Login
-from hatchway.client.relay_api import error_from_body
-from hatchway.client.streams import ssl_context_for
+from hatchway.client.streams import open_relay_websocket
 from hatchway.errors import RelayError
 from hatchway.mux.session import DEFAULT_MAX_CHANNELS, DEFAULT_WINDOW, PROTOCOL_VERSION, Role
 from hatchway.tunnel.connect import (
-    ConnectError,
-    open_websocket,
-    proxy_from_environment,
     relay_websocket_url,
 )
 from hatchway.tunnel.endpoint import TUNNEL_MAX_MESSAGE, TunnelEndpoint
@@ -87,22 +82,13 @@ class RelaySession:
             return current
 
     async def _connect(self) -> ClientTunnelEndpoint:
-        url = relay_websocket_url(self.login.server, "/api/v1/client")
-        try:
-            endpoint = await open_websocket(
-                url,
-                ClientTunnelEndpoint,
-                ssl_context=ssl_context_for(self.login.ca_file),
-                proxy=proxy_from_environment(urllib.parse.urlsplit(url).hostname or ""),
-                headers=[("Authorization", f"Bearer {self.login.token}")],
-                subprotocols=[SUBPROTOCOL],
-                max_size=TUNNEL_MAX_MESSAGE,
-                timeout=30.0,
-            )
-        except ConnectError as exc:
-            if exc.status is not None:
-                raise error_from_body(exc.status, exc.body) from None
-            raise RelayError(0, "unreachable", str(exc)) from None
+        endpoint = await open_relay_websocket(
+            self.login,
+            relay_websocket_url(self.login.server, "/api/v1/client"),
+            ClientTunnelEndpoint,
+            subprotocols=[SUBPROTOCOL],
+            max_size=TUNNEL_MAX_MESSAGE,
+        )
         try:
             await asyncio.wait_for(asyncio.shield(endpoint.ready), WELCOME_TIMEOUT)
         except TimeoutError:

@@ -16,9 +16,9 @@ import ssl
 import stat
 import sys
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 from websockets.client import ClientProtocol
 
@@ -38,6 +38,7 @@ log = logging.getLogger("hatchway.client")
 
 EOF_MESSAGE = b"eof"
 STREAM_MAX_MESSAGE = 1024 * 1024
+E = TypeVar("E", bound=WebSocketEndpoint)
 MESSAGE_CHUNK = 64 * 1024
 
 
@@ -207,24 +208,41 @@ def stream_url(login: Login, device: str, service: str) -> str:
     return relay_websocket_url(login.server, "/api/v1/connect") + "?" + query
 
 
-async def open_stream(login: Login, device: str, service: str, local: LocalSide) -> StreamClient:
-    """Open the WebSocket; raise RelayError with the relay's message on refusal."""
-    url = stream_url(login, device, service)
-    host = urllib.parse.urlsplit(url).hostname or ""
+async def open_relay_websocket(
+    login: Login,
+    url: str,
+    factory: Callable[[ClientProtocol], E],
+    *,
+    subprotocols: Sequence[str] = (),
+    max_size: int,
+) -> E:
+    """A WebSocket to the relay with the user's token; RelayError with the relay's
+    message when it refuses."""
     try:
-        stream = await open_websocket(
+        return await open_websocket(
             url,
-            lambda ws: StreamClient(ws, local),
+            factory,
             ssl_context=ssl_context_for(login.ca_file),
-            proxy=proxy_from_environment(host),
+            proxy=proxy_from_environment(urllib.parse.urlsplit(url).hostname or ""),
             headers=[("Authorization", f"Bearer {login.token}")],
-            max_size=STREAM_MAX_MESSAGE,
+            subprotocols=subprotocols,
+            max_size=max_size,
             timeout=30.0,
         )
     except ConnectError as exc:
         if exc.status is not None:
             raise error_from_body(exc.status, exc.body) from None
         raise RelayError(0, "unreachable", str(exc)) from None
+
+
+async def open_stream(login: Login, device: str, service: str, local: LocalSide) -> StreamClient:
+    """Open the WebSocket; raise RelayError with the relay's message on refusal."""
+    stream = await open_relay_websocket(
+        login,
+        stream_url(login, device, service),
+        lambda ws: StreamClient(ws, local),
+        max_size=STREAM_MAX_MESSAGE,
+    )
     local.attach(stream)
     return stream
 
