@@ -547,21 +547,18 @@ def test_pending_connections_are_limited_per_source(env: Env) -> None:
 
 
 def test_forward_mux_reports_open_errors_and_survives_them(setup: Setup) -> None:
+    def closed_without_data(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            try:
+                assert conn.recv(10) == b""
+            except ConnectionResetError:
+                pass
+
     fwd, port = setup.env.start_forward("dev1", "closed", extra=["--mux"])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-        conn.settimeout(10)
-        try:
-            assert conn.recv(10) == b""
-        except ConnectionResetError:
-            pass
+    closed_without_data(port)
     fwd.wait_output("dev1 refused the connection to closed", timeout=10)
     other, port2 = setup.env.start_forward("nope", "echo", extra=["--mux"])
-    with socket.create_connection(("127.0.0.1", port2), timeout=10) as conn:
-        conn.settimeout(10)
-        try:
-            assert conn.recv(10) == b""
-        except ConnectionResetError:
-            pass
+    closed_without_data(port2)
     other.wait_output("device nope does not exist", timeout=10)
     # The client tunnel is still up: a good target on it works.
     _, port3 = setup.env.start_forward("dev1", "echo", extra=["--mux"])

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from websockets.client import ClientProtocol
 
 from hatchway.client.config import Login
-from hatchway.client.streams import open_relay_websocket
+from hatchway.client.streams import open_relay_websocket, serve_local
 from hatchway.errors import RelayError
 from hatchway.mux.session import DEFAULT_MAX_CHANNELS, DEFAULT_WINDOW, PROTOCOL_VERSION, Role
 from hatchway.tunnel.connect import (
@@ -106,24 +106,15 @@ async def serve_forward_mux(
     on_listening: Callable[[str, int], None],
 ) -> None:
     """Listen on ``bind:port``; every accepted connection becomes a channel."""
-    loop = asyncio.get_running_loop()
     session = RelaySession(login)
     await session.tunnel()  # fail now, with the relay's reason, rather than per connection
     target = f"{device}/{service}"
-    tasks: set[asyncio.Task[None]] = set()
 
-    def accept() -> asyncio.Protocol:
+    def accept() -> tuple[asyncio.Protocol, Coroutine[Any, Any, None]]:
         binding = ForwardBinding()
-        task = loop.create_task(_open(session, target, binding))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return binding
+        return binding, _open(session, target, binding)
 
-    server = await loop.create_server(accept, bind, port, reuse_address=True)
-    sockname = server.sockets[0].getsockname()
-    on_listening(sockname[0], sockname[1])
-    async with server:
-        await server.serve_forever()
+    await serve_local(bind, port, on_listening, accept)
 
 
 async def _open(session: RelaySession, target: str, binding: ForwardBinding) -> None:

@@ -16,9 +16,9 @@ import ssl
 import stat
 import sys
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from websockets.client import ClientProtocol
 
@@ -271,17 +271,33 @@ async def serve_forward_streams(
     on_listening: Callable[[str, int], None],
 ) -> None:
     """Listen on ``bind:port``; every accepted connection gets its own stream."""
+
+    def accept() -> tuple[asyncio.Protocol, Coroutine[Any, Any, None]]:
+        local = LocalSide()
+        return _LocalProtocol(local, True, True), _forward_one(login, device, service, local)
+
+    await serve_local(bind, port, on_listening, accept)
+
+
+async def serve_local(
+    bind: str,
+    port: int,
+    on_listening: Callable[[str, int], None],
+    accept: Callable[[], tuple[asyncio.Protocol, Coroutine[Any, Any, None]]],
+) -> None:
+    """Listen on ``bind:port``; for each connection ``accept`` gives its protocol and
+    the coroutine that connects it to the relay, run as a task."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
 
-    def accept() -> asyncio.Protocol:
-        local = LocalSide()
-        task = loop.create_task(_forward_one(login, device, service, local))
+    def factory() -> asyncio.Protocol:
+        protocol, opener = accept()
+        task = loop.create_task(opener)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-        return _LocalProtocol(local, True, True)
+        return protocol
 
-    server = await loop.create_server(accept, bind, port, reuse_address=True)
+    server = await loop.create_server(factory, bind, port, reuse_address=True)
     sockname = server.sockets[0].getsockname()
     on_listening(sockname[0], sockname[1])
     async with server:
