@@ -322,6 +322,46 @@ def devices(as_json: bool) -> None:
         click.echo(f"{item['id']:<24} {state:<8} {services}")
 
 
+@cli.command("open")
+@click.argument("device_id")
+@click.option("--service", default=None, help="the web service (default: http, else https)")
+@click.option("--path", "next_path", default="/", show_default=True, help="page to open")
+@click.option(
+    "--print-url", is_flag=True, help="print the one-time login URL instead of opening it"
+)
+def open_(device_id: str, service: str | None, next_path: str, print_url: bool) -> None:
+    """Open a device's web UI in the browser, already logged in.
+
+    The URL carries a one-time token valid for 60 seconds: `curl -L -c jar -b jar URL`
+    follows it to the device's page.
+    """
+    import webbrowser
+
+    from hatchway.client.relay_api import call
+
+    login_ = _login()
+    body: dict[str, str] = {"device": device_id, "next": next_path}
+    if service is not None:
+        body["service"] = service
+    answer = _guard(
+        lambda: call(
+            login_.server,
+            "POST",
+            "/api/v1/web-sessions",
+            ca_file=login_.ca_file,
+            token=login_.token,
+            body=body,
+        )
+    )
+    url = answer["url"]
+    if print_url:
+        click.echo(url)
+        return
+    if not webbrowser.open(url):
+        _fail(f"could not start a browser; open this link within 60 s:\n{url}")
+    click.echo(f"opened {device_id} in the browser")
+
+
 @cli.command()
 @click.argument("device_id")
 @click.argument("service")

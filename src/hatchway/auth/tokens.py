@@ -12,9 +12,9 @@ import secrets
 TOKEN_PREFIX = "hwt_"  # recognisable in logs and by secret scanners
 
 
-def new_api_token() -> str:
-    """A fresh token, shown to the user once."""
-    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+def new_api_token(prefix: str = TOKEN_PREFIX) -> str:
+    """A fresh token (or session secret), shown to its owner once."""
+    return prefix + secrets.token_urlsafe(32)
 
 
 def hash_token(token: str) -> str:

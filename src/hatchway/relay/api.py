@@ -63,9 +63,9 @@ async def handle(
         _method(method, "GET")
         user = await server.authenticate_bearer(request.header("authorization"))
         return 200, {"user": user.name, "role": user.role}
-    if path == "/":
-        _method(method, "GET")
-        return 200, {"service": "hatchway relay", "version": __version__}
+    if path == "/api/v1/web-sessions":
+        _method(method, "POST")
+        return await _web_session(server, request)
     raise ApiError(404, "not_found", "no such endpoint")
 
 
@@ -74,28 +74,60 @@ def _method(actual: str, expected: str) -> None:
         raise ApiError(405, "bad_method", f"use {expected}")
 
 
-async def _login(server: RelayServer, request: HttpRequest, source: str) -> tuple[int, Any]:
+async def check_password(
+    server: RelayServer, name: str, password: str, source: str
+) -> UserRecord | None:
+    """The user, if the password is right (a bounded number of checks run at once)."""
     global _login_slots
-    body = _json_body(request)
-    name, password = body.get("user"), body.get("password")
-    if not isinstance(name, str) or not isinstance(password, str) or len(password) > 1024:
-        raise ApiError(400, "bad_request", "user and password are required")
-    label = body.get("label")
-    if not isinstance(label, str):
-        label = "cli"
+    if not name or len(name) > 64 or len(password) > 1024:
+        server.log_login_failure(name, source)
+        return None
     if _login_slots is None:
         _login_slots = asyncio.Semaphore(LOGIN_CONCURRENCY)
     async with _login_slots:
         user: UserRecord | None = await asyncio.to_thread(
             server.store.authenticate_user, name, password
         )
-        if user is None:
-            server.log_login_failure(name, source)
-            raise ApiError(401, "invalid_credentials", "wrong user name or password")
-        token = await asyncio.to_thread(server.store.create_token, user.name, label[:64], TOKEN_TTL)
+    if user is None:
+        server.log_login_failure(name, source)
+    return user
+
+
+async def _login(server: RelayServer, request: HttpRequest, source: str) -> tuple[int, Any]:
+    body = _json_body(request)
+    name, password = body.get("user"), body.get("password")
+    if not isinstance(name, str) or not isinstance(password, str):
+        raise ApiError(400, "bad_request", "user and password are required")
+    label = body.get("label")
+    if not isinstance(label, str):
+        label = "cli"
+    user = await check_password(server, name, password, source)
+    if user is None:
+        raise ApiError(401, "invalid_credentials", "wrong user name or password")
+    token = await asyncio.to_thread(server.store.create_token, user.name, label[:64], TOKEN_TTL)
     return 200, {
         "token": token,
         "user": user.name,
         "role": user.role,
         "expires_in": int(TOKEN_TTL.total_seconds()),
     }
+
+
+async def _web_session(server: RelayServer, request: HttpRequest) -> tuple[int, Any]:
+    """A one-time URL that opens a device's web UI logged in (``hatchway open``)."""
+    from hatchway.web.access import GRANT_TTL
+    from hatchway.web.ui import grant_url
+
+    header = request.header("authorization")
+    user = await server.authenticate_bearer(header)
+    assert header is not None
+    body = _json_body(request)
+    device, service, next_path = body.get("device"), body.get("service"), body.get("next", "/")
+    if not isinstance(device, str) or not isinstance(next_path, str):
+        raise ApiError(400, "bad_request", "device is required")
+    if service is not None and not isinstance(service, str):
+        raise ApiError(400, "bad_request", "service must be a string")
+    url = await grant_url(
+        server, user, device, service, next_path, header[7:].strip(), request.header("host") or ""
+    )
+    return 200, {"url": url, "expires_in": int(GRANT_TTL.total_seconds())}

@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import urllib.parse
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -28,6 +30,10 @@ from hatchway.relay.client_tunnels import ClientTunnel
 from hatchway.relay.streams import ClientStream, error_response
 from hatchway.relay.tunnels import SUBPROTOCOL, RelayTunnel
 from hatchway.tunnel.endpoint import TUNNEL_MAX_MESSAGE
+from hatchway.web import ui
+from hatchway.web.access import split_host
+from hatchway.web.pages import error_page, http_response
+from hatchway.web.proxy import WebProxy
 
 if TYPE_CHECKING:
     from hatchway.relay.server import RelayServer
@@ -65,10 +71,16 @@ class _RequestTooLarge(Exception):
         self.status = status
 
 
+class _HandOff(Exception):
+    """Raised in the head callback: the request is for a device's web UI."""
+
+
 class HttpRequest:
     """What the front door keeps of a request (httptools parser callbacks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_head: Callable[[HttpRequest], None] | None = None) -> None:
+        self._on_head = on_head
+        self.device: str | None = None
         self.url = b""
         self.headers: list[tuple[str, str]] = []
         self.body = bytearray()
@@ -90,6 +102,8 @@ class HttpRequest:
 
     def on_headers_complete(self) -> None:
         self.head_complete = True
+        if self._on_head is not None:
+            self._on_head(self)
 
     def on_body(self, body: bytes) -> None:
         self.body += body
@@ -117,7 +131,8 @@ class FrontDoor(asyncio.Protocol):
         self.server = server
         self.source = source
         self.transport: asyncio.Transport | None = None
-        self.request = HttpRequest()
+        self.request = HttpRequest(self._head_complete)
+        self.first_byte_at: float | None = None
         self.parser = httptools.HttpRequestParser(self.request)
         self.buffer = bytearray()
         self._timer: asyncio.TimerHandle | None = None
@@ -148,12 +163,19 @@ class FrontDoor(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._handed_over:
             return
+        if self.first_byte_at is None:
+            self.first_byte_at = time.monotonic()
         self.buffer += data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             pass  # the head is complete; the endpoint takes the rest
         except (httptools.HttpParserError, _RequestTooLarge):
+            if self.request.device is not None:
+                self._web()
+                return
+            if self._handed_over:
+                return
             status = self.request.too_large
             if status:
                 self._respond(status, {"error": "too_large", "message": _STATUS_TEXT[status]})
@@ -165,6 +187,54 @@ class FrontDoor(asyncio.Protocol):
             return
         if self.request.head_complete and (self.request.complete or self._is_upgrade()):
             self._route()
+
+    # --- device web UIs (virtual hosts) ------------------------------------------------------
+
+    def sni(self) -> str | None:
+        assert self.transport is not None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        return getattr(ssl_object, "hatchway_sni", None)
+
+    def _head_complete(self, request: HttpRequest) -> None:
+        """Route by Host (and SNI, which must agree): a device's subdomain is proxied."""
+        host = request.header("host") or ""
+        sni = self.sni()
+        web = self.server.web
+        try:
+            device = web.device_for_host(host)
+            sni_device = web.device_for_host(sni) if sni else None
+        except LookupError:
+            self._respond_page(404, "Not found", "There is no such device.")
+            raise _HandOff from None
+        if (device or sni_device) and sni and split_host(sni) != split_host(host):
+            self._respond_page(
+                421, "Wrong host", "The TLS server name and the Host header do not agree."
+            )
+            raise _HandOff
+        if device is not None:
+            request.device = device
+            raise _HandOff
+
+    def _web(self) -> None:
+        """Hand the connection to a ``WebProxy``, which parses the request again."""
+        assert self.transport is not None and self.request.device is not None
+        self.release()
+        proxy = WebProxy(
+            self.server.web,
+            self.request.device,
+            self.request.header("host") or "",
+            self.source,
+            self.first_byte_at or time.monotonic(),
+        )
+        self._hand_over(proxy)
+
+    def _respond_page(self, status: int, title: str, message: str) -> None:
+        transport = self.transport
+        self._handed_over = True
+        if transport is None or transport.is_closing():
+            return
+        transport.write(http_response(status, error_page(status, title, message)))
+        transport.close()
 
     def _is_upgrade(self) -> bool:
         return (self.request.header("upgrade") or "").lower() == "websocket"
@@ -198,8 +268,24 @@ class FrontDoor(asyncio.Protocol):
             return
         self.transport.pause_reading()
         self._handed_over = True
-        task = asyncio.get_running_loop().create_task(self._api(method, url))
+        if ui.is_ui_path(url.path):
+            task = asyncio.get_running_loop().create_task(self._ui(method, url))
+        else:
+            task = asyncio.get_running_loop().create_task(self._api(method, url))
         self.server.track(task)
+
+    async def _ui(self, method: str, url: urllib.parse.SplitResult) -> None:
+        try:
+            response = await ui.handle(
+                self.server, method, url.path, url.query, self.request, self.source
+            )
+        except Exception:
+            log.exception("internal error serving %s %s", method, url.path)
+            response = http_response(500, error_page(500, "Relay error", "Internal error."))
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(response)
+            transport.close()
 
     def _hand_over(self, endpoint: asyncio.Protocol) -> None:
         assert self.transport is not None

@@ -31,6 +31,7 @@ from hatchway.store.base import ChannelRecord, UserRecord
 from hatchway.store.sql import SqlStore
 from hatchway.tlsutil import reload_server_context, server_context
 from hatchway.tunnel.websocket import tune_socket
+from hatchway.web.access import WebAccess
 
 log = logging.getLogger("hatchway.relay")
 
@@ -54,6 +55,8 @@ class RelayConfig:
     tls_key: Path | None = None
     window: int = DEFAULT_WINDOW
     max_channels: int = DEFAULT_MAX_CHANNELS
+    #: Largest request body proxied to a device's web UI (0: no limit).
+    web_max_body: int = 0
 
 
 class RelayServer:
@@ -82,6 +85,10 @@ class RelayServer:
                 files.ca_cert,
             )
         self.ssl_context: ssl.SSLContext = server_context(self.cert_file, self.key_file)
+        self.ssl_context.sni_callback = _remember_sni
+        self.web = WebAccess(self)
+        self.started_at = datetime.now(UTC)
+        self._offline_since: dict[str, datetime] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -107,6 +114,7 @@ class RelayServer:
         listener.setblocking(False)
         self._listener = listener
         self._accept_task = loop.create_task(self._accept_loop(listener))
+        self.web.start()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -169,6 +177,7 @@ class RelayServer:
             entry.tunnel.shutdown(GoAwayReason.SHUTDOWN, "relay shutting down")
         for tunnel in list(self.unauthenticated):
             tunnel.abort()
+        self.web.stop()
         await asyncio.sleep(0.1)
         for task in self._tasks:
             task.cancel()
@@ -234,6 +243,25 @@ class RelayServer:
             raise ApiError(503, "busy", f"{device} has too many open channels")
         return entry.tunnel
 
+    def device_offline(self, device: str) -> None:
+        if len(self._offline_since) >= 100_000:
+            self._offline_since.clear()
+        self._offline_since[device] = datetime.now(UTC)
+
+    def offline_since(self, device: str) -> datetime | None:
+        """When the device's tunnel went away (at the latest: when the relay started)."""
+        if self.registry.get(device) is not None:
+            return None
+        return self._offline_since.get(device, self.started_at)
+
+    def default_web_service(self, device: str) -> str:
+        """``http`` unless the device exposes only ``https``."""
+        entry = self.registry.get(device)
+        services = entry.properties.get("services", []) if entry is not None else []
+        if "http" not in services and "https" in services:
+            return "https"
+        return "http"
+
     def visible_devices(self, user: UserRecord) -> list[dict[str, Any]]:
         out = []
         for record in self.store.list_devices():
@@ -260,6 +288,15 @@ class RelayServer:
             asyncio.to_thread(self.store.record_channel, record)
         )
         self.track(task)
+
+
+def _remember_sni(ssl_object: Any, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+    """Keep the TLS server name: a device's web UI is served only when it agrees with
+    the Host header."""
+    try:
+        ssl_object.hatchway_sni = server_name
+    except AttributeError:
+        pass
 
 
 async def run_relay(config: RelayConfig, out: Any = sys.stdout) -> None:

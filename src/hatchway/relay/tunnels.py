@@ -140,6 +140,7 @@ class RelayTunnel(TunnelEndpoint):
         if self._auth_task is not None:
             self._auth_task.cancel()
         if self.device_id is not None and self.server.registry.unregister(self.device_id, self):
+            self.server.device_offline(self.device_id)
             log.info("device %s disconnected", self.device_id)
 
 

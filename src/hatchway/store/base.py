@@ -44,6 +44,24 @@ class ChannelRecord:
     outcome: str
 
 
+#: Kinds of web session: a login to the relay's own pages, a login to one device's
+#: web UI (host-only cookie on the device's subdomain), and the one-time grant that is
+#: exchanged for the latter.
+WEB_SESSION_KINDS = ("relay", "device", "grant")
+
+
+@dataclass(frozen=True)
+class WebSessionRecord:
+    """A browser session. ``session_id`` is the stored hash, never the secret itself."""
+
+    session_id: str
+    kind: str
+    user: UserRecord
+    device: str | None
+    service: str | None
+    expires_at: datetime
+
+
 class Store(Protocol):
     """Devices, users, API tokens and the channel log."""
 
@@ -76,6 +94,43 @@ class Store(Protocol):
     def user_for_token(self, token: str) -> UserRecord | None: ...
 
     def revoke_tokens(self, user: str) -> int: ...
+
+    def create_web_session(
+        self,
+        user: str,
+        kind: str,
+        ttl: timedelta,
+        *,
+        device: str | None = None,
+        service: str | None = None,
+        parent: str | None = None,
+    ) -> str:
+        """Create a web session and return its secret. ``parent`` is the secret of the
+        session or API token it derives from: it dies with its parent."""
+        ...
+
+    def web_session(self, secret: str, kind: str) -> WebSessionRecord | None:
+        """The live session of that kind (its user and parent still valid), or None."""
+        ...
+
+    def consume_grant(self, secret: str) -> tuple[WebSessionRecord, str | None] | None:
+        """Delete a one-time grant and return it with its parent's hash; None if it was
+        not a live grant (used, expired or unknown)."""
+        ...
+
+    def create_child_session(
+        self, user: str, kind: str, ttl: timedelta, *, device: str, service: str, parent_id: str
+    ) -> str:
+        """Like ``create_web_session`` with the parent given by its stored hash."""
+        ...
+
+    def live_web_sessions(self, session_ids: list[str]) -> dict[str, WebSessionRecord]:
+        """Which of these sessions (by hash) are still valid."""
+        ...
+
+    def revoke_web_session(self, secret: str) -> None:
+        """Log out: delete the session and every session derived from it."""
+        ...
 
     def record_channel(self, rec: ChannelRecord) -> None: ...
 

@@ -42,7 +42,14 @@ from hatchway.auth.device import derive_device_key, new_device_secret, validate_
 from hatchway.auth.passwords import DUMMY_HASH, hash_password, needs_rehash, verify_password
 from hatchway.auth.tokens import hash_token, new_api_token
 from hatchway.errors import AlreadyExistsError, ConfigError, NotFoundError
-from hatchway.store.base import ROLES, ChannelRecord, DeviceRecord, UserRecord
+from hatchway.store.base import (
+    ROLES,
+    WEB_SESSION_KINDS,
+    ChannelRecord,
+    DeviceRecord,
+    UserRecord,
+    WebSessionRecord,
+)
 
 USER_NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 DB_FILE_NAME = "hatchway.db"
@@ -118,6 +125,23 @@ class _ApiToken(_Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
+class _WebSession(_Base):
+    """Browser sessions and one-time grants, stored by the hash of their secret."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    device: Mapped[str | None] = mapped_column(String(63))
+    service: Mapped[str | None] = mapped_column(String(32))
+    # The hash of the relay session or API token this one derives from.
+    parent_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+
+
 class _Channel(_Base):
     """Audit log: plain names, no foreign keys, so it outlives users and devices."""
 
@@ -158,6 +182,9 @@ def _validate_user_name(name: str) -> str:
             f"invalid user name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-'"
         )
     return name
+
+
+_SESSION_PREFIX = {"relay": "hws_", "device": "hwd_", "grant": "hwg_"}
 
 
 class SqlStore:
@@ -346,6 +373,134 @@ class SqlStore:
             if owner is None:
                 raise NotFoundError(f"no user {user!r}")
             return _deleted(session, delete(_ApiToken).where(_ApiToken.user_id == owner.id))
+
+    # Web sessions
+
+    def create_web_session(
+        self,
+        user: str,
+        kind: str,
+        ttl: timedelta,
+        *,
+        device: str | None = None,
+        service: str | None = None,
+        parent: str | None = None,
+    ) -> str:
+        return self._create_session(
+            user, kind, ttl, device, service, None if parent is None else hash_token(parent)
+        )
+
+    def create_child_session(
+        self, user: str, kind: str, ttl: timedelta, *, device: str, service: str, parent_id: str
+    ) -> str:
+        return self._create_session(user, kind, ttl, device, service, parent_id)
+
+    def _create_session(
+        self,
+        user: str,
+        kind: str,
+        ttl: timedelta,
+        device: str | None,
+        service: str | None,
+        parent_hash: str | None,
+    ) -> str:
+        if kind not in WEB_SESSION_KINDS:
+            raise ConfigError(f"unknown session kind {kind!r}")
+        if ttl <= timedelta(0):
+            raise ConfigError("session lifetime must be positive")
+        secret = new_api_token(_SESSION_PREFIX[kind])
+        now = _now()
+        with self._write() as session:
+            owner = self._user(session, user)
+            if owner is None:
+                raise NotFoundError(f"no user {user!r}")
+            session.execute(delete(_WebSession).where(_WebSession.expires_at <= now))
+            session.add(
+                _WebSession(
+                    user_id=owner.id,
+                    session_hash=hash_token(secret),
+                    kind=kind,
+                    device=device,
+                    service=service,
+                    parent_hash=parent_hash,
+                    created_at=now,
+                    expires_at=now + ttl,
+                )
+            )
+        return secret
+
+    def _live_sessions(
+        self, session: Session, hashes: list[str], kind: str | None = None
+    ) -> list[tuple[_WebSession, _User]]:
+        now = _now()
+        query = (
+            select(_WebSession, _User)
+            .join(_User, _WebSession.user_id == _User.id)
+            .where(_WebSession.session_hash.in_(hashes), _WebSession.expires_at > now)
+        )
+        if kind is not None:
+            query = query.where(_WebSession.kind == kind)
+        rows = [(row[0], row[1]) for row in session.execute(query)]
+        parents = {ws.parent_hash for ws, _ in rows if ws.parent_hash is not None}
+        if not parents:
+            return rows
+        live = set(
+            session.scalars(
+                select(_WebSession.session_hash).where(
+                    _WebSession.session_hash.in_(parents), _WebSession.expires_at > now
+                )
+            )
+        )
+        live.update(
+            session.scalars(
+                select(_ApiToken.token_hash).where(
+                    _ApiToken.token_hash.in_(parents),
+                    (_ApiToken.expires_at.is_(None)) | (_ApiToken.expires_at > now),
+                )
+            )
+        )
+        return [(ws, u) for ws, u in rows if ws.parent_hash is None or ws.parent_hash in live]
+
+    @staticmethod
+    def _session_record(ws: _WebSession, user: _User) -> WebSessionRecord:
+        return WebSessionRecord(
+            session_id=ws.session_hash,
+            kind=ws.kind,
+            user=user.record(),
+            device=ws.device,
+            service=ws.service,
+            expires_at=ws.expires_at,
+        )
+
+    def web_session(self, secret: str, kind: str) -> WebSessionRecord | None:
+        with self._read() as session:
+            rows = self._live_sessions(session, [hash_token(secret)], kind)
+            return self._session_record(*rows[0]) if rows else None
+
+    def consume_grant(self, secret: str) -> tuple[WebSessionRecord, str | None] | None:
+        with self._write() as session:
+            rows = self._live_sessions(session, [hash_token(secret)], "grant")
+            if not rows:
+                return None
+            ws, user = rows[0]
+            record, parent = self._session_record(ws, user), ws.parent_hash
+            if not _deleted(session, delete(_WebSession).where(_WebSession.id == ws.id)):
+                return None  # used by a concurrent request
+            return record, parent
+
+    def live_web_sessions(self, session_ids: list[str]) -> dict[str, WebSessionRecord]:
+        with self._read() as session:
+            rows = self._live_sessions(session, session_ids)
+            return {ws.session_hash: self._session_record(ws, u) for ws, u in rows}
+
+    def revoke_web_session(self, secret: str) -> None:
+        digest = hash_token(secret)
+        with self._write() as session:
+            session.execute(
+                delete(_WebSession).where(
+                    (_WebSession.session_hash == digest) | (_WebSession.parent_hash == digest)
+                )
+            )
 
     # Channel log
 

@@ -1,0 +1,226 @@
+"""Who may open which device's web UI: cookies, sessions, grants and revocation.
+
+Three kinds of web session live in the store (``Store.create_web_session``):
+
+- ``relay``: a login to the relay's own pages, cookie ``__Host-hatchway`` (host-only on
+  the bare relay domain, so device subdomains never receive it);
+- ``grant``: a one-time, 60-second token in a link to a device's subdomain;
+- ``device``: what a grant is exchanged for on ``/__hatchway/auth`` at the device's
+  subdomain, cookie ``__Host-hatchway-device`` (host-only on that subdomain), bound to
+  one user, one device and one service, and derived from the relay session or API token
+  that made the grant: logging out of that ends it.
+
+Every proxied request carries its device cookie; the check is a dictionary lookup in a
+cache that is refreshed from the store every ``SWEEP_INTERVAL`` seconds for sessions
+with open connections, and the same sweep closes connections whose session ended or
+whose user lost the device. The relay's cookies and grants never reach a device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from hatchway.auth.device import DEVICE_ID_RE
+from hatchway.store.base import WebSessionRecord
+
+if TYPE_CHECKING:
+    from hatchway.relay.server import RelayServer
+    from hatchway.web.proxy import WebProxy
+
+log = logging.getLogger("hatchway.relay.web")
+
+RELAY_COOKIE = "__Host-hatchway"
+DEVICE_COOKIE = "__Host-hatchway-device"
+#: Any cookie whose name starts with this (case-insensitively) belongs to the relay: it
+#: is stripped from requests to devices and a device cannot set one.
+RELAY_COOKIE_PREFIX = b"__host-hatchway"
+#: Paths under this prefix on a device's subdomain are the relay's, never forwarded.
+RESERVED_PREFIX = "/__hatchway/"
+AUTH_PATH = "/__hatchway/auth"
+
+GRANT_TTL = timedelta(seconds=60)
+DEVICE_SESSION_TTL = timedelta(hours=12)
+RELAY_SESSION_TTL = timedelta(hours=12)
+#: A session checked against the store is trusted this long.
+SESSION_CACHE_SECONDS = 5.0
+SESSION_CACHE_SIZE = 50_000
+#: How often open connections are re-checked (revocation) and timed out.
+SWEEP_INTERVAL = 2.0
+
+
+def split_host(host: str) -> str:
+    """The host name of a Host header value or SNI, lower-case, without port or final dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    if host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return host.rstrip(".")
+
+
+def host_port_suffix(host: str) -> str:
+    """``:PORT`` of a Host header value, or empty."""
+    host = host.strip()
+    tail = host.rsplit("]", 1)[-1]
+    if ":" in tail:
+        port = tail.rsplit(":", 1)[1]
+        if port.isdigit() and port not in ("443", ""):
+            return f":{port}"
+    return ""
+
+
+def cookie_values(header: str | None, name: str) -> list[str]:
+    """Every value of cookie ``name`` in a Cookie header (a forged duplicate can sit
+    beside the real one: the caller tries each)."""
+    if not header:
+        return []
+    out = []
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name and value:
+            out.append(value.strip('"'))
+    return out
+
+
+def strip_relay_cookies(header: bytes) -> bytes:
+    """The Cookie header without the relay's cookies (empty if nothing else is left)."""
+    if RELAY_COOKIE_PREFIX not in header.lower():
+        return header
+    kept = [
+        part.strip()
+        for part in header.split(b";")
+        if part.strip() and not part.strip().lower().startswith(RELAY_COOKIE_PREFIX)
+    ]
+    return b"; ".join(kept)
+
+
+def safe_next(path: str | None) -> str:
+    """A local path to go on to after a login: never another site."""
+    if not path or not path.startswith("/") or path.startswith(("//", "/\\")):
+        return "/"
+    if any(ord(c) < 0x21 or c == "\\" for c in path):
+        return "/"
+    return path[:2048]
+
+
+class WebAccess:
+    def __init__(self, server: RelayServer) -> None:
+        self.server = server
+        self.domain = server.config.domain.lower().rstrip(".")
+        # secret -> (session or None, trusted until)
+        self._cache: dict[str, tuple[WebSessionRecord | None, float]] = {}
+        self.proxies: set[WebProxy] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._sweeping = False
+
+    # --- routing --------------------------------------------------------------------------
+
+    def device_for_host(self, host: str) -> str | None:
+        """The device a Host (or SNI) names, or None for the relay itself.
+
+        Raises ``LookupError`` for a name under the relay's domain that cannot be a
+        device (several labels): answered like an unknown device.
+        """
+        name = split_host(host)
+        suffix = "." + self.domain
+        if not name.endswith(suffix):
+            return None
+        label = name[: -len(suffix)]
+        if not DEVICE_ID_RE.fullmatch(label):
+            raise LookupError(name)
+        return label
+
+    def device_origin(self, device: str, host_header: str) -> str:
+        """``https://DEVICE.DOMAIN[:PORT]``, the port as the browser sees the relay."""
+        return f"https://{device}.{self.domain}{host_port_suffix(host_header)}"
+
+    # --- sessions -------------------------------------------------------------------------
+
+    def cached(self, secret: str) -> tuple[bool, WebSessionRecord | None]:
+        """(known, session): a cache hit answers without touching the store."""
+        hit = self._cache.get(secret)
+        if hit is not None and hit[1] > time.monotonic():
+            return True, hit[0]
+        return False, None
+
+    async def load(self, secret: str, kind: str) -> WebSessionRecord | None:
+        if len(secret) > 128:
+            return None
+        record = await asyncio.to_thread(self.server.store.web_session, secret, kind)
+        if len(self._cache) >= SESSION_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[secret] = (record, time.monotonic() + SESSION_CACHE_SECONDS)
+        return record
+
+    def forget(self, secret: str) -> None:
+        self._cache.pop(secret, None)
+
+    # --- open connections -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._sweep_loop())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for proxy in list(self.proxies):
+            proxy.abort("relay shutting down")
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.sweep()
+            except Exception:  # keep sweeping whatever one round hit
+                log.exception("web session sweep failed")
+
+    async def sweep(self) -> None:
+        """Time out idle connections; close those whose session ended or whose user may
+        no longer reach the device; refresh the cache for the live ones."""
+        if self._sweeping:
+            return
+        self._sweeping = True
+        try:
+            now = time.monotonic()
+            for proxy in list(self.proxies):
+                proxy.check_timeouts(now)
+            by_secret: dict[str, list[WebProxy]] = {}
+            for proxy in self.proxies:
+                if proxy.session_secret is not None:
+                    by_secret.setdefault(proxy.session_secret, []).append(proxy)
+            if not by_secret:
+                return
+            ids = {secret: rec.session_id for secret, rec in self._session_records(by_secret)}
+            live = await asyncio.to_thread(
+                self.server.store.live_web_sessions, sorted(set(ids.values()))
+            )
+            until = time.monotonic() + SESSION_CACHE_SECONDS
+            for secret, proxies in by_secret.items():
+                record = live.get(ids.get(secret, ""))
+                if (
+                    record is None
+                    or record.device is None
+                    or not self.server.may_reach(record.user, record.device)
+                ):
+                    self._cache[secret] = (None, until)
+                    for proxy in proxies:
+                        proxy.revoked()
+                else:
+                    self._cache[secret] = (record, until)
+        finally:
+            self._sweeping = False
+
+    def _session_records(
+        self, by_secret: dict[str, list[WebProxy]]
+    ) -> list[tuple[str, WebSessionRecord]]:
+        out = []
+        for secret, proxies in by_secret.items():
+            record = proxies[0].session
+            if record is not None:
+                out.append((secret, record))
+        return out

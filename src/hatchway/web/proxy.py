@@ -1,0 +1,915 @@
+"""One browser connection to a device's web UI, proxied over one tunnel channel.
+
+The connection is pinned to one channel (one TCP connection from the agent to the
+device's web server) for its whole life, so requests and responses keep their order
+without a connection pool, and a WebSocket upgrade is just the point from which both
+directions are spliced raw.
+
+Requests are parsed (httptools, strict llhttp) and rebuilt: hop-by-hop headers and
+client-supplied forwarding headers dropped, ``X-Forwarded-*`` and ``Forwarded`` set, the
+relay's cookies removed, chunked bodies re-chunked by us so the device only ever sees
+one unambiguous framing. Anything ambiguous (smuggling attempts) is answered 400 and
+the connection closed before a byte of it reaches the device. Responses are framed
+(``web.framing``) but their bodies pass through untouched; only heads with
+``Set-Cookie`` are rewritten (a device cannot set the relay's cookies or cookies for
+the parent domain).
+
+Each request needs a valid device session for this device (cookie
+``__Host-hatchway-device``); without one, a GET is sent to the relay's login, anything
+else gets 401. Answers from the relay itself (errors, redirects) always close the
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import urllib.parse
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from hatchway.mux.frames import OpenFailure
+from hatchway.relay.api import ApiError
+from hatchway.relay.streams import describe_failure
+from hatchway.store.base import ChannelRecord, WebSessionRecord
+from hatchway.tunnel.endpoint import ChannelBinding
+from hatchway.tunnel.websocket import set_nodelay
+from hatchway.web.access import (
+    AUTH_PATH,
+    DEVICE_COOKIE,
+    DEVICE_SESSION_TTL,
+    RELAY_COOKIE_PREFIX,
+    RESERVED_PREFIX,
+    cookie_values,
+    safe_next,
+    split_host,
+    strip_relay_cookies,
+)
+from hatchway.web.framing import ResponseError, ResponseFramer, ResponseHead
+from hatchway.web.pages import error_page, http_response
+
+if TYPE_CHECKING:
+    from hatchway.web.access import WebAccess
+
+log = logging.getLogger("hatchway.relay.web")
+
+MAX_URL = 8 * 1024
+MAX_HEADER_BYTES = 32 * 1024
+MAX_HEADERS = 100
+#: A request head must arrive within this many seconds of its first byte.
+HEAD_TIMEOUT = 10.0
+#: A request body may pause this long between reads.
+BODY_TIMEOUT = 30.0
+#: An idle keep-alive connection is closed after this long.
+KEEPALIVE_TIMEOUT = 75.0
+#: A device may take this long between bytes of a response.
+RESPONSE_TIMEOUT = 300.0
+OPEN_TIMEOUT = 15.0
+#: Parsed request data waiting (while a session is checked or the channel opens)
+#: beyond which the connection stops reading.
+MAX_QUEUED = 256 * 1024
+
+#: Never forwarded: hop-by-hop (RFC 9110 §7.6.1), proxy credentials, and forwarding
+#: headers the relay sets itself. Cookie and Host are rebuilt.
+_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-real-ip",
+        b"cookie",
+    }
+)
+
+_HEAD, _BODY, _END, _RAW, _EOF = range(5)
+
+
+class _Request:
+    __slots__ = (
+        "body_bytes",
+        "chunked",
+        "close",
+        "cookies",
+        "error",
+        "headers",
+        "host",
+        "method",
+        "upgrade",
+        "url",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = b""
+        self.version = "1.1"
+        self.host: bytes | None = None
+        self.cookies: list[bytes] = []
+        self.chunked = False
+        self.close = False
+        self.upgrade = False
+        self.error: tuple[int, str] | None = None
+        self.body_bytes = 0
+
+
+class WebProxy(asyncio.Protocol, ChannelBinding):
+    def __init__(
+        self, access: WebAccess, device: str, host: str, source: str, first_byte_at: float
+    ) -> None:
+        ChannelBinding.__init__(self)
+        self.access = access
+        self.server = access.server
+        self.device = device
+        self.host = host  # the Host header of the first request, as sent
+        self.host_name = split_host(host)
+        self.source = source
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.framer = ResponseFramer(self._rewrite_response)
+        self.events: deque[tuple[int, object]] = deque()
+        self.queued = 0
+        self.blocked: str | None = None
+        self.session: WebSessionRecord | None = None
+        self.session_secret: str | None = None
+        self.service = "http"
+        self.channel_state = "none"  # none, opening, open, gone
+        self.raw = False
+        self._upgrading = False
+        self.stopped = False  # no more requests are read or forwarded
+        self._pending_local: bytes | None = None
+        self._close_when_idle = False
+        self._req: _Request | None = None
+        self._header_bytes = 0
+        self._head_started: float | None = first_byte_at
+        self._in_body = False
+        self.last_read = first_byte_at
+        self.last_response = first_byte_at
+        self._partial_response = False
+        self._open_timer: asyncio.TimerHandle | None = None
+        self.outcome = "no-request"
+        self.started_at = datetime.now(UTC)
+        self.requests = 0
+
+    # --- asyncio.Protocol: the browser's side ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        set_nodelay(self.transport)
+        self.access.proxies.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        self.last_read = now
+        if self.raw:
+            self.forward(data)
+            return
+        if self._upgrading:
+            self._queue(_RAW, data)
+            self._pump()
+            return
+        if self.stopped:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = int(exc.args[0]) if exc.args else len(data)
+            self._upgrade(data[offset:])
+        except httptools.HttpParserError as exc:
+            req = self._req
+            if req is not None and req.error is not None:
+                self._fail(*req.error)
+            else:
+                self._fail(400, f"malformed HTTP request: {exc}")
+            return
+        if self.queued > MAX_QUEUED and self.transport is not None:
+            self.transport.pause_reading()
+        self._pump()
+
+    def eof_received(self) -> bool:
+        if self.raw:
+            self._queue(_EOF, None)
+            self._pump()
+            return True
+        if self._req is not None:
+            # Gone in the middle of a request: nothing complete to forward.
+            self._abort_channel("client closed mid-request")
+            return False
+        self._queue(_EOF, None)
+        self._pump()
+        return True  # keep writing the answers still on their way
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.access.proxies.discard(self)
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+        if self.outcome in ("open", "upgraded"):
+            self.outcome = "closed"
+        self.local_closed()
+        self._record()
+
+    def pause_writing(self) -> None:
+        self.sink_paused()
+
+    def resume_writing(self) -> None:
+        self.sink_resumed()
+
+    # --- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._req = _Request()
+        self._header_bytes = 0
+        self._head_started = time.monotonic()
+
+    def on_url(self, url: bytes) -> None:
+        req = cast(_Request, self._req)
+        req.url += url
+        if len(req.url) > MAX_URL:
+            req.error = (414, "the request URI is too long")
+            raise ValueError("URI too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = cast(_Request, self._req)
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_HEADER_BYTES or len(req.headers) >= MAX_HEADERS:
+            req.error = (431, "the request headers are too large")
+            raise ValueError("headers too large")
+        req.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        req = cast(_Request, self._req)
+        parser = self.parser
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        self._head_started = None
+        keep: list[tuple[bytes, bytes]] = []
+        connection_tokens: set[bytes] = set()
+        content_length: bytes | None = None
+        hosts = 0
+        for name, value in req.headers:
+            lname = name.lower()
+            if lname == b"host":
+                hosts += 1
+                req.host = value
+            elif lname == b"cookie":
+                req.cookies.append(value)
+                continue
+            elif lname == b"connection":
+                connection_tokens.update(t.strip().lower() for t in value.split(b","))
+            elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    req.error = (501, "transfer codings other than chunked are not supported")
+                req.chunked = True
+            elif lname == b"upgrade":
+                req.upgrade = value.strip().lower() == b"websocket"
+            elif lname == b"content-length":
+                content_length = value
+            if lname not in _DROP:
+                keep.append((name, value))
+        if connection_tokens:
+            keep = [(n, v) for n, v in keep if n.lower() not in connection_tokens]
+        req.headers = keep
+        if req.version not in ("1.0", "1.1"):
+            req.error = (400, f"HTTP/{req.version} is not supported")
+        elif hosts != 1 and (hosts or req.version == "1.1"):
+            req.error = (400, "a request needs exactly one Host header")
+        elif not req.url.startswith(b"/"):
+            req.error = (400, "only origin-form request targets are accepted")
+        elif req.method == b"CONNECT":
+            req.error = (405, "CONNECT is not supported")
+        req.close = b"close" in connection_tokens or (
+            req.version == "1.0" and b"keep-alive" not in connection_tokens
+        )
+        if req.upgrade and (b"upgrade" not in connection_tokens or req.method != b"GET"):
+            req.upgrade = False
+        elif b"upgrade" in connection_tokens and not req.upgrade and req.error is None:
+            # llhttp stops at any upgrade; only WebSocket is passed on (h2c is not).
+            req.error = (400, "only WebSocket upgrades are supported")
+        max_body = self.server.config.web_max_body
+        if (
+            max_body
+            and req.error is None
+            and content_length is not None
+            and content_length.isdigit()
+            and int(content_length) > max_body
+        ):
+            req.error = (413, "the request body is too large")
+        self._in_body = True
+        self._queue(_HEAD, req)
+
+    def on_body(self, body: bytes) -> None:
+        req = cast(_Request, self._req)
+        req.body_bytes += len(body)
+        max_body = self.server.config.web_max_body
+        if max_body and req.body_bytes > max_body:
+            req.error = (413, "the request body is too large")
+            raise ValueError("body too large")
+        self._queue(_BODY, body)
+
+    def on_message_complete(self) -> None:
+        req = self._req
+        self._req = None
+        self._in_body = False
+        if req is not None and not req.upgrade:
+            self._queue(_END, req)
+
+    def _upgrade(self, rest: bytes) -> None:
+        req = self._req
+        self._req = None
+        self._in_body = False
+        if req is None or not req.upgrade:
+            if req is not None and req.error is not None:
+                self._fail(*req.error)
+            else:
+                self._fail(400, "unsupported upgrade")
+            return
+        self._upgrading = True  # the parser is done: the rest is passed on raw
+        if rest:
+            self._queue(_RAW, rest)
+
+    def _queue(self, kind: int, item: object) -> None:
+        if kind in (_BODY, _RAW):
+            self.queued += len(cast(bytes, item))
+        self.events.append((kind, item))
+
+    # --- forwarding --------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        events = self.events
+        while events and self.blocked is None and self._pending_local is None:
+            kind, item = events.popleft()
+            if kind == _HEAD:
+                req = cast(_Request, item)
+                if not self._start(req):
+                    if self.blocked is not None:
+                        events.appendleft((kind, item))
+                    return
+            elif kind == _BODY:
+                data = cast(bytes, item)
+                self.queued -= len(data)
+                if self._send_chunked:
+                    self.forward(b"%x\r\n%b\r\n" % (len(data), data))
+                else:
+                    self.forward(data)
+            elif kind == _END:
+                if self._send_chunked:
+                    self.forward(b"0\r\n\r\n")
+            elif kind == _RAW:
+                data = cast(bytes, item)
+                self.queued -= len(data)
+                self.forward(data)
+            elif kind == _EOF:
+                if self.channel_state == "open":
+                    self.forward_eof()
+                elif self.transport is not None:
+                    self.transport.close()
+        transport = self.transport
+        if (
+            transport is not None
+            and self.queued <= MAX_QUEUED
+            and self._backlog is None
+            and (not self.stopped or self.raw or self._upgrading)
+            and not transport.is_closing()
+            and not transport.is_reading()
+        ):
+            transport.resume_reading()
+
+    _send_chunked = False
+
+    def _start(self, req: _Request) -> bool:
+        """Check and send one request head; False if it was not sent (blocked or failed)."""
+        if req.error is not None:
+            self._fail(*req.error)
+            return False
+        assert req.host is not None or req.version == "1.0"
+        if req.host is not None and split_host(req.host.decode("latin-1")) != self.host_name:
+            self._fail(421, "this connection serves another host")
+            return False
+        path = req.url.split(b"?", 1)[0]
+        if path.startswith(RESERVED_PREFIX.encode()):
+            self._relay_path(req)
+            return False
+        if not self._authorized(req):
+            return False
+        if self.channel_state != "open":
+            if self.channel_state == "none":
+                self._open_channel()
+            if self.channel_state != "open":
+                return False
+        self._send_chunked = req.chunked
+        self.forward(self._head(req))
+        self.framer.expect(req.method, upgrade=req.upgrade)
+        self.requests += 1
+        if req.close:
+            self.stopped = True  # the device closes after this one; so do we
+            self._close_when_idle = True
+        return True
+
+    def _head(self, req: _Request) -> bytes:
+        ip = self.source
+        host = req.host if req.host is not None else self.host.encode("latin-1")
+        forwarded_for = f'"[{ip}]"' if ":" in ip else ip
+        lines = [b"%b %b HTTP/%b" % (req.method, req.url, req.version.encode())]
+        lines.extend(b"%b: %b" % pair for pair in req.headers)
+        if req.host is None:
+            lines.append(b"Host: " + host)
+        cookies = [c for c in (strip_relay_cookies(v) for v in req.cookies) if c]
+        if cookies:
+            lines.append(b"Cookie: " + b"; ".join(cookies))
+        lines.append(b"X-Forwarded-For: " + ip.encode())
+        lines.append(b"X-Forwarded-Proto: https")
+        lines.append(b"X-Forwarded-Host: " + host)
+        lines.append(b'Forwarded: for=%b;proto=https;host="%b"' % (forwarded_for.encode(), host))
+        if req.upgrade:
+            lines.append(b"Connection: Upgrade")
+            lines.append(b"Upgrade: websocket")
+        elif req.chunked:
+            lines.append(b"Transfer-Encoding: chunked")
+        if req.close and not req.upgrade:
+            lines.append(b"Connection: close")
+        lines.append(b"\r\n")
+        return b"\r\n".join(lines)
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def _authorized(self, req: _Request) -> bool:
+        secrets = [
+            value
+            for header in req.cookies
+            for value in cookie_values(header.decode("latin-1"), DEVICE_COOKIE)
+        ]
+        if self.session_secret is not None and self.session_secret in secrets:
+            known, record = self.access.cached(self.session_secret)
+            if known and record is not None:
+                return True
+            if known:  # revoked
+                self._login_needed(req)
+                return False
+            self._block(self._check_sessions([self.session_secret], req))
+            return False
+        if self.session_secret is not None:
+            # The browser now sends another session (a new login): finish what is on the
+            # way and close; the browser retries the request on a new connection.
+            self._close_when_idle = True
+            self.stopped = True
+            self._maybe_close_idle()
+            self.blocked = "closing"
+            return False
+        for secret in secrets:
+            known, record = self.access.cached(secret)
+            if known and record is not None and self._accept_session(secret, record):
+                return True
+        if any(not self.access.cached(s)[0] for s in secrets[:4]):
+            self._block(self._check_sessions(secrets[:4], req))
+            return False
+        self._login_needed(req)
+        return False
+
+    def _accept_session(self, secret: str, record: WebSessionRecord) -> bool:
+        if record.kind != "device" or record.device != self.device:
+            return False
+        if not self.server.may_reach(record.user, self.device):
+            return False
+        self.session_secret, self.session = secret, record
+        self.service = record.service or "http"
+        return True
+
+    async def _check_sessions(self, secrets: list[str], req: _Request) -> None:
+        for secret in secrets:
+            record = await self.access.load(secret, "device")
+            if record is not None and (
+                secret == self.session_secret or self._accept_session(secret, record)
+            ):
+                self.session = record
+                return
+        if self.session_secret is not None and self.session_secret in secrets:
+            self.revoked()
+            return
+        self._login_needed(req)
+
+    def _block(self, coro: object) -> None:
+        self.blocked = "session"
+        task = asyncio.get_running_loop().create_task(self._run_blocked(coro))
+        self.server.track(task)
+
+    async def _run_blocked(self, coro: object) -> None:
+        try:
+            await cast("asyncio.Future[None]", coro)
+        except Exception:
+            log.exception("checking a web session failed")
+            self._fail(500, "internal error")
+            return
+        if self.blocked == "session":
+            self.blocked = None
+            self._pump()
+
+    def _login_needed(self, req: _Request) -> None:
+        if req.method in (b"GET", b"HEAD"):
+            relay = f"https://{self.access.domain}{_port_suffix(self.host)}"
+            query = urllib.parse.urlencode({"next": req.url.decode("latin-1")})
+            location = f"{relay}/open/{self.device}?{query}"
+            self._local(
+                http_response(
+                    303,
+                    b"",
+                    headers=[("Location", location)],
+                    head_only=req.method == b"HEAD",
+                )
+            )
+        else:
+            self._fail(401, "log in to the relay first")
+
+    def _relay_path(self, req: _Request) -> None:
+        url = urllib.parse.urlsplit(req.url.decode("latin-1"))
+        if url.path != AUTH_PATH or req.method != b"GET":
+            self._fail(404, "no such page")
+            return
+        params = urllib.parse.parse_qs(url.query)
+        grant = (params.get("grant") or [""])[0]
+        next_path = safe_next((params.get("next") or ["/"])[0])
+        self.blocked = "session"
+        task = asyncio.get_running_loop().create_task(self._exchange(grant, next_path))
+        self.server.track(task)
+
+    async def _exchange(self, grant: str, next_path: str) -> None:
+        store = self.server.store
+        result = None
+        if grant and len(grant) <= 128:
+            result = await asyncio.to_thread(store.consume_grant, grant)
+        if result is None or result[0].device != self.device:
+            self._fail(403, "this link has expired or was already used: open the device again")
+            return
+        record, parent = result
+        if parent is None or not self.server.may_reach(record.user, self.device):
+            self._fail(403, "this link has expired or was already used: open the device again")
+            return
+        secret = await asyncio.to_thread(
+            store.create_child_session,
+            record.user.name,
+            "device",
+            DEVICE_SESSION_TTL,
+            device=self.device,
+            service=record.service or "http",
+            parent_id=parent,
+        )
+        log.info(
+            "web session: user=%s device=%s service=%s from=%s",
+            record.user.name,
+            self.device,
+            record.service,
+            self.source,
+        )
+        max_age = int(DEVICE_SESSION_TTL.total_seconds())
+        self._local(
+            http_response(
+                303,
+                b"",
+                headers=[
+                    ("Location", next_path),
+                    (
+                        "Set-Cookie",
+                        f"{DEVICE_COOKIE}={secret}; Path=/; Secure; HttpOnly; "
+                        f"SameSite=Lax; Max-Age={max_age}",
+                    ),
+                ],
+            )
+        )
+
+    def revoked(self) -> None:
+        """The session ended or the user lost the device: close now."""
+        log.info(
+            "web: closing connection of user=%s device=%s: access revoked",
+            self.session.user.name if self.session else "?",
+            self.device,
+        )
+        self.outcome = "revoked"
+        self.abort("access revoked")
+
+    # --- the channel -----------------------------------------------------------------------
+
+    def _open_channel(self) -> None:
+        assert self.session is not None
+        try:
+            tunnel = self.server.authorize_stream(self.session.user, self.device, self.service)
+        except ApiError as exc:
+            self._open_error(exc.status, exc.code, exc.message)
+            return
+        self.channel_state = "opening"
+        self.blocked = "open"
+        tunnel.open_binding(self.service, self)
+        self._open_timer = asyncio.get_running_loop().call_later(OPEN_TIMEOUT, self._open_expired)
+
+    def _open_expired(self) -> None:
+        self._open_timer = None
+        if self.channel_state == "opening":
+            self.reset_channel_quietly("open timed out")
+            self.on_open_failed(OpenFailure.TIMEOUT, "timed out")
+
+    def reset_channel_quietly(self, message: str) -> None:
+        from hatchway.mux.frames import ResetReason
+
+        self.reset_channel(ResetReason.CANCEL, message)
+
+    def on_open_ok(self) -> None:
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+            self._open_timer = None
+        self.channel_state = "open"
+        self.outcome = "open"
+        self.blocked = None
+        log.info(
+            "web channel %s user=%s device=%s service=%s from=%s: open",
+            self.channel,
+            self.session.user.name if self.session else "?",
+            self.device,
+            self.service,
+            self.source,
+        )
+        self._pump()
+
+    def on_open_failed(self, reason: int, message: str) -> None:
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+            self._open_timer = None
+        self.channel_state = "gone"
+        status, code, text = describe_failure(reason, message, self.device, self.service)
+        self._open_error(504 if status == 504 else 502 if status >= 500 else status, code, text)
+
+    def _open_error(self, status: int, code: str, message: str) -> None:
+        self.channel_state = "gone"
+        self.outcome = f"open-failed: {code}"
+        self.blocked = None
+        if code == "offline":
+            since = self.server.offline_since(self.device)
+            title = f"{self.device} is offline"
+            message = f"The device {self.device} is not connected to the relay"
+            if since is not None:
+                message += f" (offline since {since.isoformat(timespec='seconds')})"
+            message += "."
+            self._local(http_response(502, error_page(502, title, message)))
+            return
+        if status == 404 and code == "unknown_service":
+            status = 502
+        self._local(http_response(status, error_page(status, _title(status), message)))
+
+    # device -> browser
+
+    def deliver(self, data: bytes) -> None:
+        self.last_response = time.monotonic()
+        try:
+            pieces = self.framer.feed(data)
+        except ResponseError as exc:
+            self._bad_response(str(exc))
+            return
+        if pieces and self.transport is not None:
+            self.transport.writelines(pieces)
+            self._partial_response = self.framer.in_message
+        if self.framer.upgraded:
+            if self.outcome == "open":
+                self.outcome = "upgraded"
+            if not self.raw:
+                self.raw = True
+                self._pump()
+            return
+        if not self.framer.in_message and not self.framer.pending:
+            self._partial_response = False
+            self._idle()
+
+    def deliver_eof(self) -> None:
+        if self.raw:
+            if self.transport is not None and self.transport.can_write_eof():
+                self.transport.write_eof()
+            return
+        try:
+            pieces = self.framer.feed_eof()
+        except ResponseError as exc:
+            self._bad_response(f"the device closed the connection early ({exc})")
+            return
+        if pieces and self.transport is not None:
+            self.transport.writelines(pieces)
+        if self.framer.pending and not self._partial_response:
+            self._bad_response("the device closed the connection without answering")
+            return
+        self.stopped = True
+        self._close()
+
+    def _idle(self) -> None:
+        """Every response sent so far is complete."""
+        if self.framer.must_close:
+            self.stopped = True
+            self._close()
+        elif self._pending_local is not None:
+            self._send_local()
+        elif self._close_when_idle:
+            self._close()
+
+    def _bad_response(self, message: str) -> None:
+        log.warning("web: bad response from %s/%s: %s", self.device, self.service, message)
+        self.outcome = "bad-response"
+        self._abort_channel(message)
+        if self._partial_response or self.transport is None:
+            self.abort(message)
+            return
+        self.stopped = True
+        self.events.clear()
+        self._pending_local = http_response(
+            502,
+            error_page(502, _title(502), f"{self.device} sent an invalid response: {message}"),
+        )
+        self._send_local()
+
+    def on_reset(self, reason: int, message: str) -> None:
+        if self.channel_state == "opening":
+            self.on_open_failed(OpenFailure.SHUTTING_DOWN, message)
+            return
+        self.channel_state = "gone"
+        if self.outcome in ("open", "upgraded"):
+            self.outcome = f"reset: {message}"
+        if self.framer.pending and not self._partial_response and not self.raw:
+            self.stopped = True
+            self.events.clear()
+            self._pending_local = http_response(
+                502,
+                error_page(502, _title(502), f"The connection to {self.device} was lost."),
+            )
+            self._send_local()
+        else:
+            self.abort(message)
+
+    def on_closed(self) -> None:
+        self._close()
+
+    def pause_source(self) -> None:
+        if self.transport is not None and self.transport.is_reading():
+            self.transport.pause_reading()
+
+    def resume_source(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and not transport.is_reading():
+            transport.resume_reading()
+
+    def _abort_channel(self, message: str) -> None:
+        from hatchway.mux.frames import ResetReason
+
+        self.channel_state = "gone"
+        self.reset_channel(ResetReason.CANCEL, message)
+
+    # --- answers from the relay -------------------------------------------------------------
+
+    def _fail(self, status: int, message: str) -> None:
+        self.stopped = True
+        self.events.clear()
+        if self.outcome in ("no-request",):
+            self.outcome = f"refused: {status}"
+        self._local(http_response(status, error_page(status, _title(status), message)))
+
+    def _local(self, response: bytes) -> None:
+        """Answer from the relay once the device's answers on the way are out, then close."""
+        self.stopped = True
+        self.events.clear()
+        self.blocked = "local"
+        self._pending_local = response
+        if not self.framer.pending and not self.framer.in_message:
+            self._send_local()
+
+    def _send_local(self) -> None:
+        response, self._pending_local = self._pending_local, None
+        if self.transport is not None and response is not None:
+            self.transport.write(response)
+        self._close()
+
+    def _maybe_close_idle(self) -> None:
+        if not self.framer.pending and not self.framer.in_message:
+            self._close()
+
+    def _close(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+    def abort(self, message: str) -> None:
+        self._abort_channel(message)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def check_timeouts(self, now: float) -> None:
+        """Called every couple of seconds by ``WebAccess``."""
+        if self.transport is None or self.raw:
+            return
+        if self._head_started is not None and now - self._head_started > HEAD_TIMEOUT:
+            self._head_started = None
+            self._fail(408, "the request head took too long")
+        elif self._in_body and now - self.last_read > BODY_TIMEOUT:
+            self._in_body = False
+            self._fail(408, "the request body stalled")
+        elif self.framer.pending or self.framer.in_message:
+            if now - max(self.last_response, self.last_read) > RESPONSE_TIMEOUT:
+                self._bad_response("the device stopped answering")
+        elif self.channel_state != "opening" and now - self.last_read > KEEPALIVE_TIMEOUT:
+            self._close()
+
+    # --- response heads ----------------------------------------------------------------------
+
+    @staticmethod
+    def _rewrite_response(head: ResponseHead) -> bytes | None:
+        """Drop the relay's cookies and ``Domain`` attributes from a device's Set-Cookie."""
+        if b"set-cookie" not in head.raw.lower():
+            return None
+        headers: list[tuple[bytes, bytes]] = []
+        for name, value in head.headers:
+            if name.lower() == b"set-cookie":
+                cleaned = clean_set_cookie(value)
+                if cleaned is None:
+                    continue
+                value = cleaned
+            headers.append((name, value))
+        head.headers = headers
+        return head.serialize()
+
+    # --- audit -------------------------------------------------------------------------------
+
+    def _record(self) -> None:
+        if self.session is None:
+            return
+        duration = time.monotonic() - self.started
+        record = ChannelRecord(
+            user=self.session.user.name,
+            device=self.device,
+            service=self.service,
+            source=self.source,
+            started_at=self.started_at,
+            ended_at=self.started_at + timedelta(seconds=duration),
+            bytes_up=self.bytes_to_tunnel,
+            bytes_down=self.bytes_from_tunnel,
+            outcome=self.outcome,
+        )
+        log.info(
+            "web channel %s user=%s device=%s service=%s from=%s: %s, %d requests, "
+            "%d bytes up, %d bytes down, %.3f s",
+            self.channel,
+            record.user,
+            self.device,
+            self.service,
+            self.source,
+            self.outcome,
+            self.requests,
+            record.bytes_up,
+            record.bytes_down,
+            duration,
+        )
+        if self.channel_state != "none":
+            self.server.record_channel(record)
+
+
+def clean_set_cookie(value: bytes) -> bytes | None:
+    """A device's Set-Cookie made host-only, or None if it names a relay cookie."""
+    name = value.split(b"=", 1)[0].strip().lower()
+    if name.startswith(RELAY_COOKIE_PREFIX):
+        return None
+    if b"domain" not in value.lower():
+        return value
+    parts = value.split(b";")
+    kept = [parts[0]] + [p for p in parts[1:] if p.split(b"=", 1)[0].strip().lower() != b"domain"]
+    return b";".join(kept)
+
+
+def _port_suffix(host: str) -> str:
+    from hatchway.web.access import host_port_suffix
+
+    return host_port_suffix(host)
+
+
+def _title(status: int) -> str:
+    return {
+        400: "Bad request",
+        401: "Log in first",
+        403: "Not permitted",
+        404: "Not found",
+        405: "Method not allowed",
+        408: "Request timed out",
+        413: "Request too large",
+        414: "Address too long",
+        421: "Wrong host",
+        431: "Request headers too large",
+        500: "Relay error",
+        501: "Not supported",
+        502: "Device not reachable",
+        503: "Device busy",
+        504: "Device timed out",
+    }.get(status, "Error")
