@@ -111,6 +111,13 @@ def agent(ctx: click.Context) -> None:
     show_default=True,
     help="open channels per device tunnel and per client tunnel",
 )
+@click.option(
+    "--web-max-body",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="largest request body (bytes) sent to a device's web UI; 0: no limit",
+)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def server(
     data_dir: Path,
@@ -120,6 +127,7 @@ def server(
     tls_key: Path | None,
     loop: str,
     max_channels: int,
+    web_max_body: int,
     verbose: bool,
 ) -> None:
     """Run the relay server."""
@@ -136,6 +144,7 @@ def server(
         tls_cert=tls_cert,
         tls_key=tls_key,
         max_channels=max_channels,
+        web_max_body=web_max_body,
     )
     try:
         _run(run_relay(config), loop)

@@ -160,6 +160,13 @@ class WebAccess:
     def forget(self, secret: str) -> None:
         self._cache.pop(secret, None)
 
+    async def revoke(self, secret: str) -> None:
+        """Log out: end the session and those derived from it, and close their
+        connections now."""
+        await asyncio.to_thread(self.server.store.revoke_web_session, secret)
+        self._cache.clear()  # derived sessions are cached under their own secrets
+        await self.sweep()
+
     # --- open connections -------------------------------------------------------------------
 
     def start(self) -> None:

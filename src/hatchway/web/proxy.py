@@ -99,6 +99,10 @@ _DROP = frozenset(
 _HEAD, _BODY, _END, _RAW, _EOF = range(5)
 
 
+class _Ignored(Exception):
+    """Stops the parser: what follows is not read."""
+
+
 class _Request:
     __slots__ = (
         "body_bytes",
@@ -154,6 +158,8 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         self.stopped = False  # no more requests are read or forwarded
         self._pending_local: bytes | None = None
         self._close_when_idle = False
+        self._last_request = False
+        self._upgrade_req: _Request | None = None
         self._req: _Request | None = None
         self._header_bytes = 0
         self._head_started: float | None = first_byte_at
@@ -191,6 +197,9 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             offset = int(exc.args[0]) if exc.args else len(data)
             self._upgrade(data[offset:])
         except httptools.HttpParserError as exc:
+            if self._last_request:
+                self.stopped = True
+                return
             req = self._req
             if req is not None and req.error is not None:
                 self._fail(*req.error)
@@ -233,6 +242,8 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
     # --- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._last_request:
+            raise _Ignored  # anything after a request that asked to close
         self._req = _Request()
         self._header_bytes = 0
         self._head_started = time.monotonic()
@@ -326,11 +337,14 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         req = self._req
         self._req = None
         self._in_body = False
-        if req is not None and not req.upgrade:
-            self._queue(_END, req)
+        if req is not None:
+            if req.upgrade:
+                self._upgrade_req = req  # llhttp completes the message, then stops
+            else:
+                self._queue(_END, req)
 
     def _upgrade(self, rest: bytes) -> None:
-        req = self._req
+        req = self._req or self._upgrade_req
         self._req = None
         self._in_body = False
         if req is None or not req.upgrade:
@@ -417,7 +431,8 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         self.framer.expect(req.method, upgrade=req.upgrade)
         self.requests += 1
         if req.close:
-            self.stopped = True  # the device closes after this one; so do we
+            # The device closes after this one; so do we. Its body still follows.
+            self._last_request = True
             self._close_when_idle = True
         return True
 

@@ -96,10 +96,8 @@ async def handle(
         if not _same_origin(request):
             return _page(403, "Not permitted", "Cross-site request refused.")
         if session is not None:
-            await asyncio.to_thread(server.store.revoke_web_session, session[0])
-            server.web.forget(session[0])
+            await server.web.revoke(session[0])
             log.info("user %s logged out of the web UI", session[1].user.name)
-            await server.web.sweep()
         return _redirect("/login", f"{RELAY_COOKIE}=; Path=/; Secure; HttpOnly; Max-Age=0")
     assert path.startswith(OPEN_PREFIX)
     if method not in ("GET", "HEAD"):

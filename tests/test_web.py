@@ -1,0 +1,572 @@
+"""Web access end to end: a real relay, agent, nginx and uvicorn app, curl and a TLS
+client as the browser.
+
+Topology (all loopback): client -> relay (TLS, Host/SNI DEVICE.relay.localhost) ->
+device tunnel -> agent -> nginx (static files, /app/ proxied to uvicorn) or straight to
+uvicorn (service "direct"), or to a recorder that keeps every byte it receives
+(service "record": proves that refused requests reach nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.procs import Env, Proc, free_port, wait_for
+from tests.webapp import download_sha256
+from tests.webclient import DOMAIN, WebClient, parse_responses, read_all, set_cookie_value
+from tests.webstack import WebStack, start_web_stack, static_files
+
+DEVICE_COOKIE = "__Host-hatchway-device"
+RELAY_COOKIE = "__Host-hatchway"
+
+
+class Recorder:
+    """A TCP server that records what it receives and answers each request head 200."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = bytearray()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        pending = b""
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                with self.lock:
+                    self.received += data
+                pending += data
+                while b"\r\n\r\n" in pending:
+                    _, pending = pending.split(b"\r\n\r\n", 1)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nrecorded")
+
+    def take(self) -> bytes:
+        with self.lock:
+            data = bytes(self.received)
+            self.received.clear()
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Web:
+    env: Env
+    stack: WebStack
+    client: WebClient
+    relay: Proc
+    relay_url: str
+    password: str
+    recorder: Recorder
+
+    def grant_url(self, device: str = "dev1", *args: str) -> str:
+        out = self.env.hatchway("open", device, "--print-url", *args)
+        return out.stdout.decode().strip()
+
+    def cookie(self, device: str = "dev1", service: str = "http") -> str:
+        """A fresh device session, through the one-time-link handshake."""
+        url = urllib.parse.urlsplit(self.grant_url(device, "--service", service))
+        resp = self.client.request("GET", f"{url.path}?{url.query}", device=device)
+        assert resp.status == 303, resp
+        return f"{DEVICE_COOKIE}={set_cookie_value(resp, DEVICE_COOKIE)}"
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
+    root = tmp_path_factory.mktemp("web")
+    env = Env(root)
+    stack = start_web_stack(root)
+    recorder = Recorder()
+    try:
+        relay, port, password = env.start_relay(
+            extra=["--domain", DOMAIN, "--web-max-body", str(300 << 20)]
+        )
+        assert password is not None
+        url = f"https://127.0.0.1:{port}"
+        secret = env.add_device("dev1")
+        env.add_device("dev2")  # exists, never online
+        env.start_agent(
+            url,
+            "dev1",
+            secret,
+            [
+                f"http=127.0.0.1:{stack.nginx_port}",
+                f"direct=127.0.0.1:{stack.app_port}",
+                f"record=127.0.0.1:{recorder.port}",
+                f"closed=127.0.0.1:{free_port()}",
+            ],
+        )
+        relay.wait_output(r"device dev1 connected")
+        env.login(url, "admin", password)
+        yield Web(env, stack, WebClient(port, env.ca_file), relay, url, password, recorder)
+    finally:
+        env.stop_all()
+        stack.close()
+        recorder.close()
+
+
+def _status(raw: bytes) -> int:
+    match = re.match(rb"HTTP/1\.1 (\d{3}) ", raw)
+    assert match, raw[:200]
+    return int(match.group(1))
+
+
+# --- the login handshake ------------------------------------------------------------------
+
+
+def test_open_print_url_then_curl_follows_it(web: Web, tmp_path: Path) -> None:
+    url = web.grant_url()
+    assert url.startswith(f"https://dev1.{DOMAIN}:{web.client.port}/__hatchway/auth?grant=hwg_")
+    jar = tmp_path / "jar"
+    out = web.client.curl("-L", "-c", str(jar), "-b", str(jar), url)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == static_files()["index.html"]
+    # The cookie is host-only (no leading dot, subdomains FALSE), Secure, HttpOnly.
+    lines = [line for line in jar.read_text().splitlines() if DEVICE_COOKIE in line]
+    assert len(lines) == 1
+    fields = lines[0].split("\t")
+    assert fields[0] == f"#HttpOnly_dev1.{DOMAIN}"
+    assert fields[1] == "FALSE" and fields[3] == "TRUE"
+    # The grant was single-use.
+    again = web.client.curl("-i", url)
+    assert b"403" in again.stdout.split(b"\r\n", 1)[0]
+    assert b"expired or was already used" in again.stdout
+
+
+def test_open_next_path_and_service(web: Web, tmp_path: Path) -> None:
+    url = web.grant_url("dev1", "--service", "direct", "--path", "/app/headers?x=1")
+    jar = tmp_path / "jar"
+    out = web.client.curl("-L", "-c", str(jar), "-b", str(jar), url)
+    seen = json.loads(out.stdout)
+    assert seen["path"] == "/app/headers" and seen["query"] == "x=1"
+    # A redirect target that leaves the device is refused: it goes to / instead.
+    url = web.grant_url("dev1", "--path", "//evil.example/")
+    assert "next=%2F&" in url + "&" or url.endswith("next=%2F")
+
+
+def test_without_a_session_get_goes_to_login_and_post_is_refused(web: Web) -> None:
+    resp = web.client.request("GET", "/static/style.css?v=2")
+    assert resp.status == 303
+    location = resp.header("location")
+    assert location == (
+        f"https://{DOMAIN}:{web.client.port}/open/dev1?next=%2Fstatic%2Fstyle.css%3Fv%3D2"
+    )
+    resp = web.client.request("POST", "/app/upload", body=b"x")
+    assert resp.status == 401
+    # Unknown device: the same answer as a known one (nothing to learn before login).
+    resp = web.client.request("GET", "/", device="nosuchdevice")
+    assert resp.status == 303
+    assert resp.header("location") == f"https://{DOMAIN}:{web.client.port}/open/nosuchdevice?next=%2F"
+    assert web.recorder.take() == b""
+
+
+def test_browser_flow_form_login_open_and_logout(web: Web) -> None:
+    client = web.client
+    origin = client.origin()
+    # The login form, then a POST from our own origin.
+    page = client.request("GET", "/login?next=/open/dev1", device=None)
+    assert page.status == 200 and b'name="next"' not in page.body  # unquoted attribute
+    assert b"value=\"/open/dev1\"" in page.body
+    form = urllib.parse.urlencode(
+        {"user": "admin", "password": web.password, "next": "/open/dev1?next=/app/"}
+    ).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    refused = client.request("POST", "/login", device=None, headers=headers, body=form)
+    assert refused.status == 403  # no Origin: could be a device page posting cross-origin
+    bad = client.request(
+        "POST",
+        "/login",
+        device=None,
+        headers={**headers, "Origin": origin},
+        body=form.replace(b"password=", b"password=x"),
+    )
+    assert bad.status == 401 and b"Wrong user name or password" in bad.body
+    resp = client.request("POST", "/login", device=None, headers={**headers, "Origin": origin}, body=form)
+    assert resp.status == 303 and resp.header("location") == "/open/dev1?next=/app/"
+    set_cookie = resp.header("set-cookie") or ""
+    assert set_cookie.startswith(f"{RELAY_COOKIE}=hws_")
+    for attribute in ("Path=/", "Secure", "HttpOnly", "SameSite=Lax"):
+        assert attribute in set_cookie
+    assert "Domain" not in set_cookie
+    relay_cookie = f"{RELAY_COOKIE}={set_cookie_value(resp, RELAY_COOKIE)}"
+    # The device list, then /open/dev1 -> one-time link on the device's subdomain.
+    listing = client.request("GET", "/", device=None, cookie=relay_cookie)
+    assert listing.status == 200 and b"dev1" in listing.body and b"online" in listing.body
+    assert listing.header("x-frame-options") == "DENY"
+    opened = client.request("GET", "/open/dev1?next=/app/", device=None, cookie=relay_cookie)
+    assert opened.status == 303
+    link = urllib.parse.urlsplit(opened.header("location") or "")
+    assert link.netloc == f"dev1.{DOMAIN}:{client.port}"
+    auth = client.request("GET", f"{link.path}?{link.query}")
+    assert auth.status == 303 and auth.header("location") == "/app/"
+    assert auth.header("referrer-policy") == "no-referrer"
+    device_cookie = f"{DEVICE_COOKIE}={set_cookie_value(auth, DEVICE_COOKIE)}"
+    page = client.request("GET", "/app/", cookie=device_cookie)
+    assert page.status == 200 and b"hello from the device app" in page.body
+    # Logging out of the relay ends the device session derived from it.
+    assert client.request("POST", "/logout", device=None, cookie=relay_cookie).status == 403
+    out = client.request(
+        "POST", "/logout", device=None, cookie=relay_cookie, headers={"Origin": origin}
+    )
+    assert out.status == 303 and "Max-Age=0" in (out.header("set-cookie") or "")
+    gone = client.request("GET", "/app/", cookie=device_cookie)
+    assert gone.status == 303 and "/open/dev1" in (gone.header("location") or "")
+    assert client.request("GET", "/", device=None, cookie=relay_cookie).status == 303
+
+
+def test_not_permitted_and_unknown_devices_look_the_same(web: Web) -> None:
+    env = web.env
+    env.hatchway(
+        "user", "add", "bob", "--password-stdin", "--data-dir", str(env.data_dir),
+        input=b"bob-password-123\n", prefix=(),
+    )
+    form = urllib.parse.urlencode({"user": "bob", "password": "bob-password-123"}).encode()
+    resp = web.client.request(
+        "POST",
+        "/login",
+        device=None,
+        headers={"Origin": web.client.origin(), "Content-Type": "application/x-www-form-urlencoded"},
+        body=form,
+    )
+    cookie = f"{RELAY_COOKIE}={set_cookie_value(resp, RELAY_COOKIE)}"
+    known = web.client.request("GET", "/open/dev1", device=None, cookie=cookie)
+    unknown = web.client.request("GET", "/open/nosuch", device=None, cookie=cookie)
+    assert known.status == unknown.status == 404
+    assert known.body.replace(b"dev1", b"X") == unknown.body.replace(b"nosuch", b"X")
+
+
+# --- proxy correctness ----------------------------------------------------------------------
+
+
+def test_forwarding_headers_are_set_and_hop_by_hop_dropped(web: Web) -> None:
+    cookie = web.cookie(service="direct")
+    resp = web.client.request(
+        "GET",
+        "/app/headers?a=1&b=%20",
+        headers={
+            "X-Forwarded-For": "6.6.6.6",
+            "X-Forwarded-Host": "evil.example",
+            "X-Forwarded-Proto": "http",
+            "Forwarded": "for=6.6.6.6",
+            "X-Real-IP": "6.6.6.6",
+            "Connection": "close, X-Secret-Hop",
+            "X-Secret-Hop": "1",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic Zm9vOmJhcg==",
+            "X-Custom": "kept",
+        },
+        cookie=f"theme=dark; {cookie}; {RELAY_COOKIE}=hws_forged; lang=en",
+    )
+    assert resp.status == 200
+    seen = json.loads(resp.body)
+    host = f"dev1.{DOMAIN}:{web.client.port}"
+    assert seen["host"] == host
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "https"
+    assert seen["x-forwarded-host"] == host
+    assert seen["forwarded"] == f'for=127.0.0.1;proto=https;host="{host}"'
+    assert seen["cookie"] == "theme=dark; lang=en"
+    assert seen["x-custom"] == "kept"
+    assert seen["query"] == "a=1&b=%20"
+    for dropped in ("x-real-ip", "x-secret-hop", "keep-alive", "te", "proxy-authorization"):
+        assert dropped not in seen, dropped
+
+
+def test_device_cookies_cannot_touch_the_relay_session(web: Web, tmp_path: Path) -> None:
+    cookie = web.cookie(service="direct")
+    # A cookie for the parent domain is made host-only; the relay's names are dropped.
+    resp = web.client.request(
+        "GET", f"/app/cookie/set?name=tracker&value=1&domain={DOMAIN}", cookie=cookie
+    )
+    assert resp.status == 200
+    assert resp.header_all("set-cookie") == ["tracker=1; Path=/"]
+    for name in (DEVICE_COOKIE, RELAY_COOKIE, "__HOST-Hatchway-device"):
+        resp = web.client.request(
+            "GET", f"/app/cookie/set?name={name}&value=evil", cookie=cookie
+        )
+        assert resp.status == 200 and resp.header_all("set-cookie") == []
+    # With curl's cookie engine: the device's attempt leaves the session intact.
+    jar = tmp_path / "jar"
+    url = web.grant_url("dev1", "--service", "direct")
+    assert web.client.curl("-L", "-c", str(jar), "-b", str(jar), url).returncode == 0
+    base = web.client.origin("dev1")
+    web.client.curl("-c", str(jar), "-b", str(jar), f"{base}/app/cookie/set?name={DEVICE_COOKIE}&value=evil")
+    web.client.curl("-c", str(jar), "-b", str(jar), f"{base}/app/cookie/set?name=x&value=1&domain={DOMAIN}")
+    out = web.client.curl("-c", str(jar), "-b", str(jar), f"{base}/app/cookie/get")
+    assert json.loads(out.stdout) == {"x": "1"}
+    assert f"\t.{DOMAIN}\t" not in jar.read_text()  # nothing was set for the parent domain
+
+
+def test_keepalive_and_pipelining_in_order(web: Web) -> None:
+    cookie = web.cookie(service="direct")
+    host = f"dev1.{DOMAIN}:{web.client.port}"
+    requests = b"".join(
+        f"GET /app/headers?n={n} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n"
+        f"{'Connection: close' if n == 4 else 'X-N: {n}'}\r\n\r\n".encode()
+        for n in range(5)
+    )
+    responses = parse_responses(web.client.exchange(requests))
+    assert [json.loads(r.body)["query"] for r in responses] == [f"n={n}" for n in range(5)]
+    # Sequential requests reuse one connection (one channel, one agent connection).
+    with web.client.connect(f"dev1.{DOMAIN}") as tls:
+        clients = set()
+        for n in range(3):
+            tls.sendall(f"GET /app/headers HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n".encode())
+            data = b""
+            while not data.endswith(b"}\n"):
+                data += tls.recv(65536)
+            clients.add(json.loads(parse_responses(data)[0].body)["client"])
+        assert len(clients) == 1
+
+
+def test_http10_client(web: Web) -> None:
+    cookie = web.cookie()
+    raw = web.client.exchange(
+        f"GET /static/style.css HTTP/1.0\r\nHost: dev1.{DOMAIN}\r\nCookie: {cookie}\r\n\r\n".encode()
+    )
+    (resp,) = parse_responses(raw)
+    assert resp.status == 200 and resp.body == static_files()["style.css"]
+
+
+def test_expect_100_continue(web: Web) -> None:
+    cookie = web.cookie(service="direct")
+    body = b"z" * 100_000
+    head = (
+        f"POST /app/upload HTTP/1.1\r\nHost: dev1.{DOMAIN}\r\nCookie: {cookie}\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with web.client.connect(f"dev1.{DOMAIN}") as tls:
+        tls.sendall(head)
+        interim = tls.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n")
+        tls.sendall(body)
+        final = parse_responses(read_all(tls, 15))[0]
+    assert final.status == 200
+    assert json.loads(final.body) == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+
+
+def test_chunked_upload_and_download(web: Web, tmp_path: Path) -> None:
+    cookie = web.cookie(service="direct")
+    data = bytes(range(256)) * 40_000  # ~10 MB
+    src = tmp_path / "up.bin"
+    src.write_bytes(data)
+    base = web.client.origin("dev1")
+    out = web.client.curl(
+        "-H", f"Cookie: {cookie}", "-H", "Transfer-Encoding: chunked",
+        "--data-binary", f"@{src}", f"{base}/app/upload",
+    )
+    assert json.loads(out.stdout) == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    out = web.client.curl("-D", "-", "-H", f"Cookie: {cookie}", f"{base}/app/download?size=3000000&chunked=1")
+    head, body = out.stdout.split(b"\r\n\r\n", 1)
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert hashlib.sha256(body).hexdigest() == download_sha256(3_000_000)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_200mb_both_ways_with_bounded_memory(web: Web, tmp_path: Path) -> None:
+    cookie = web.cookie(service="direct")
+    size = 200 * 1024 * 1024
+    src = tmp_path / "big.bin"
+    with src.open("wb") as fh:
+        block = bytes(range(256)) * 4096
+        for _ in range(size // len(block)):
+            fh.write(block)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    relay_pid = web.relay.popen.pid
+    before = _rss_kib(relay_pid)
+    peak = [before]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.05):
+            peak[0] = max(peak[0], _rss_kib(relay_pid))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        base = web.client.origin("dev1")
+        started = time.monotonic()
+        up = web.client.curl("-H", f"Cookie: {cookie}", "--data-binary", f"@{src}", f"{base}/app/upload")
+        up_s = time.monotonic() - started
+        assert json.loads(up.stdout) == {"bytes": size, "sha256": digest}
+        started = time.monotonic()
+        down = web.client.curl(
+            "-H", f"Cookie: {cookie}", "-o", str(tmp_path / "down.bin"), "-w", "%{size_download}",
+            f"{base}/app/download?size={size}",
+        )
+        down_s = time.monotonic() - started
+    finally:
+        stop.set()
+        watcher.join()
+    assert down.stdout == str(size).encode()
+    assert hashlib.sha256((tmp_path / "down.bin").read_bytes()).hexdigest() == download_sha256(size)
+    growth_mib = (peak[0] - before) / 1024
+    print(f"200 MiB up {size / up_s / 1e6:.0f} MB/s, down {size / down_s / 1e6:.0f} MB/s, "
+          f"relay RSS +{growth_mib:.1f} MiB")
+    assert growth_mib < 48
+
+
+def test_server_sent_events_stream_through(web: Web) -> None:
+    cookie = web.cookie()
+    host = f"dev1.{DOMAIN}"
+    with web.client.connect(host) as tls:
+        tls.sendall(
+            f"GET /app/sse?count=3&interval=0.5 HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        started = time.monotonic()
+        first = b""
+        while b"data: event 0" not in first:
+            chunk = tls.recv(65536)
+            assert chunk
+            first += chunk
+        first_at = time.monotonic() - started
+        rest = read_all(tls, 10)
+        total = time.monotonic() - started
+    assert b"data: event 2" in rest
+    assert first_at < total - 0.5  # the first event arrived while the stream went on
+
+
+def test_websocket_upgrade_is_spliced_and_closed_on_revocation(web: Web) -> None:
+    env = web.env
+    env.hatchway(
+        "user", "add", "carol", "--role", "admin", "--password-stdin", "--data-dir",
+        str(env.data_dir), input=b"carol-password-123\n", prefix=(),
+    )
+    carol = Env(env.root / "carol")
+    carol.hatchway(
+        "login", web.relay_url, "--user", "carol", "--password-stdin",
+        "--ca-file", str(env.ca_file), input=b"carol-password-123\n",
+    )
+    out = carol.hatchway("open", "dev1", "--print-url", "--service", "direct")
+    link = urllib.parse.urlsplit(out.stdout.decode().strip())
+    auth = web.client.request("GET", f"{link.path}?{link.query}")
+    cookie = f"{DEVICE_COOKIE}={set_cookie_value(auth, DEVICE_COOKIE)}"
+
+    async def run() -> tuple[list[object], float]:
+        ctx = ssl.create_default_context(cafile=str(env.ca_file))
+        async with ws_connect(
+            f"wss://dev1.{DOMAIN}:{web.client.port}/app/ws",
+            ssl=ctx,
+            host="127.0.0.1",
+            port=web.client.port,
+            server_hostname=f"dev1.{DOMAIN}",
+            additional_headers={"Cookie": cookie},
+            open_timeout=10,
+        ) as ws:
+            echoed: list[object] = []
+            for message in ("hello", b"\x00\x01binary" * 1000):
+                await ws.send(message)
+                echoed.append(await asyncio.wait_for(ws.recv(), 10))
+            # Removing the user revokes everything: the open WebSocket is closed.
+            await asyncio.to_thread(
+                env.hatchway, "user", "remove", "carol", "--data-dir", str(env.data_dir), prefix=()
+            )
+            removed_at = time.monotonic()
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 20)
+            return echoed, time.monotonic() - removed_at
+
+    echoed, closed_after = asyncio.run(run())
+    assert echoed == ["hello", b"\x00\x01binary" * 1000]
+    assert closed_after < 10
+    assert "access revoked" in web.relay.output()
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_offline_device_gets_a_page_saying_since_when(web: Web) -> None:
+    cookie = web.cookie("dev2")
+    resp = web.client.request("GET", "/", device="dev2", cookie=cookie)
+    assert resp.status == 502
+    assert resp.header("content-type") == "text/html; charset=utf-8"
+    assert b"dev2 is offline" in resp.body and b"offline since 20" in resp.body
+
+
+def test_refused_service_gets_502(web: Web) -> None:
+    cookie = web.cookie(service="closed")
+    resp = web.client.request("GET", "/", cookie=cookie)
+    assert resp.status == 502 and b"refused the connection" in resp.body
+
+
+def test_relay_paths_on_a_device_host_are_not_forwarded(web: Web) -> None:
+    cookie = web.cookie(service="record")
+    assert web.client.request("GET", "/__hatchway/other", cookie=cookie).status == 404
+    # A grant made for dev2 does not log in on dev1.
+    link = urllib.parse.urlsplit(web.grant_url("dev2"))
+    assert web.client.request("GET", f"{link.path}?{link.query}").status == 403
+    assert web.recorder.take() == b""
+
+
+def test_sni_must_agree_with_host(web: Web) -> None:
+    cookie = web.cookie(service="record")
+    raw = web.client.exchange(
+        f"GET / HTTP/1.1\r\nHost: dev1.{DOMAIN}\r\nCookie: {cookie}\r\n\r\n".encode(),
+        sni=f"dev2.{DOMAIN}",
+    )
+    assert _status(raw) == 421
+    raw = web.client.exchange(
+        f"GET / HTTP/1.1\r\nHost: dev1.{DOMAIN}\r\nCookie: {cookie}\r\n\r\n".encode(), sni=DOMAIN
+    )
+    assert _status(raw) == 421
+    # Another host on a connection made for dev1.
+    host = f"dev1.{DOMAIN}"
+    raw = web.client.exchange(
+        f"GET / HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n"
+        f"GET / HTTP/1.1\r\nHost: dev2.{DOMAIN}\r\nCookie: {cookie}\r\n\r\n".encode()
+    )
+    first, second = parse_responses(raw)
+    assert first.status == 200 and second.status == 421
+    assert web.recorder.take().count(b"GET / HTTP/1.1") == 1
+
+
+def test_request_head_timeout(web: Web) -> None:
+    started = time.monotonic()
+    raw = web.client.exchange(
+        [b"GET / HTTP/1.1\r\n", b"Host: dev1.relay.localhost\r\n"], timeout=30
+    )
+    assert _status(raw) == 408
+    assert 9 < time.monotonic() - started < 20
