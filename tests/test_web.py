@@ -26,7 +26,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.procs import Env, Proc, free_port, wait_for
+from tests.procs import Env, Proc, free_port
 from tests.webapp import download_sha256
 from tests.webclient import DOMAIN, WebClient, parse_responses, read_all, set_cookie_value
 from tests.webstack import WebStack, start_web_stack, static_files
@@ -189,7 +189,9 @@ def test_without_a_session_get_goes_to_login_and_post_is_refused(web: Web) -> No
     # Unknown device: the same answer as a known one (nothing to learn before login).
     resp = web.client.request("GET", "/", device="nosuchdevice")
     assert resp.status == 303
-    assert resp.header("location") == f"https://{DOMAIN}:{web.client.port}/open/nosuchdevice?next=%2F"
+    assert (
+        resp.header("location") == f"https://{DOMAIN}:{web.client.port}/open/nosuchdevice?next=%2F"
+    )
     assert web.recorder.take() == b""
 
 
@@ -199,7 +201,7 @@ def test_browser_flow_form_login_open_and_logout(web: Web) -> None:
     # The login form, then a POST from our own origin.
     page = client.request("GET", "/login?next=/open/dev1", device=None)
     assert page.status == 200 and b'name="next"' not in page.body  # unquoted attribute
-    assert b"value=\"/open/dev1\"" in page.body
+    assert b'value="/open/dev1"' in page.body
     form = urllib.parse.urlencode(
         {"user": "admin", "password": web.password, "next": "/open/dev1?next=/app/"}
     ).encode()
@@ -214,7 +216,9 @@ def test_browser_flow_form_login_open_and_logout(web: Web) -> None:
         body=form.replace(b"password=", b"password=x"),
     )
     assert bad.status == 401 and b"Wrong user name or password" in bad.body
-    resp = client.request("POST", "/login", device=None, headers={**headers, "Origin": origin}, body=form)
+    resp = client.request(
+        "POST", "/login", device=None, headers={**headers, "Origin": origin}, body=form
+    )
     assert resp.status == 303 and resp.header("location") == "/open/dev1?next=/app/"
     set_cookie = resp.header("set-cookie") or ""
     assert set_cookie.startswith(f"{RELAY_COOKIE}=hws_")
@@ -250,15 +254,24 @@ def test_browser_flow_form_login_open_and_logout(web: Web) -> None:
 def test_not_permitted_and_unknown_devices_look_the_same(web: Web) -> None:
     env = web.env
     env.hatchway(
-        "user", "add", "bob", "--password-stdin", "--data-dir", str(env.data_dir),
-        input=b"bob-password-123\n", prefix=(),
+        "user",
+        "add",
+        "bob",
+        "--password-stdin",
+        "--data-dir",
+        str(env.data_dir),
+        input=b"bob-password-123\n",
+        prefix=(),
     )
     form = urllib.parse.urlencode({"user": "bob", "password": "bob-password-123"}).encode()
     resp = web.client.request(
         "POST",
         "/login",
         device=None,
-        headers={"Origin": web.client.origin(), "Content-Type": "application/x-www-form-urlencoded"},
+        headers={
+            "Origin": web.client.origin(),
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
         body=form,
     )
     cookie = f"{RELAY_COOKIE}={set_cookie_value(resp, RELAY_COOKIE)}"
@@ -315,17 +328,19 @@ def test_device_cookies_cannot_touch_the_relay_session(web: Web, tmp_path: Path)
     assert resp.status == 200
     assert resp.header_all("set-cookie") == ["tracker=1; Path=/"]
     for name in (DEVICE_COOKIE, RELAY_COOKIE, "__HOST-Hatchway-device"):
-        resp = web.client.request(
-            "GET", f"/app/cookie/set?name={name}&value=evil", cookie=cookie
-        )
+        resp = web.client.request("GET", f"/app/cookie/set?name={name}&value=evil", cookie=cookie)
         assert resp.status == 200 and resp.header_all("set-cookie") == []
     # With curl's cookie engine: the device's attempt leaves the session intact.
     jar = tmp_path / "jar"
     url = web.grant_url("dev1", "--service", "direct")
     assert web.client.curl("-L", "-c", str(jar), "-b", str(jar), url).returncode == 0
     base = web.client.origin("dev1")
-    web.client.curl("-c", str(jar), "-b", str(jar), f"{base}/app/cookie/set?name={DEVICE_COOKIE}&value=evil")
-    web.client.curl("-c", str(jar), "-b", str(jar), f"{base}/app/cookie/set?name=x&value=1&domain={DOMAIN}")
+    web.client.curl(
+        "-c", str(jar), "-b", str(jar), f"{base}/app/cookie/set?name={DEVICE_COOKIE}&value=evil"
+    )
+    web.client.curl(
+        "-c", str(jar), "-b", str(jar), f"{base}/app/cookie/set?name=x&value=1&domain={DOMAIN}"
+    )
     out = web.client.curl("-c", str(jar), "-b", str(jar), f"{base}/app/cookie/get")
     assert json.loads(out.stdout) == {"x": "1"}
     assert f"\t.{DOMAIN}\t" not in jar.read_text()  # nothing was set for the parent domain
@@ -344,8 +359,10 @@ def test_keepalive_and_pipelining_in_order(web: Web) -> None:
     # Sequential requests reuse one connection (one channel, one agent connection).
     with web.client.connect(f"dev1.{DOMAIN}") as tls:
         clients = set()
-        for n in range(3):
-            tls.sendall(f"GET /app/headers HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n".encode())
+        for _ in range(3):
+            tls.sendall(
+                f"GET /app/headers HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n".encode()
+            )
             data = b""
             while not data.endswith(b"}\n"):
                 data += tls.recv(65536)
@@ -376,7 +393,10 @@ def test_expect_100_continue(web: Web) -> None:
         tls.sendall(body)
         final = parse_responses(read_all(tls, 15))[0]
     assert final.status == 200
-    assert json.loads(final.body) == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert json.loads(final.body) == {
+        "bytes": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
 
 
 def test_chunked_upload_and_download(web: Web, tmp_path: Path) -> None:
@@ -386,11 +406,21 @@ def test_chunked_upload_and_download(web: Web, tmp_path: Path) -> None:
     src.write_bytes(data)
     base = web.client.origin("dev1")
     out = web.client.curl(
-        "-H", f"Cookie: {cookie}", "-H", "Transfer-Encoding: chunked",
-        "--data-binary", f"@{src}", f"{base}/app/upload",
+        "-H",
+        f"Cookie: {cookie}",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        f"@{src}",
+        f"{base}/app/upload",
     )
-    assert json.loads(out.stdout) == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    out = web.client.curl("-D", "-", "-H", f"Cookie: {cookie}", f"{base}/app/download?size=3000000&chunked=1")
+    assert json.loads(out.stdout) == {
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    out = web.client.curl(
+        "-D", "-", "-H", f"Cookie: {cookie}", f"{base}/app/download?size=3000000&chunked=1"
+    )
     head, body = out.stdout.split(b"\r\n\r\n", 1)
     assert b"transfer-encoding: chunked" in head.lower()
     assert hashlib.sha256(body).hexdigest() == download_sha256(3_000_000)
@@ -427,12 +457,19 @@ def test_200mb_both_ways_with_bounded_memory(web: Web, tmp_path: Path) -> None:
     try:
         base = web.client.origin("dev1")
         started = time.monotonic()
-        up = web.client.curl("-H", f"Cookie: {cookie}", "--data-binary", f"@{src}", f"{base}/app/upload")
+        up = web.client.curl(
+            "-H", f"Cookie: {cookie}", "--data-binary", f"@{src}", f"{base}/app/upload"
+        )
         up_s = time.monotonic() - started
         assert json.loads(up.stdout) == {"bytes": size, "sha256": digest}
         started = time.monotonic()
         down = web.client.curl(
-            "-H", f"Cookie: {cookie}", "-o", str(tmp_path / "down.bin"), "-w", "%{size_download}",
+            "-H",
+            f"Cookie: {cookie}",
+            "-o",
+            str(tmp_path / "down.bin"),
+            "-w",
+            "%{size_download}",
             f"{base}/app/download?size={size}",
         )
         down_s = time.monotonic() - started
@@ -442,8 +479,10 @@ def test_200mb_both_ways_with_bounded_memory(web: Web, tmp_path: Path) -> None:
     assert down.stdout == str(size).encode()
     assert hashlib.sha256((tmp_path / "down.bin").read_bytes()).hexdigest() == download_sha256(size)
     growth_mib = (peak[0] - before) / 1024
-    print(f"200 MiB up {size / up_s / 1e6:.0f} MB/s, down {size / down_s / 1e6:.0f} MB/s, "
-          f"relay RSS +{growth_mib:.1f} MiB")
+    print(
+        f"200 MiB up {size / up_s / 1e6:.0f} MB/s, down {size / down_s / 1e6:.0f} MB/s, "
+        f"relay RSS +{growth_mib:.1f} MiB"
+    )
     assert growth_mib < 48
 
 
@@ -471,13 +510,27 @@ def test_server_sent_events_stream_through(web: Web) -> None:
 def test_websocket_upgrade_is_spliced_and_closed_on_revocation(web: Web) -> None:
     env = web.env
     env.hatchway(
-        "user", "add", "carol", "--role", "admin", "--password-stdin", "--data-dir",
-        str(env.data_dir), input=b"carol-password-123\n", prefix=(),
+        "user",
+        "add",
+        "carol",
+        "--role",
+        "admin",
+        "--password-stdin",
+        "--data-dir",
+        str(env.data_dir),
+        input=b"carol-password-123\n",
+        prefix=(),
     )
     carol = Env(env.root / "carol")
     carol.hatchway(
-        "login", web.relay_url, "--user", "carol", "--password-stdin",
-        "--ca-file", str(env.ca_file), input=b"carol-password-123\n",
+        "login",
+        web.relay_url,
+        "--user",
+        "carol",
+        "--password-stdin",
+        "--ca-file",
+        str(env.ca_file),
+        input=b"carol-password-123\n",
     )
     out = carol.hatchway("open", "dev1", "--print-url", "--service", "direct")
     link = urllib.parse.urlsplit(out.stdout.decode().strip())
