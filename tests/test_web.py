@@ -13,129 +13,23 @@ import asyncio
 import hashlib
 import json
 import re
-import socket
 import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.procs import Env, Proc, free_port
+from tests.procs import Env
 from tests.webapp import download_sha256
-from tests.webclient import DOMAIN, WebClient, parse_responses, read_all, set_cookie_value
-from tests.webstack import WebStack, start_web_stack, static_files
+from tests.webclient import DOMAIN, parse_responses, read_all, set_cookie_value
+from tests.webenv import DEVICE_COOKIE, RELAY_COOKIE, Web, web
+from tests.webstack import static_files
 
-DEVICE_COOKIE = "__Host-hatchway-device"
-RELAY_COOKIE = "__Host-hatchway"
-
-
-class Recorder:
-    """A TCP server that records what it receives and answers each request head 200."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.received = bytearray()
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        conn.settimeout(30)
-        pending = b""
-        with conn:
-            while True:
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                with self.lock:
-                    self.received += data
-                pending += data
-                while b"\r\n\r\n" in pending:
-                    _, pending = pending.split(b"\r\n\r\n", 1)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nrecorded")
-
-    def take(self) -> bytes:
-        with self.lock:
-            data = bytes(self.received)
-            self.received.clear()
-        return data
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@dataclass
-class Web:
-    env: Env
-    stack: WebStack
-    client: WebClient
-    relay: Proc
-    relay_url: str
-    password: str
-    recorder: Recorder
-
-    def grant_url(self, device: str = "dev1", *args: str) -> str:
-        out = self.env.hatchway("open", device, "--print-url", *args)
-        return out.stdout.decode().strip()
-
-    def cookie(self, device: str = "dev1", service: str = "http") -> str:
-        """A fresh device session, through the one-time-link handshake."""
-        url = urllib.parse.urlsplit(self.grant_url(device, "--service", service))
-        resp = self.client.request("GET", f"{url.path}?{url.query}", device=device)
-        assert resp.status == 303, resp
-        return f"{DEVICE_COOKIE}={set_cookie_value(resp, DEVICE_COOKIE)}"
-
-
-@pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
-    root = tmp_path_factory.mktemp("web")
-    env = Env(root)
-    stack = start_web_stack(root)
-    recorder = Recorder()
-    try:
-        relay, port, password = env.start_relay(
-            extra=["--domain", DOMAIN, "--web-max-body", str(300 << 20)]
-        )
-        assert password is not None
-        url = f"https://127.0.0.1:{port}"
-        secret = env.add_device("dev1")
-        env.add_device("dev2")  # exists, never online
-        env.start_agent(
-            url,
-            "dev1",
-            secret,
-            [
-                f"http=127.0.0.1:{stack.nginx_port}",
-                f"direct=127.0.0.1:{stack.app_port}",
-                f"record=127.0.0.1:{recorder.port}",
-                f"closed=127.0.0.1:{free_port()}",
-            ],
-        )
-        relay.wait_output(r"device dev1 connected")
-        env.login(url, "admin", password)
-        yield Web(env, stack, WebClient(port, env.ca_file), relay, url, password, recorder)
-    finally:
-        env.stop_all()
-        stack.close()
-        recorder.close()
+__all__ = ["web"]  # the fixture
 
 
 def _status(raw: bytes) -> int:
@@ -623,3 +517,49 @@ def test_request_head_timeout(web: Web) -> None:
     )
     assert _status(raw) == 408
     assert 9 < time.monotonic() - started < 20
+
+
+# --- the bad-request corpus ------------------------------------------------------------------
+
+CORPUS = Path(__file__).parent / "data" / "web_bad_requests.txt"
+
+
+def _load_corpus() -> list[tuple[str, int, str]]:
+    cases: list[tuple[str, int, str]] = []
+    lines: list[str] = []
+    for line in [*CORPUS.read_text().splitlines(), "== end 0"]:
+        if line.startswith("#"):
+            continue
+        if line.startswith("== "):
+            if cases:
+                name, status, _ = cases[-1]
+                cases[-1] = (name, status, "".join(lines))
+            _, name, status = line.split()
+            cases.append((name, int(status), ""))
+            lines = []
+        elif line.strip():
+            lines.append(line)
+    return cases[:-1]
+
+
+def _expand(template: str, host: str, cookie: str) -> bytes:
+    text = template.replace("{host}", host).replace("{cookie}", cookie)
+    text = re.sub(r"\{([^{}]*)\*(\d+)\}", lambda m: m.group(1) * int(m.group(2)), text)
+    return text.encode("latin-1").decode("unicode_escape").encode("latin-1")
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "template"),
+    _load_corpus(),
+    ids=lambda v: v if isinstance(v, str) and "\\" not in v else "",
+)
+def test_bad_request_corpus(web: Web, name: str, status: int, template: str) -> None:
+    cookie = web.cookie(service="record")
+    web.recorder.take()
+    raw = _expand(template, f"dev1.{DOMAIN}", cookie)
+    started = time.monotonic()
+    answer = web.client.exchange(raw, timeout=15)
+    assert time.monotonic() - started < 12, "the relay did not close the connection"
+    assert _status(answer) == status, answer[:300]
+    time.sleep(0.2)
+    assert web.recorder.take() == b"", "a refused request reached the device"

@@ -15,6 +15,7 @@ is fed the bytes read so far (the websockets library parses the request again).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
@@ -42,7 +43,7 @@ log = logging.getLogger("hatchway.relay.http")
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024
-MAX_URL = 4 * 1024
+MAX_URL = 8 * 1024
 REQUEST_TIMEOUT = 10.0
 STREAM_MAX_MESSAGE = 1024 * 1024
 
@@ -193,7 +194,14 @@ class FrontDoor(asyncio.Protocol):
     def sni(self) -> str | None:
         assert self.transport is not None
         ssl_object = self.transport.get_extra_info("ssl_object")
-        return getattr(ssl_object, "hatchway_sni", None)
+        name = getattr(ssl_object, "hatchway_sni", None)
+        if name is None:
+            return None
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return str(name)
+        return None  # RFC 6066 allows no address literals; some clients send them anyway
 
     def _head_complete(self, request: HttpRequest) -> None:
         """Route by Host (and SNI, which must agree): a device's subdomain is proxied."""
@@ -206,6 +214,9 @@ class FrontDoor(asyncio.Protocol):
         except LookupError:
             self._respond_page(404, "Not found", "There is no such device.")
             raise _HandOff from None
+        if sni_device and not host:
+            self._respond_page(400, "Bad request", "A request needs exactly one Host header.")
+            raise _HandOff
         if (device or sni_device) and sni and split_host(sni) != split_host(host):
             self._respond_page(
                 421, "Wrong host", "The TLS server name and the Host header do not agree."

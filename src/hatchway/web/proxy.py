@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hatchway.relay.web")
 
 MAX_URL = 8 * 1024
-MAX_HEADER_BYTES = 32 * 1024
+MAX_HEADER_BYTES = 16 * 1024
 MAX_HEADERS = 100
 #: A request head must arrive within this many seconds of its first byte.
 HEAD_TIMEOUT = 10.0
@@ -160,6 +160,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         self._close_when_idle = False
         self._last_request = False
         self._upgrade_req: _Request | None = None
+        self._last_head: _Request | None = None
         self._req: _Request | None = None
         self._header_bytes = 0
         self._head_started: float | None = first_byte_at
@@ -300,10 +301,12 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             req.error = (400, f"HTTP/{req.version} is not supported")
         elif hosts != 1 and (hosts or req.version == "1.1"):
             req.error = (400, "a request needs exactly one Host header")
-        elif not req.url.startswith(b"/"):
-            req.error = (400, "only origin-form request targets are accepted")
         elif req.method == b"CONNECT":
             req.error = (405, "CONNECT is not supported")
+        elif not req.url.startswith(b"/"):
+            req.error = (400, "only origin-form request targets are accepted")
+        elif req.chunked and req.version == "1.0":
+            req.error = (400, "chunked transfer coding is not allowed in HTTP/1.0")
         req.close = b"close" in connection_tokens or (
             req.version == "1.0" and b"keep-alive" not in connection_tokens
         )
@@ -322,6 +325,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         ):
             req.error = (413, "the request body is too large")
         self._in_body = True
+        self._last_head = req
         self._queue(_HEAD, req)
 
     def on_body(self, body: bytes) -> None:
@@ -344,7 +348,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
                 self._queue(_END, req)
 
     def _upgrade(self, rest: bytes) -> None:
-        req = self._req or self._upgrade_req
+        req = self._req or self._upgrade_req or self._last_head
         self._req = None
         self._in_body = False
         if req is None or not req.upgrade:

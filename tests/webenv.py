@@ -1,0 +1,128 @@
+"""The web-access test environment: a relay (domain relay.localhost), an agent for
+dev1 in front of a real web stack, and a byte recorder; dev2 exists but stays offline.
+
+Services of dev1: ``http`` (nginx: static files, /app/ proxied to uvicorn), ``direct``
+(uvicorn itself), ``record`` (a TCP server that keeps every byte it receives and
+answers every request head 200) and ``closed`` (a port nobody listens on).
+Use the ``web`` fixture (module scope): ``from tests.webenv import web``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.procs import Env, Proc, free_port
+from tests.webclient import DOMAIN, WebClient, set_cookie_value
+from tests.webstack import WebStack, start_web_stack
+
+DEVICE_COOKIE = "__Host-hatchway-device"
+RELAY_COOKIE = "__Host-hatchway"
+
+
+class Recorder:
+    """A TCP server that records what it receives and answers each request head 200."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = bytearray()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        pending = b""
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                with self.lock:
+                    self.received += data
+                pending += data
+                while b"\r\n\r\n" in pending:
+                    _, pending = pending.split(b"\r\n\r\n", 1)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nrecorded")
+
+    def take(self) -> bytes:
+        with self.lock:
+            data = bytes(self.received)
+            self.received.clear()
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Web:
+    env: Env
+    stack: WebStack
+    client: WebClient
+    relay: Proc
+    relay_url: str
+    password: str
+    recorder: Recorder
+
+    def grant_url(self, device: str = "dev1", *args: str) -> str:
+        out = self.env.hatchway("open", device, "--print-url", *args)
+        return out.stdout.decode().strip()
+
+    def cookie(self, device: str = "dev1", service: str = "http") -> str:
+        """A fresh device session, through the one-time-link handshake."""
+        url = urllib.parse.urlsplit(self.grant_url(device, "--service", service))
+        resp = self.client.request("GET", f"{url.path}?{url.query}", device=device)
+        assert resp.status == 303, resp
+        return f"{DEVICE_COOKIE}={set_cookie_value(resp, DEVICE_COOKIE)}"
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
+    root = tmp_path_factory.mktemp("web")
+    env = Env(root)
+    stack = start_web_stack(root)
+    recorder = Recorder()
+    try:
+        relay, port, password = env.start_relay(
+            extra=["--domain", DOMAIN, "--web-max-body", str(300 << 20)]
+        )
+        assert password is not None
+        url = f"https://127.0.0.1:{port}"
+        secret = env.add_device("dev1")
+        env.add_device("dev2")  # exists, never online
+        env.start_agent(
+            url,
+            "dev1",
+            secret,
+            [
+                f"http=127.0.0.1:{stack.nginx_port}",
+                f"direct=127.0.0.1:{stack.app_port}",
+                f"record=127.0.0.1:{recorder.port}",
+                f"closed=127.0.0.1:{free_port()}",
+            ],
+        )
+        relay.wait_output(r"device dev1 connected")
+        env.login(url, "admin", password)
+        yield Web(env, stack, WebClient(port, env.ca_file), relay, url, password, recorder)
+    finally:
+        env.stop_all()
+        stack.close()
+        recorder.close()
