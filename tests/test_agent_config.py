@@ -129,3 +129,42 @@ def test_relay_websocket_url() -> None:
     assert relay_websocket_url("https://r.example:8443/", "/p") == "wss://r.example:8443/p"
     with pytest.raises(ConfigError, match="TLS is required"):
         relay_websocket_url("ws://r:1", "/p")
+
+
+def test_tls_services_and_host_header(tmp_path: Path, secret: Path) -> None:
+    ca = tmp_path / "device-ca.pem"
+    ca.write_text("x")
+    target = parse_service(f"https=tls://192.168.1.10:443?ca={ca}&name=cam.local&host=cam.local")
+    assert target == ServiceTarget("https", "192.168.1.10", 443, True, ca, "cam.local", "cam.local")
+    assert target.verified and target.advertised() == {"host": "cam.local"}
+    plain = parse_service("http=192.168.1.10:80?host=cam.local:8080")
+    assert not plain.tls and plain.advertised() == {"host": "cam.local:8080"}
+    unverified = parse_service("https=tls://[fd00::1]:443")
+    assert unverified.tls and not unverified.verified and unverified.advertised() == {}
+    for spec, message in [
+        ("https=tls://h:443?verify=no", "unknown option"),
+        ("https=tls://h:443?ca=", "unknown option"),
+        ("http=h:80?ca=x.pem", "need TLS"),
+        ("https=tls://h:443?ca=/nonexistent.pem", "no CA file"),
+        ("http=h:80?host=bad host", "invalid host header"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_service(spec)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        'server = "https://relay.example.com"\ndevice = "cam-1"\nsecret_file = "secret"\n'
+        "[services]\n"
+        'ssh = "localhost:22"\n'
+        'https = { address = "192.168.1.10:443", tls = true, ca_file = "device-ca.pem", '
+        'server_name = "cam.local", host_header = "cam.local" }\n'
+    )
+    (tmp_path / "secret").write_text(secret.read_text())
+    (tmp_path / "secret").chmod(0o600)
+    config = load_agent_config(config_file=cfg)
+    assert config.services["https"] == target
+    cfg.write_text(
+        'server = "https://relay.example.com"\ndevice = "cam-1"\nsecret_file = "secret"\n'
+        '[services]\nhttps = { address = "h:443", tls = "yes" }\n'
+    )
+    with pytest.raises(ConfigError, match="tls = true"):
+        load_agent_config(config_file=cfg)

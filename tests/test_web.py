@@ -563,3 +563,39 @@ def test_bad_request_corpus(web: Web, name: str, status: int, template: str) -> 
     assert _status(answer) == status, answer[:300]
     time.sleep(0.2)
     assert web.recorder.take() == b"", "a refused request reached the device"
+
+
+# --- HTTPS devices and Host rewriting ------------------------------------------------------
+
+
+def test_https_service_verified_with_host_rewritten(web: Web) -> None:
+    cookie = web.cookie(service="https")
+    resp = web.client.request("GET", "/whoami", cookie=cookie)
+    assert resp.status == 200
+    host = f"dev1.{DOMAIN}:{web.client.port}"
+    assert resp.body == f"camera host=camera.local scheme=https xfh={host}\n".encode()
+    assert (
+        web.client.request("GET", "/static/style.css", cookie=cookie).body
+        == (static_files()["style.css"])
+    )
+    # The device redirects to its own name: the browser is sent back through the relay.
+    resp = web.client.request("GET", "/redirect", cookie=cookie)
+    assert resp.status == 302
+    assert resp.header("location") == f"https://{host}/static/style.css"
+
+
+def test_https_service_without_ca_is_encrypted_but_unverified(web: Web) -> None:
+    cookie = web.cookie(service="https-unverified")
+    resp = web.client.request("GET", "/whoami", cookie=cookie)
+    assert resp.status == 200 and resp.body.startswith(b"camera host=camera.local")
+    # Without a Host rewrite the device's name-based server does not know the host.
+    cookie = web.cookie(service="http-nohost")
+    resp = web.client.request("GET", "/whoami", cookie=cookie)
+    assert resp.status == 404 and resp.body.startswith(b"wrong host dev1.")
+
+
+def test_https_service_with_a_certificate_that_does_not_verify(web: Web) -> None:
+    cookie = web.cookie(service="https-wrongname")
+    resp = web.client.request("GET", "/whoami", cookie=cookie)
+    assert resp.status == 502
+    assert b"TLS failed" in resp.body and b"mismatch" in resp.body.lower()

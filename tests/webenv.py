@@ -117,6 +117,11 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
                 f"direct=127.0.0.1:{stack.app_port}",
                 f"record=127.0.0.1:{recorder.port}",
                 f"closed=127.0.0.1:{free_port()}",
+                f"https=tls://127.0.0.1:{stack.nginx.tls_port}?ca={stack.nginx.device_ca}"
+                "&name=camera.local&host=camera.local",
+                f"https-unverified=tls://127.0.0.1:{stack.nginx.tls_port}?host=camera.local",
+                f"https-wrongname=tls://127.0.0.1:{stack.nginx.tls_port}?ca={stack.nginx.device_ca}",
+                f"http-nohost=tls://127.0.0.1:{stack.nginx.tls_port}",
             ],
         )
         relay.wait_output(r"device dev1 connected")

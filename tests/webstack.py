@@ -97,6 +97,8 @@ class Server:
 
     proc: Proc
     port: int
+    tls_port: int = 0  # nginx: its HTTPS port (camera.local)
+    device_ca: Path | None = None  # nginx: the CA of that HTTPS certificate
 
     def wait_ready(self, started: Callable[[], bool], timeout: float = START_TIMEOUT) -> None:
         """Wait until started() (the server says it has bound its port) and the port answers."""
@@ -237,18 +239,100 @@ http {{
             proxy_send_timeout 300s;
         }}
     }}
+
+    # The device's own HTTPS server: answers only to its own name (camera.local).
+    server {{
+        listen {host}:{tls_port} ssl default_server;
+        ssl_certificate {root}/device.pem;
+        ssl_certificate_key {root}/device-key.pem;
+        return 404 "wrong host $host\n";
+    }}
+
+    server {{
+        listen {host}:{tls_port} ssl;
+        server_name camera.local;
+        ssl_certificate {root}/device.pem;
+        ssl_certificate_key {root}/device-key.pem;
+
+        location = /whoami {{
+            default_type text/plain;
+            return 200 "camera host=$host scheme=$scheme xfh=$http_x_forwarded_host\n";
+        }}
+
+        location = /redirect {{
+            return 302 http://camera.local/static/style.css;
+        }}
+
+        location /static/ {{
+            alias {static}/;
+        }}
+    }}
 }}
 """
 
 
-def start_nginx(root: Path, app_port: int, static_dir: Path, port: int | None = None) -> Server:
+def write_device_tls(root: Path, name: str = "camera.local") -> Path:
+    """A CA (returned) and a certificate for ``name`` signed by it, for nginx's HTTPS."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (root / "device.pem").write_bytes(cert.public_bytes(pem))
+    (root / "device-key.pem").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    ca_file = root / "device-ca.pem"
+    ca_file.write_bytes(ca.public_bytes(pem))
+    return ca_file
+
+
+def start_nginx(
+    root: Path,
+    app_port: int,
+    static_dir: Path,
+    port: int | None = None,
+    tls_port: int | None = None,
+) -> Server:
     """nginx (config, pid, logs and temp files under root) on HOST:port.
 
     Serves static_dir at /static/ (and its index.html at /) and proxies /app/ to
-    HOST:app_port.
+    HOST:app_port; on tls_port, HTTPS for the name camera.local only (certificate from
+    root/device-ca.pem).
     """
+    tls_port = tls_port or free_port(HOST)
     port = port or free_port(HOST)
     (root / "temp").mkdir(parents=True, exist_ok=True)
+    write_device_tls(root)
     conf = root / "nginx.conf"
     conf.write_text(
         NGINX_CONF.format(
@@ -257,6 +341,7 @@ def start_nginx(root: Path, app_port: int, static_dir: Path, port: int | None = 
             root=root,
             host=HOST,
             port=port,
+            tls_port=tls_port,
             app_port=app_port,
             static=static_dir,
         )
@@ -264,7 +349,12 @@ def start_nginx(root: Path, app_port: int, static_dir: Path, port: int | None = 
     args = ["nginx", "-c", str(conf), "-p", str(root), "-e", str(root / "error.log")]
     pid_file = root / "nginx.pid"  # written once nginx has bound its port
     pid_file.unlink(missing_ok=True)
-    return _spawn("nginx", [*args, "-g", "daemon off;"], root / "nginx.log", port, pid_file.exists)
+    server = _spawn(
+        "nginx", [*args, "-g", "daemon off;"], root / "nginx.log", port, pid_file.exists
+    )
+    server.tls_port = tls_port
+    server.device_ca = root / "device-ca.pem"
+    return server
 
 
 @dataclass

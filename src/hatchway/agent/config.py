@@ -20,15 +20,34 @@ MAX_SECRET_FILE = 4096
 
 @dataclass(frozen=True)
 class ServiceTarget:
-    """A service the agent exposes: the only places it will ever connect to."""
+    """A service the agent exposes: the only places it will ever connect to.
+
+    ``tls``: the agent speaks TLS to the service (a device's own HTTPS web server),
+    verifying it against ``ca_file`` when one is given (name: ``server_name`` or the
+    host) and not at all otherwise, since devices mostly have self-signed certificates.
+    ``host_header``: for web services, the Host the relay sends instead of the
+    browser's (for web servers that only answer to their own name).
+    """
 
     name: str
     host: str
     port: int
+    tls: bool = False
+    ca_file: Path | None = None
+    server_name: str | None = None
+    host_header: str | None = None
 
     @property
     def is_gateway(self) -> bool:
         return self.host not in ("localhost", "127.0.0.1", "::1")
+
+    @property
+    def verified(self) -> bool:
+        return self.tls and self.ca_file is not None
+
+    def advertised(self) -> dict[str, str]:
+        """What the relay needs to know about this service (HELLO ``service_options``)."""
+        return {"host": self.host_header} if self.host_header else {}
 
 
 @dataclass(frozen=True)
@@ -65,13 +84,68 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
     return host, port
 
 
-def parse_service(spec: str) -> ServiceTarget:
-    """``NAME=HOST:PORT``."""
+_SERVICE_OPTIONS = {"ca": "ca_file", "name": "server_name", "host": "host_header"}
+_HOST_HEADER_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+
+
+def parse_service(spec: str, base: Path | None = None) -> ServiceTarget:
+    """``NAME=[tls://]HOST:PORT[?ca=FILE&name=TLS_NAME&host=HOST_HEADER]``."""
     name, sep, target = spec.partition("=")
     if not sep:
         raise ConfigError(f"--service {spec!r}: expected NAME=HOST:PORT")
-    host, port = parse_host_port(target, f"service {name}")
-    return ServiceTarget(validate_service_name(name.strip()), host, port)
+    name = validate_service_name(name.strip())
+    target, _, query = target.strip().partition("?")
+    tls = target.startswith("tls://")
+    if tls:
+        target = target[len("tls://") :]
+    options: dict[str, str] = {}
+    for item in query.split("&") if query else []:
+        key, has_value, value = item.partition("=")
+        if key not in _SERVICE_OPTIONS or not has_value or not value:
+            raise ConfigError(
+                f"service {name}: unknown option {item!r} (known: ca=FILE, name=TLS_NAME, "
+                "host=HOST_HEADER)"
+            )
+        options[_SERVICE_OPTIONS[key]] = value
+    return _service(name, target, tls, options, base)
+
+
+def _service(
+    name: str, address: str, tls: bool, options: dict[str, Any], base: Path | None
+) -> ServiceTarget:
+    host, port = parse_host_port(address, f"service {name}")
+    ca = options.get("ca_file")
+    server_name = options.get("server_name")
+    host_header = options.get("host_header")
+    if (ca is not None or server_name is not None) and not tls:
+        raise ConfigError(f"service {name}: ca and name need TLS (tls://HOST:PORT)")
+    if host_header is not None and not _HOST_HEADER_RE.fullmatch(str(host_header)):
+        raise ConfigError(f"service {name}: invalid host header {host_header!r}")
+    for key, value in (("ca_file", ca), ("server_name", server_name)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"service {name}: {key} must be a string")
+    ca_file = None
+    if ca is not None:
+        ca_file = (base or Path.cwd()) / os.path.expanduser(ca)
+        if not ca_file.is_file():
+            raise ConfigError(f"service {name}: no CA file {ca_file}")
+    return ServiceTarget(name, host, port, tls, ca_file, server_name, host_header)
+
+
+def _service_table(name: str, value: object, base: Path) -> ServiceTarget:
+    """A TOML service: ``"HOST:PORT"`` or a table with ``address`` and options."""
+    if isinstance(value, str):
+        return parse_service(f"{name}={value}", base)
+    if not isinstance(value, dict):
+        raise ConfigError(f'service {name}: expected "HOST:PORT" or a table')
+    unknown = set(value) - {"address", "tls", "ca_file", "server_name", "host_header"}
+    if unknown:
+        raise ConfigError(f"service {name}: unknown settings {', '.join(sorted(unknown))}")
+    address, tls = value.get("address"), value.get("tls", False)
+    if not isinstance(address, str) or not isinstance(tls, bool):
+        raise ConfigError(f'service {name}: address = "HOST:PORT" and tls = true|false')
+    options = {k: v for k, v in value.items() if k not in ("address", "tls")}
+    return _service(validate_service_name(name), address, tls, options, base)
 
 
 def read_secret_file(path: Path) -> str:
@@ -141,9 +215,7 @@ def load_agent_config(
     if not isinstance(table, dict):
         raise ConfigError('[services] must be a table of NAME = "HOST:PORT"')
     for name, target in table.items():
-        if not isinstance(target, str):
-            raise ConfigError(f'service {name}: expected "HOST:PORT"')
-        targets[name] = parse_service(f"{name}={target}")
+        targets[name] = _service_table(name, target, base)
     for spec in services or []:
         target = parse_service(spec)
         targets[target.name] = target

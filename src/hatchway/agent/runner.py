@@ -8,6 +8,7 @@ import errno
 import logging
 import random
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -91,6 +92,11 @@ class AgentTunnel(TunnelEndpoint):
                     "agent_version": __version__,
                     "uptime": int(time.monotonic() - _STARTED),
                     "services": sorted(self.config.services),
+                    "service_options": {
+                        name: target.advertised()
+                        for name, target in sorted(self.config.services.items())
+                        if target.advertised()
+                    },
                 },
             }
         )
@@ -117,14 +123,25 @@ class AgentTunnel(TunnelEndpoint):
     async def _connect(self, channel: int, target: ServiceTarget) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, binding = await asyncio.wait_for(
-                loop.create_connection(TcpBinding, target.host, target.port),
-                LOCAL_CONNECT_TIMEOUT,
-            )
+            if target.tls:
+                connection = loop.create_connection(
+                    TcpBinding,
+                    target.host,
+                    target.port,
+                    ssl=service_tls_context(target),
+                    server_hostname=target.server_name or target.host,
+                    ssl_handshake_timeout=LOCAL_CONNECT_TIMEOUT,
+                )
+            else:
+                connection = loop.create_connection(TcpBinding, target.host, target.port)
+            _, binding = await asyncio.wait_for(connection, LOCAL_CONNECT_TIMEOUT)
         except TimeoutError:
             failure, text = OpenFailure.TIMEOUT, "timed out"
         except ConnectionRefusedError:
             failure, text = OpenFailure.REFUSED, "connection refused"
+        except ssl.SSLError as exc:
+            failure = OpenFailure.UNREACHABLE
+            text = f"TLS failed: {getattr(exc, 'verify_message', None) or exc.reason or exc}"
         except OSError as exc:
             failure = OpenFailure.UNREACHABLE
             text = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
@@ -157,11 +174,38 @@ class AgentTunnel(TunnelEndpoint):
             self.done.set_result(None)
 
 
+_SERVICE_CONTEXTS: dict[ServiceTarget, ssl.SSLContext] = {}
+
+
+def service_tls_context(target: ServiceTarget) -> ssl.SSLContext:
+    """TLS towards a device's own service: verified against its CA when one is
+    configured, else encrypted without verification (self-signed device certificates)."""
+    ctx = _SERVICE_CONTEXTS.get(target)
+    if ctx is None:
+        if target.ca_file is not None:
+            ctx = client_context(target.ca_file)
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        _SERVICE_CONTEXTS[target] = ctx
+    return ctx
+
+
 class Agent:
     """Connects, serves until the tunnel drops, and tries again with backoff, forever."""
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        for target in config.services.values():
+            if target.tls and not target.verified:
+                log.warning(
+                    "service %s: TLS to %s:%d is encrypted but not verified (add ca=FILE)",
+                    target.name,
+                    target.host,
+                    target.port,
+                )
         self.key = derive_device_key(config.secret)
         self.ssl_context = client_context(config.ca_file)
         self.tunnel: AgentTunnel | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 from websockets.http11 import Request, Response
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("hatchway.relay.tunnel")
 
 SUBPROTOCOL = "hatchway.v1"
+#: A Host header value a device may ask the relay to send to one of its web services.
+_HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 #: From the TCP accept to an authenticated tunnel.
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -157,4 +160,12 @@ def _clean_props(props: dict[str, Any]) -> dict[str, Any]:
     services = props.get("services")
     if isinstance(services, list):
         out["services"] = [s[:64] for s in services[:64] if isinstance(s, str)]
+    options = props.get("service_options")
+    if isinstance(options, dict):
+        kept: dict[str, dict[str, str]] = {}
+        for name, opts in list(options.items())[:64]:
+            host = opts.get("host") if isinstance(opts, dict) else None
+            if isinstance(name, str) and isinstance(host, str) and _HOST_RE.fullmatch(host):
+                kept[name[:64]] = {"host": host}
+        out["service_options"] = kept
     return out

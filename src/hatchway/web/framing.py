@@ -38,7 +38,11 @@ _COPY_MAX = 512
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n\x00]*))?\r?\n")
 # One match per well-formed field line; a line that does not match makes the count short.
-_FIELD_LINES = re.compile(rb"^([" + _TCHAR + rb"]+):[ \t]*([^\r\n\x00]*?)[ \t]*\r?\n", re.MULTILINE)
+# The possessive `*+` keeps a long run of blanks from backtracking quadratically.
+_FIELD_LINES = re.compile(
+    rb"^([" + _TCHAR + rb"]+):[ \t]*+((?:[^\r\n\x00]*[^\r\n\x00 \t])?)[ \t]*\r?\n",
+    re.MULTILINE,
+)
 _FIELD_LINE = re.compile(rb"[" + _TCHAR + rb"]+:[^\r\n\x00]*\r?\n")
 _TOKEN = re.compile(rb"[" + _TCHAR + rb"]+")
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n\x00]*)?\r?\n")

@@ -152,6 +152,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         self.session: WebSessionRecord | None = None
         self.session_secret: str | None = None
         self.service = "http"
+        self.upstream_host: str | None = None  # Host sent to the device, if not the browser's
         self.channel_state = "none"  # none, opening, open, gone
         self.raw = False
         self._upgrading = False
@@ -445,9 +446,14 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         host = req.host if req.host is not None else self.host.encode("latin-1")
         forwarded_for = f'"[{ip}]"' if ":" in ip else ip
         lines = [b"%b %b HTTP/%b" % (req.method, req.url, req.version.encode())]
-        lines.extend(b"%b: %b" % pair for pair in req.headers)
-        if req.host is None:
-            lines.append(b"Host: " + host)
+        upstream = self.upstream_host
+        if upstream is None:
+            lines.extend(b"%b: %b" % pair for pair in req.headers)
+            if req.host is None:
+                lines.append(b"Host: " + host)
+        else:
+            lines.extend(b"%b: %b" % pair for pair in req.headers if pair[0].lower() != b"host")
+            lines.append(b"Host: " + upstream.encode("latin-1"))
         cookies = [c for c in (strip_relay_cookies(v) for v in req.cookies) if c]
         if cookies:
             lines.append(b"Cookie: " + b"; ".join(cookies))
@@ -629,6 +635,10 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         except ApiError as exc:
             self._open_error(exc.status, exc.code, exc.message)
             return
+        entry = self.server.registry.get(self.device)
+        if entry is not None:
+            options = entry.properties.get("service_options", {}).get(self.service, {})
+            self.upstream_host = options.get("host")
         self.channel_state = "opening"
         self.blocked = "open"
         tunnel.open_binding(self.service, self)
@@ -845,21 +855,44 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
 
     # --- response heads ----------------------------------------------------------------------
 
-    @staticmethod
-    def _rewrite_response(head: ResponseHead) -> bytes | None:
-        """Drop the relay's cookies and ``Domain`` attributes from a device's Set-Cookie."""
-        if b"set-cookie" not in head.raw.lower():
+    def _rewrite_response(self, head: ResponseHead) -> bytes | None:
+        """Drop the relay's cookies and ``Domain`` attributes from a device's Set-Cookie;
+        point redirects to the device's own name (or to plain http) back at the relay."""
+        lower = head.raw.lower()
+        if b"set-cookie" not in lower and b"location" not in lower:
             return None
+        changed = False
         headers: list[tuple[bytes, bytes]] = []
         for name, value in head.headers:
-            if name.lower() == b"set-cookie":
+            lname = name.lower()
+            if lname == b"set-cookie":
                 cleaned = clean_set_cookie(value)
+                changed = changed or cleaned != value
                 if cleaned is None:
                     continue
                 value = cleaned
+            elif lname in (b"location", b"content-location"):
+                fixed = self._rewrite_location(value)
+                changed = changed or fixed != value
+                value = fixed
             headers.append((name, value))
+        if not changed:
+            return None
         head.headers = headers
         return head.serialize()
+
+    def _rewrite_location(self, value: bytes) -> bytes:
+        """``http(s)://NAME[:PORT]/path`` for the device's own name, or for the browser's
+        host over plain http, becomes ``https://BROWSER_HOST/path``."""
+        scheme, sep, rest = value.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            return value
+        authority, slash, path = rest.partition(b"/")
+        name = split_host(authority.decode("latin-1"))
+        own = self.upstream_host is not None and name == split_host(self.upstream_host)
+        if own or name == self.host_name:
+            return b"https://" + self.host.encode("latin-1") + slash + path
+        return value
 
     # --- audit -------------------------------------------------------------------------------
 
