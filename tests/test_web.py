@@ -599,3 +599,44 @@ def test_https_service_with_a_certificate_that_does_not_verify(web: Web) -> None
     resp = web.client.request("GET", "/whoami", cookie=cookie)
     assert resp.status == 502
     assert b"TLS failed" in resp.body and b"mismatch" in resp.body.lower()
+
+
+# --- the cache for slow links ----------------------------------------------------------------
+
+
+def _device_hits(web: Web, path: str) -> int:
+    access = Path(web.stack.static_dir).parent / "nginx" / "access.log"
+    return sum(f'"GET {path} ' in line for line in access.read_text().splitlines())
+
+
+def test_cache_serves_what_the_device_marks_cacheable(web: Web) -> None:
+    cookie = web.cookie()
+    path = "/cached/app.js"
+    first = web.client.request("GET", path, cookie=cookie)
+    second = web.client.request("GET", path, cookie=cookie)
+    assert first.status == second.status == 200
+    assert first.body == second.body == static_files()["app.js"]
+    assert first.header("age") is None and second.header("age") is not None
+    assert second.header("cache-control") == "max-age=3600"
+    assert _device_hits(web, path) == 1
+    # HEAD from the cache: the head only.
+    head = web.client.request("HEAD", path, cookie=cookie)
+    assert head.status == 200 and head.body == b"" and head.header("age") is not None
+    # The client asks for a fresh copy: the device is asked.
+    web.client.request("GET", path, cookie=cookie, headers={"Cache-Control": "no-cache"})
+    assert _device_hits(web, path) == 2
+    # Still only for users with access: without a session, the login redirect.
+    assert web.client.request("GET", path).status == 303
+
+
+def test_cache_keeps_away_from_private_cookies_and_honours_vary(web: Web) -> None:
+    cookie = web.cookie()
+    for path in ("/cached-cookie/style.css", "/cached-private/style.css"):
+        for _ in range(2):
+            assert web.client.request("GET", path, cookie=cookie).status == 200
+        assert _device_hits(web, path) == 2, path
+    path = "/cached-vary/style.css"
+    for lang, expected_hits in (("en", 1), ("de", 2), ("en", 2), ("de", 2)):
+        resp = web.client.request("GET", path, cookie=cookie, headers={"Accept-Language": lang})
+        assert resp.status == 200
+        assert _device_hits(web, path) == expected_hits, lang

@@ -102,7 +102,7 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
     recorder = Recorder()
     try:
         relay, port, password = env.start_relay(
-            extra=["--domain", DOMAIN, "--web-max-body", str(300 << 20)]
+            extra=["--domain", DOMAIN, "--web-max-body", str(300 << 20), "--web-cache-mb", "4"]
         )
         assert password is not None
         url = f"https://127.0.0.1:{port}"

@@ -224,6 +224,29 @@ http {{
             alias {static}/;
         }}
 
+        # The same files with caching headers (for the relay's cache).
+        location /cached/ {{
+            alias {static}/;
+            expires 1h;
+        }}
+
+        location /cached-vary/ {{
+            alias {static}/;
+            expires 1h;
+            add_header Vary Accept-Language;
+        }}
+
+        location /cached-cookie/ {{
+            alias {static}/;
+            expires 1h;
+            add_header Set-Cookie "seen=1; Path=/";
+        }}
+
+        location /cached-private/ {{
+            alias {static}/;
+            add_header Cache-Control "private, max-age=3600";
+        }}
+
         location /app/ {{
             proxy_pass http://device_app;
             proxy_http_version 1.1;

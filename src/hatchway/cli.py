@@ -118,6 +118,13 @@ def agent(ctx: click.Context) -> None:
     show_default=True,
     help="largest request body (bytes) sent to a device's web UI; 0: no limit",
 )
+@click.option(
+    "--web-cache-mb",
+    type=click.IntRange(0, 1 << 20),
+    default=0,
+    show_default=True,
+    help="cache this many MiB of each device's static web resources (0: no cache)",
+)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def server(
     data_dir: Path,
@@ -128,6 +135,7 @@ def server(
     loop: str,
     max_channels: int,
     web_max_body: int,
+    web_cache_mb: int,
     verbose: bool,
 ) -> None:
     """Run the relay server."""
@@ -145,6 +153,7 @@ def server(
         tls_key=tls_key,
         max_channels=max_channels,
         web_max_body=web_max_body,
+        web_cache_size=web_cache_mb << 20,
     )
     try:
         _run(run_relay(config), loop)

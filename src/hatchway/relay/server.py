@@ -57,6 +57,8 @@ class RelayConfig:
     max_channels: int = DEFAULT_MAX_CHANNELS
     #: Largest request body proxied to a device's web UI (0: no limit).
     web_max_body: int = 0
+    #: Bytes of static resources cached per device for its web UI (0: no cache).
+    web_cache_size: int = 0
 
 
 class RelayServer:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from hatchway.auth.device import DEVICE_ID_RE
 from hatchway.store.base import WebSessionRecord
+from hatchway.web.cache import ResponseCache
 
 if TYPE_CHECKING:
     from hatchway.relay.server import RelayServer
@@ -115,6 +116,7 @@ class WebAccess:
         # secret -> (session or None, trusted until)
         self._cache: dict[str, tuple[WebSessionRecord | None, float]] = {}
         self.proxies: set[WebProxy] = set()
+        self.caches: dict[str, ResponseCache] = {}
         self._task: asyncio.Task[None] | None = None
         self._sweeping = False
 
@@ -138,6 +140,18 @@ class WebAccess:
     def device_origin(self, device: str, host_header: str) -> str:
         """``https://DEVICE.DOMAIN[:PORT]``, the port as the browser sees the relay."""
         return f"https://{device}.{self.domain}{host_port_suffix(host_header)}"
+
+    def cache_for(self, device: str) -> ResponseCache | None:
+        """The device's cache of static resources, if the relay keeps one."""
+        size = self.server.config.web_cache_size
+        if not size:
+            return None
+        cache = self.caches.get(device)
+        if cache is None:
+            if len(self.caches) >= 10_000:
+                self.caches.pop(next(iter(self.caches)))
+            cache = self.caches[device] = ResponseCache(size)
+        return cache
 
     # --- sessions -------------------------------------------------------------------------
 

@@ -112,6 +112,19 @@ class _State(enum.Enum):
     DONE = enum.auto()  # a response that closes the connection has ended
 
 
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION = 1, 2, 3
+# The fields that decide framing, in their usual spellings (others are lowercased first).
+_FRAMING_FIELDS = {
+    spelling: kind
+    for name, kind in (
+        ("content-length", _CONTENT_LENGTH),
+        ("transfer-encoding", _TRANSFER_ENCODING),
+        ("connection", _CONNECTION),
+    )
+    for spelling in (name.encode(), name.title().encode())
+}
+_FRAMING_FIELD_SIZES = frozenset(len(kind) for kind in _FRAMING_FIELDS)
+
 _HEAD = _State.HEAD
 _BODY_LENGTH = _State.BODY_LENGTH
 _CHUNK_SIZE = _State.CHUNK_SIZE
@@ -394,27 +407,25 @@ class ResponseFramer:
             return  # other 1xx are interim: the final response is still to come
         lengths: list[bytes] = []
         codings: list[bytes] = []
-        options: list[bytes] = []
-        for name, value in head.headers:
-            size = len(name)
-            if size == 14 or size == 17 or size == 10:
-                name = name.lower()
-                if name == b"content-length":
-                    lengths.append(value)
-                elif name == b"transfer-encoding":
-                    codings.append(value)
-                elif name == b"connection":
-                    options.append(value)
-        close = upgrade  # an upgrade request that was not upgraded: the client may have
-        # sent bytes after it that are not HTTP
+        close = upgrade  # not upgraded: what the client sent after its request may not be HTTP
         keep_alive = False
-        for value in options:
-            for option in value.split(b","):
-                option = option.strip(b" \t").lower()
-                if option == b"close":
-                    close = True
-                elif option == b"keep-alive":
-                    keep_alive = True
+        for name, value in head.headers:
+            kind = _FRAMING_FIELDS.get(name)
+            if kind is None:
+                if len(name) not in _FRAMING_FIELD_SIZES:
+                    continue
+                kind = _FRAMING_FIELDS.get(name.lower())
+            if kind == _CONTENT_LENGTH:
+                lengths.append(value)
+            elif kind == _TRANSFER_ENCODING:
+                codings.append(value)
+            elif kind == _CONNECTION:
+                for option in value.lower().split(b","):
+                    option = option.strip(b" \t")
+                    if option == b"close":
+                        close = True
+                    elif option == b"keep-alive":
+                        keep_alive = True
         http_10 = head.version == HTTP_10
         if http_10 and not keep_alive:
             close = True

@@ -49,6 +49,7 @@ from hatchway.web.access import (
     split_host,
     strip_relay_cookies,
 )
+from hatchway.web.cache import ResponseCache, request_may_use_cache
 from hatchway.web.framing import ResponseError, ResponseFramer, ResponseHead
 from hatchway.web.pages import error_page, http_response
 
@@ -110,6 +111,7 @@ class _Request:
         "close",
         "cookies",
         "error",
+        "has_length",
         "headers",
         "host",
         "method",
@@ -130,6 +132,29 @@ class _Request:
         self.upgrade = False
         self.error: tuple[int, str] | None = None
         self.body_bytes = 0
+        self.has_length = False
+
+
+class _Capture:
+    """A cacheable response being copied as it passes."""
+
+    __slots__ = ("body", "decision", "head", "marker", "remaining", "started", "url")
+
+    def __init__(
+        self,
+        url: bytes,
+        head: ResponseHead,
+        decision: tuple[float, float, tuple[tuple[bytes, bytes], ...]],
+        marker: bytes,
+        length: int,
+    ) -> None:
+        self.url = url
+        self.head = head
+        self.decision = decision
+        self.marker = marker
+        self.remaining = length
+        self.started = False
+        self.body = bytearray()
 
 
 class WebProxy(asyncio.Protocol, ChannelBinding):
@@ -173,6 +198,9 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         self.outcome = "no-request"
         self.started_at = datetime.now(UTC)
         self.requests = 0
+        self.cache_hits = 0
+        self._expected: deque[_Request | None] = deque()
+        self._capture: _Capture | None = None
 
     # --- asyncio.Protocol: the browser's side ------------------------------------------------
 
@@ -293,6 +321,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
                 req.upgrade = value.strip().lower() == b"websocket"
             elif lname == b"content-length":
                 content_length = value
+                req.has_length = value.strip() != b"0"
             if lname not in _DROP:
                 keep.append((name, value))
         if connection_tokens:
@@ -426,6 +455,17 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             return False
         if not self._authorized(req):
             return False
+        cache = self.access.cache_for(self.device)
+        cacheable = (
+            cache is not None
+            and req.method in (b"GET", b"HEAD")
+            and not req.upgrade
+            and not req.chunked
+            and not req.has_length
+            and request_may_use_cache(req.headers)
+        )
+        if cacheable and cache is not None and self._serve_cached(cache, req):
+            return True
         if self.channel_state != "open":
             if self.channel_state == "none":
                 self._open_channel()
@@ -434,6 +474,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         self._send_chunked = req.chunked
         self.forward(self._head(req))
         self.framer.expect(req.method, upgrade=req.upgrade)
+        self._expected.append(req if cacheable and req.method == b"GET" else None)
         self.requests += 1
         if req.close:
             # The device closes after this one; so do we. Its body still follows.
@@ -470,6 +511,61 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             lines.append(b"Connection: close")
         lines.append(b"\r\n")
         return b"\r\n".join(lines)
+
+    # --- the cache ---------------------------------------------------------------------------
+
+    def _serve_cached(self, cache: ResponseCache, req: _Request) -> bool:
+        """Answer from the device's cache if nothing from the device is on its way."""
+        if self.framer.pending or self.framer.in_message or self.transport is None:
+            return False
+        entry = cache.lookup(self.service, req.url, req.headers)
+        if entry is None:
+            return False
+        self.transport.write(entry.render(time.monotonic(), head_only=req.method == b"HEAD"))
+        self.requests += 1
+        self.cache_hits += 1
+        if req.close:
+            self._last_request = True
+            self._close_when_idle = True
+            self._close()
+        return True
+
+    def _start_capture(self, req: _Request, head: ResponseHead, out: bytes | None) -> bytes | None:
+        cache = self.access.cache_for(self.device)
+        decision = cache.storable(req.headers, head) if cache is not None else None
+        if decision is None:
+            return out
+        marker = out if out is not None else head.serialize()
+        length = int(head.get(b"content-length") or b"0")
+        self._capture = _Capture(req.url, head, decision, marker, length)
+        return marker
+
+    def _collect(self, pieces: list[bytes | memoryview]) -> None:
+        capture = self._capture
+        assert capture is not None
+        for piece in pieces:
+            if not capture.started:
+                capture.started = piece is capture.marker
+                continue
+            take = min(len(piece), capture.remaining)
+            capture.body += piece[:take]
+            capture.remaining -= take
+            if capture.remaining == 0:
+                break
+        if capture.started and capture.remaining == 0:
+            self._capture = None
+            cache = self.access.cache_for(self.device)
+            if cache is not None:
+                lifetime, age, vary = capture.decision
+                cache.store(
+                    self.service,
+                    capture.url,
+                    capture.head,
+                    bytes(capture.body),
+                    lifetime,
+                    age,
+                    vary,
+                )
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -709,6 +805,8 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         if pieces and self.transport is not None:
             self.transport.writelines(pieces)
             self._partial_response = self.framer.in_message
+            if self._capture is not None:
+                self._collect(pieces)
         if self.framer.upgraded:
             if self.outcome == "open":
                 self.outcome = "upgraded"
@@ -856,6 +954,14 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
     # --- response heads ----------------------------------------------------------------------
 
     def _rewrite_response(self, head: ResponseHead) -> bytes | None:
+        out = self._rewrite_head(head)
+        if head.status >= 200 or head.status == 101:
+            req = self._expected.popleft() if self._expected else None
+            if req is not None:
+                return self._start_capture(req, head, out)
+        return out
+
+    def _rewrite_head(self, head: ResponseHead) -> bytes | None:
         """Drop the relay's cookies and ``Domain`` attributes from a device's Set-Cookie;
         point redirects to the device's own name (or to plain http) back at the relay."""
         lower = head.raw.lower()
