@@ -281,11 +281,10 @@ class WebBench(tb.Bench):
         self.agent: Proc | None = None
         self.results: dict[tuple[str, str], list[WrkResult]] = {}
         self.web_memory: dict[str, Any] = {}
-        self.rss: dict[str, int] = {}
+        self.rss_after_load: dict[str, int] = {}
 
     def _probe(self, tool: tb.Tool) -> None:
         """tunnel_bench probes its banner; here the tool's "iperf" port reaches nginx."""
-        assert self.nginx is not None
         http_check(Row(tool.name, tool.label, f"http://127.0.0.1:{tool.iperf_port}"), self.root)
 
     # --- setup --------------------------------------------------------------------------
@@ -380,6 +379,10 @@ class WebBench(tb.Bench):
                         + " ".join(f"{name} {s:.1f}" for name, s in result.cpu.items())
                     )
                     time.sleep(0.5)
+        if self.relay is not None and self.agent is not None:
+            self.rss_after_load = rss_of(
+                {"relay": self.relay.popen.pid, "agent": self.agent.popen.pid}
+            )
 
     def _wrk_once(self, row: Row, path: str, connections: int) -> WrkResult:
         cpu0 = {name: tb.tree_cpu_seconds(pid) for name, pid in row.cpu}
@@ -448,14 +451,8 @@ class WebBench(tb.Bench):
                 if one is None
                 else f"{one * 1000:.0f}" + (f" ({one / base:.1f}x)" if base else "")
             )
-            path_of = {key: path for key, _, path, _ in TESTS}
-            errors = [
-                f"{label}: {text}"
-                for key, label, _, _ in TESTS
-                for text in [self._errors(row, key, path_of[key])]
-                if text
-            ]
-            cells.append("; ".join(errors) or "none")
+            errors = [(label, self._errors(row, key, path)) for key, label, path, _ in TESTS]
+            cells.append("; ".join(f"{label}: {text}" for label, text in errors if text) or "none")
             rows.append(cells)
         log(
             tb.markdown_table(
@@ -556,13 +553,20 @@ class WebBench(tb.Bench):
         log("")
         log(
             tb.markdown_table(
-                ["process", "idle MiB", f"with {m['ok']} clients MiB", "KiB per client"],
+                [
+                    "process",
+                    "idle MiB",
+                    f"with {m['ok']} clients MiB",
+                    "KiB per client",
+                    "after the wrk runs MiB",
+                ],
                 [
                     [
                         name,
                         f"{m['idle'][name] / 1024:.1f}",
                         f"{m['rss'][name] / 1024:.1f}",
                         f"{(m['rss'][name] - m['idle'][name]) / ok:.1f}",
+                        f"{self.rss_after_load[name] / 1024:.1f}" if self.rss_after_load else "-",
                     ]
                     for name in ("relay", "agent")
                 ],

@@ -14,6 +14,7 @@ import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -96,13 +97,23 @@ class Web:
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
-    root = tmp_path_factory.mktemp("web")
+    """Device web UIs on subdomains (the default routing), with a 4 MiB cache."""
+    yield from start_web_env(tmp_path_factory.mktemp("web"), ["--web-cache-mb", "4"])
+
+
+@pytest.fixture(scope="module")
+def web_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
+    """Device web UIs under https://relay.localhost/d/DEVICE/ only."""
+    yield from start_web_env(tmp_path_factory.mktemp("web-path"), ["--web-routing", "path"])
+
+
+def start_web_env(root: Path, extra: list[str]) -> Iterator[Web]:
     env = Env(root)
     stack = start_web_stack(root)
     recorder = Recorder()
     try:
         relay, port, password = env.start_relay(
-            extra=["--domain", DOMAIN, "--web-max-body", str(300 << 20), "--web-cache-mb", "4"]
+            extra=["--domain", DOMAIN, "--web-max-body", str(300 << 20), *extra]
         )
         assert password is not None
         url = f"https://127.0.0.1:{port}"

@@ -125,6 +125,14 @@ def agent(ctx: click.Context) -> None:
     show_default=True,
     help="cache this many MiB of each device's static web resources (0: no cache)",
 )
+@click.option(
+    "--web-routing",
+    type=click.Choice(["host", "path", "both"]),
+    default="host",
+    show_default=True,
+    help="device web UIs at https://DEVICE.DOMAIN/ (host) or https://DOMAIN/d/DEVICE/ "
+    "(path: no wildcard DNS needed, weaker isolation, see docs/WEB.md)",
+)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def server(
     data_dir: Path,
@@ -136,6 +144,7 @@ def server(
     max_channels: int,
     web_max_body: int,
     web_cache_mb: int,
+    web_routing: str,
     verbose: bool,
 ) -> None:
     """Run the relay server."""
@@ -154,6 +163,7 @@ def server(
         max_channels=max_channels,
         web_max_body=web_max_body,
         web_cache_size=web_cache_mb << 20,
+        web_routing=web_routing,
     )
     try:
         _run(run_relay(config), loop)

@@ -82,6 +82,7 @@ class HttpRequest:
     def __init__(self, on_head: Callable[[HttpRequest], None] | None = None) -> None:
         self._on_head = on_head
         self.device: str | None = None
+        self.prefix: str | None = None
         self.url = b""
         self.headers: list[tuple[str, str]] = []
         self.body = bytearray()
@@ -223,7 +224,18 @@ class FrontDoor(asyncio.Protocol):
             )
             raise _HandOff
         if device is not None:
+            if not web.host_routing:
+                self._respond_page(404, "Not found", "Device subdomains are not served here.")
+                raise _HandOff
             request.device = device
+            raise _HandOff
+        try:
+            routed = web.device_for_path(request.url.decode("latin-1").split("?", 1)[0])
+        except LookupError:
+            self._respond_page(404, "Not found", "There is no such device.")
+            raise _HandOff from None
+        if routed is not None:
+            request.device, request.prefix = routed
             raise _HandOff
 
     def _web(self) -> None:
@@ -236,8 +248,34 @@ class FrontDoor(asyncio.Protocol):
             self.request.header("host") or "",
             self.source,
             self.first_byte_at or time.monotonic(),
+            self.request.prefix,
         )
         self._hand_over(proxy)
+
+    def _referred_device_path(self, url: urllib.parse.SplitResult) -> str | None:
+        """Path routing: a device page asked for an absolute path (``/style.css``) that
+        is not the relay's; its Referer says which device: send it there."""
+        web = self.server.web
+        if not web.path_routing or url.path.startswith("/api/") or ui.is_ui_path(url.path):
+            return None
+        referer = urllib.parse.urlsplit(self.request.header("referer") or "")
+        if referer.netloc != (self.request.header("host") or "") or not referer.netloc:
+            return None
+        try:
+            routed = web.device_for_path(referer.path)
+        except LookupError:
+            return None
+        if routed is None:
+            return None
+        return routed[1] + url.path + (f"?{url.query}" if url.query else "")
+
+    def _respond_raw(self, response: bytes) -> None:
+        transport = self.transport
+        self._handed_over = True
+        if transport is None or transport.is_closing():
+            return
+        transport.write(response)
+        transport.close()
 
     def _respond_page(self, status: int, title: str, message: str) -> None:
         transport = self.transport
@@ -276,6 +314,10 @@ class FrontDoor(asyncio.Protocol):
                 self.server.track(asyncio.get_running_loop().create_task(coro))
             else:
                 self._respond(404, {"error": "not_found", "message": "no such endpoint"})
+            return
+        referred = self._referred_device_path(url)
+        if referred is not None:
+            self._respond_raw(http_response(307, b"", headers=[("Location", referred)]))
             return
         self.transport.pause_reading()
         self._handed_over = True

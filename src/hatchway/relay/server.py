@@ -59,6 +59,8 @@ class RelayConfig:
     web_max_body: int = 0
     #: Bytes of static resources cached per device for its web UI (0: no cache).
     web_cache_size: int = 0
+    #: Device web UIs by subdomain ("host"), under /d/DEVICE/ ("path"), or both.
+    web_routing: str = "host"
 
 
 class RelayServer:

@@ -36,9 +36,11 @@ log = logging.getLogger("hatchway.relay.web")
 
 RELAY_COOKIE = "__Host-hatchway"
 DEVICE_COOKIE = "__Host-hatchway-device"
-#: Any cookie whose name starts with this (case-insensitively) belongs to the relay: it
-#: is stripped from requests to devices and a device cannot set one.
-RELAY_COOKIE_PREFIX = b"__host-hatchway"
+#: Any cookie whose name starts with one of these (case-insensitively) belongs to the
+#: relay: it is stripped from requests to devices and a device cannot set one.
+RELAY_COOKIE_PREFIXES = (b"__host-hatchway", b"__secure-hatchway")
+#: Path routing (``--web-routing path``): a device under ``https://RELAY/d/DEVICE/``.
+PATH_PREFIX = "/d/"
 #: Paths under this prefix on a device's subdomain are the relay's, never forwarded.
 RESERVED_PREFIX = "/__hatchway/"
 AUTH_PATH = "/__hatchway/auth"
@@ -88,14 +90,21 @@ def cookie_values(header: str | None, name: str) -> list[str]:
     return out
 
 
+def path_cookie_name(device: str) -> str:
+    """The device session cookie under path routing: one per device on one origin, so
+    ``__Secure-`` (``__Host-`` requires ``Path=/``)."""
+    return f"__Secure-hatchway-d-{device}"
+
+
 def strip_relay_cookies(header: bytes) -> bytes:
     """The Cookie header without the relay's cookies (empty if nothing else is left)."""
-    if RELAY_COOKIE_PREFIX not in header.lower():
+    lower = header.lower()
+    if b"__host-hatchway" not in lower and b"__secure-hatchway" not in lower:
         return header
     kept = [
         part.strip()
         for part in header.split(b";")
-        if part.strip() and not part.strip().lower().startswith(RELAY_COOKIE_PREFIX)
+        if part.strip() and not part.strip().lower().startswith(RELAY_COOKIE_PREFIXES)
     ]
     return b"; ".join(kept)
 
@@ -137,9 +146,32 @@ class WebAccess:
             raise LookupError(name)
         return label
 
+    @property
+    def path_routing(self) -> bool:
+        return self.server.config.web_routing in ("path", "both")
+
+    @property
+    def host_routing(self) -> bool:
+        return self.server.config.web_routing in ("host", "both")
+
+    def device_for_path(self, path: str) -> tuple[str, str] | None:
+        """Path routing: (device, prefix) for ``/d/DEVICE[/...]``; LookupError for a
+        name that cannot be a device."""
+        if not self.path_routing or not path.startswith(PATH_PREFIX):
+            return None
+        device = path[len(PATH_PREFIX) :].split("/", 1)[0]
+        if not DEVICE_ID_RE.fullmatch(device):
+            raise LookupError(device)
+        return device, PATH_PREFIX + device
+
     def device_origin(self, device: str, host_header: str) -> str:
-        """``https://DEVICE.DOMAIN[:PORT]``, the port as the browser sees the relay."""
-        return f"https://{device}.{self.domain}{host_port_suffix(host_header)}"
+        """Where a device's web UI lives, as the browser sees the relay:
+        ``https://DEVICE.DOMAIN[:PORT]``, or ``https://DOMAIN[:PORT]/d/DEVICE`` when
+        only path routing is on."""
+        port = host_port_suffix(host_header)
+        if not self.host_routing:
+            return f"https://{self.domain}{port}{PATH_PREFIX}{device}"
+        return f"https://{device}.{self.domain}{port}"
 
     def cache_for(self, device: str) -> ResponseCache | None:
         """The device's cache of static resources, if the relay keeps one."""

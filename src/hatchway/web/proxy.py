@@ -42,9 +42,10 @@ from hatchway.web.access import (
     AUTH_PATH,
     DEVICE_COOKIE,
     DEVICE_SESSION_TTL,
-    RELAY_COOKIE_PREFIX,
+    RELAY_COOKIE_PREFIXES,
     RESERVED_PREFIX,
     cookie_values,
+    path_cookie_name,
     safe_next,
     split_host,
     strip_relay_cookies,
@@ -113,6 +114,7 @@ class _Request:
         "error",
         "has_length",
         "headers",
+        "unprefixed",
         "host",
         "method",
         "upgrade",
@@ -133,6 +135,7 @@ class _Request:
         self.error: tuple[int, str] | None = None
         self.body_bytes = 0
         self.has_length = False
+        self.unprefixed = False
 
 
 class _Capture:
@@ -159,10 +162,19 @@ class _Capture:
 
 class WebProxy(asyncio.Protocol, ChannelBinding):
     def __init__(
-        self, access: WebAccess, device: str, host: str, source: str, first_byte_at: float
+        self,
+        access: WebAccess,
+        device: str,
+        host: str,
+        source: str,
+        first_byte_at: float,
+        prefix: str | None = None,
     ) -> None:
         ChannelBinding.__init__(self)
         self.access = access
+        # Path routing: the device lives under https://RELAY/d/DEVICE/ (see access.py).
+        self.prefix = prefix.encode() if prefix else b""
+        self.cookie_name = path_cookie_name(device) if prefix else DEVICE_COOKIE
         self.server = access.server
         self.device = device
         self.host = host  # the Host header of the first request, as sent
@@ -449,6 +461,12 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         if req.host is not None and split_host(req.host.decode("latin-1")) != self.host_name:
             self._fail(421, "this connection serves another host")
             return False
+        if self.prefix and not req.unprefixed:  # _start may run again after a wait
+            if not req.url.startswith(self.prefix + b"/"):
+                self._elsewhere(req)
+                return False
+            req.url = req.url[len(self.prefix) :]
+            req.unprefixed = True
         path = req.url.split(b"?", 1)[0]
         if path.startswith(RESERVED_PREFIX.encode()):
             self._relay_path(req)
@@ -573,7 +591,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         secrets = [
             value
             for header in req.cookies
-            for value in cookie_values(header.decode("latin-1"), DEVICE_COOKIE)
+            for value in cookie_values(header.decode("latin-1"), self.cookie_name)
         ]
         if self.session_secret is not None and self.session_secret in secrets:
             known, record = self.access.cached(self.session_secret)
@@ -640,6 +658,28 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             self.blocked = None
             self._pump()
 
+    def _elsewhere(self, req: _Request) -> None:
+        """Path routing: a request for another part of the relay's origin on this
+        connection. Sent again (307 keeps method and body) on a new connection, which
+        the front door routes."""
+        if req.url == self.prefix:
+            location = (self.prefix + b"/").decode("latin-1")
+        elif self._referred_here(req):
+            # An absolute path in one of this device's pages (``/style.css``).
+            location = (self.prefix + req.url).decode("latin-1")
+        else:
+            location = req.url.decode("latin-1")
+        self._local(http_response(307, b"", headers=[("Location", location)]))
+
+    def _referred_here(self, req: _Request) -> bool:
+        for name, value in req.headers:
+            if name.lower() == b"referer":
+                referer = urllib.parse.urlsplit(value.decode("latin-1"))
+                return referer.netloc == self.host and referer.path.startswith(
+                    self.prefix.decode() + "/"
+                )
+        return False
+
     def _login_needed(self, req: _Request) -> None:
         if req.method in (b"GET", b"HEAD"):
             relay = f"https://{self.access.domain}{_port_suffix(self.host)}"
@@ -697,15 +737,16 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             self.source,
         )
         max_age = int(DEVICE_SESSION_TTL.total_seconds())
+        prefix = self.prefix.decode()
         self._local(
             http_response(
                 303,
                 b"",
                 headers=[
-                    ("Location", next_path),
+                    ("Location", prefix + next_path),
                     (
                         "Set-Cookie",
-                        f"{DEVICE_COOKIE}={secret}; Path=/; Secure; HttpOnly; "
+                        f"{self.cookie_name}={secret}; Path={prefix or ''}/; Secure; HttpOnly; "
                         f"SameSite=Lax; Max-Age={max_age}",
                     ),
                 ],
@@ -972,7 +1013,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         for name, value in head.headers:
             lname = name.lower()
             if lname == b"set-cookie":
-                cleaned = clean_set_cookie(value)
+                cleaned = clean_set_cookie(value, self.prefix)
                 changed = changed or cleaned != value
                 if cleaned is None:
                     continue
@@ -990,6 +1031,8 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
     def _rewrite_location(self, value: bytes) -> bytes:
         """``http(s)://NAME[:PORT]/path`` for the device's own name, or for the browser's
         host over plain http, becomes ``https://BROWSER_HOST/path``."""
+        if value.startswith(b"/") and not value.startswith(b"//"):
+            return self.prefix + value  # an absolute path on the device
         scheme, sep, rest = value.partition(b"://")
         if not sep or scheme.lower() not in (b"http", b"https"):
             return value
@@ -997,7 +1040,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         name = split_host(authority.decode("latin-1"))
         own = self.upstream_host is not None and name == split_host(self.upstream_host)
         if own or name == self.host_name:
-            return b"https://" + self.host.encode("latin-1") + slash + path
+            return b"https://" + self.host.encode("latin-1") + self.prefix + slash + path
         return value
 
     # --- audit -------------------------------------------------------------------------------
@@ -1035,15 +1078,26 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             self.server.record_channel(record)
 
 
-def clean_set_cookie(value: bytes) -> bytes | None:
-    """A device's Set-Cookie made host-only, or None if it names a relay cookie."""
+def clean_set_cookie(value: bytes, prefix: bytes = b"") -> bytes | None:
+    """A device's Set-Cookie made host-only (and, under path routing, confined to the
+    device's path), or None if it names a relay cookie."""
     name = value.split(b"=", 1)[0].strip().lower()
-    if name.startswith(RELAY_COOKIE_PREFIX):
+    if name.startswith(RELAY_COOKIE_PREFIXES):
         return None
-    if b"domain" not in value.lower():
+    lower = value.lower()
+    if b"domain" not in lower and not (prefix and b"path" in lower):
         return value
     parts = value.split(b";")
-    kept = [parts[0]] + [p for p in parts[1:] if p.split(b"=", 1)[0].strip().lower() != b"domain"]
+    kept = [parts[0]]
+    for part in parts[1:]:
+        key, _, arg = part.partition(b"=")
+        key = key.strip().lower()
+        if key == b"domain":
+            continue
+        if key == b"path" and prefix:
+            arg = arg.strip()
+            part = b" Path=" + prefix + (arg if arg.startswith(b"/") else b"/")
+        kept.append(part)
     return b";".join(kept)
 
 
