@@ -130,7 +130,7 @@ def test_browser_flow_form_login_open_and_logout(web: Web) -> None:
     assert link.netloc == f"dev1.{DOMAIN}:{client.port}"
     auth = client.request("GET", f"{link.path}?{link.query}")
     assert auth.status == 303 and auth.header("location") == "/app/"
-    assert auth.header("referrer-policy") == "no-referrer"
+    assert auth.header("referrer-policy") == "same-origin"
     device_cookie = f"{DEVICE_COOKIE}={set_cookie_value(auth, DEVICE_COOKIE)}"
     page = client.request("GET", "/app/", cookie=device_cookie)
     assert page.status == 200 and b"hello from the device app" in page.body

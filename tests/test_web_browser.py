@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, Response, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from tests.webclient import DOMAIN
 from tests.webenv import DEVICE_COOKIE, RELAY_COOKIE, Web, web
@@ -91,33 +92,32 @@ def _login_url(web: Web) -> re.Pattern[str]:
     return re.compile(re.escape(f"{_origin(web)}/login") + r"(\?.*)?$")
 
 
-def _log_in(page: Page, web: Web) -> None:
-    """On the relay's login page: fill in the form and send it."""
+def _submit(page: Page, button: str) -> Response:
+    """Click a form's button; the response to the POST it sends (which must redirect)."""
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        page.get_by_role("button", name=button).click()
+    resp = posted.value
+    if resp.status != 303:
+        page.wait_for_load_state()
+        origin = resp.request.header_value("origin")
+        pytest.fail(
+            f"POST {resp.url} (Origin: {origin}) answered {resp.status}: "
+            f"{page.locator('body').inner_text()!r}"
+        )
+    return resp
 
-    page.goto(page.url)
+
+def _log_in(page: Page, web: Web, then: str) -> None:
+    """On the relay's login page: fill in the form, send it and wait to arrive at ``then``."""
+    console: list[str] = []
+    page.on("console", lambda msg: console.append(msg.text))
     page.get_by_label("User").fill("admin")
     page.get_by_label("Password").fill(web.password)
-    page.get_by_role("button", name="Log in").click()
-
-
-def _hack(page, web):
-    def fix(route, request):
-        if request.method != "GET":
-            return route.continue_()
-        import urllib.parse as up
-
-        u = up.urlsplit(request.url)
-        ck = "; ".join(f"{c['name']}={c['value']}" for c in page.context.cookies(request.url))
-        resp = web.client.request(
-            "GET", u.path + ("?" + u.query if u.query else ""), device=None, cookie=ck or None
-        )
-        h = {k: v for k, v in resp.headers}
-        h["Referrer-Policy"] = "same-origin"
-        h["Content-Security-Policy"] = h["Content-Security-Policy"].replace("form-action 'self'", "form-action 'self' https://*.relay.localhost:*")
-        print("FIXING", request.url, resp.status)
-        route.fulfill(status=resp.status, headers=h, body=resp.body)
-
-    page.context.route(re.compile(re.escape(_origin(web)) + "/(login.*)?$"), fix)
+    _submit(page, "Log in")
+    try:
+        page.wait_for_url(then)
+    except PlaywrightTimeoutError:
+        pytest.fail(f"logged in, but stuck at {page.url} instead of {then}; console: {console}")
 
 
 def _websocket_echo(page: Page, message: str) -> str:
@@ -138,7 +138,6 @@ def test_log_in_open_device_websocket_and_log_out(page: Page, web: Web) -> None:
     device = _origin(web, "dev1")
     console: list[str] = []
     page.on("console", lambda msg: console.append(msg.text))
-    _hack(page, web)
 
     # 1. No session: the device's page sends the browser to the relay's login page.
     page.goto(f"{device}/")
@@ -146,21 +145,7 @@ def test_log_in_open_device_websocket_and_log_out(page: Page, web: Web) -> None:
     assert page.title() == "Log in · Hatchway"
 
     # 2. Log in: through /open/dev1 and the one-time link, back on the device's page.
-    page.on("response", lambda r: print("RESP", r.status, r.url, r.headers.get("location")))
-    page.on("requestfailed", lambda r: print("FAILED", r.url, r.failure))
-    page.on(
-        "request",
-        lambda r: print("REQ", r.method, r.url, r.all_headers()) if r.method == "POST" else None,
-    )
-    page.on("framenavigated", lambda f: print("NAV", f.url))
-    _log_in(page, web)
-    try:
-        page.wait_for_url(f"{device}/")
-    finally:
-        print("CONSOLE", console)
-        print("URL", page.url)
-        print(page.content()[:1000])
-        print(web.relay.output()[-3000:])
+    _log_in(page, web, then=f"{device}/")
     assert "grant=" not in page.url
     assert page.title() == "device home"
     assert page.locator("h1").inner_text() == "device home"
@@ -195,7 +180,7 @@ def test_log_in_open_device_websocket_and_log_out(page: Page, web: Web) -> None:
             .map((row) => [row.cells[0].textContent, row.cells[1].textContent])"""
     )
     assert dict(rows) == {"dev1": "online", "dev2": "offline"}
-    page.get_by_role("button", name="Log out").click()
+    _submit(page, "Log out")
     page.wait_for_url(_login_url(web))
     assert [c["name"] for c in page.context.cookies()] == [DEVICE_COOKIE]
     page.goto(f"{device}/app/")
@@ -205,12 +190,10 @@ def test_log_in_open_device_websocket_and_log_out(page: Page, web: Web) -> None:
 
 def test_offline_device_page(page: Page, web: Web) -> None:
     device = _origin(web, "dev2")
-    _hack(page, web)
     page.goto(f"{device}/")
     page.wait_for_url(_login_url(web))
     with page.expect_response(f"{device}/") as info:
-        _log_in(page, web)
-    page.wait_for_url(f"{device}/")
+        _log_in(page, web, then=f"{device}/")
     assert info.value.status == 502
     assert page.locator("h1").inner_text() == "dev2 is offline"
     assert "not connected to the relay" in page.locator("main").inner_text()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from hatchway.auth.device import DEVICE_ID_RE
 from hatchway.store.base import WebSessionRecord
+from hatchway.web import pages
 from hatchway.web.cache import ResponseCache
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class WebAccess:
     def __init__(self, server: RelayServer) -> None:
         self.server = server
         self.domain = server.config.domain.lower().rstrip(".")
+        pages.configure(self.domain)
         # secret -> (session or None, trusted until)
         self._cache: dict[str, tuple[WebSessionRecord | None, float]] = {}
         self.proxies: set[WebProxy] = set()

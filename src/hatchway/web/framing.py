@@ -362,6 +362,7 @@ class ResponseFramer:
             else:
                 if len(buf) >= max_head:
                     raise ResponseError(f"response head larger than {max_head} bytes")
+                self._run = len(data)
                 return len(data)
             raw = bytes(buf[:head_end])
             buf.clear()

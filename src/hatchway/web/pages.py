@@ -34,17 +34,29 @@ REASONS = {
 }
 
 #: Headers on every page the relay itself serves (not on proxied device pages).
-SECURITY_HEADERS = (
-    (
-        "Content-Security-Policy",
-        "default-src 'none'; style-src 'unsafe-inline'; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    ),
-    ("X-Frame-Options", "DENY"),
-    ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "no-referrer"),
-    ("Cache-Control", "no-store"),
-)
+#: ``form-action`` covers the whole redirect chain after a form is sent: the login form
+#: ends on a device's subdomain (see ``configure``). ``same-origin`` keeps the Origin
+#: header on the relay's own form posts (it is checked) and sends nothing elsewhere.
+SECURITY_HEADERS: tuple[tuple[str, str], ...] = ()
+
+
+def configure(domain: str) -> None:
+    """Set the security headers for a relay serving ``domain`` and its subdomains."""
+    global SECURITY_HEADERS
+    SECURITY_HEADERS = (
+        (
+            "Content-Security-Policy",
+            "default-src 'none'; style-src 'unsafe-inline'; "
+            f"form-action 'self' https://*.{domain}:*; frame-ancestors 'none'; base-uri 'none'",
+        ),
+        ("X-Frame-Options", "DENY"),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Referrer-Policy", "same-origin"),
+        ("Cache-Control", "no-store"),
+    )
+
+
+configure("localhost")
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
