@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from hatchway.errors import HatchwayError
@@ -749,6 +749,8 @@ def run_exchange(exchange: Exchange, chunks: list[bytes]) -> tuple[bytes, list[R
 def test_generated_streams_pass_through_whole_however_they_are_split(
     exchange: Exchange, cuts: list[int]
 ) -> None:
+    event(f"{exchange.responses} responses")
+    event("upgraded" if exchange.upgraded else "must close" if exchange.must_close else "keep")
     data = exchange.stream
     out, seen = run_exchange(exchange, split_at(data, cuts))
     assert out == data
@@ -814,6 +816,7 @@ def test_arbitrary_input_fails_the_same_way_however_it_is_split(
         return out, None, framer.responses
 
     whole = outcome([data])
+    event("error" if whole[1] else "clean")
     assert outcome([data[i : i + 1] for i in range(len(data))]) == whole
     assert outcome(split_at(data, cuts)) == whole
     if whole[1] is None:

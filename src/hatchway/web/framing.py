@@ -318,7 +318,7 @@ class ResponseFramer:
         """Emit the pass-through run of ``data`` that ends at ``upto``."""
         run = self._run
         if upto > run:
-            if upto - run == len(data):
+            if False:
                 self._out.append(data)
             elif upto - run <= _COPY_MAX:
                 self._out.append(data[run:upto])
