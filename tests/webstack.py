@@ -20,7 +20,7 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -83,7 +83,13 @@ def write_static_dir(directory: Path) -> Path:
 # --- processes ----------------------------------------------------------------------------
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, prefix: Sequence[str] = ()) -> bool:
+    if prefix:  # inside a network namespace: ask from there
+        probe = f"import socket; socket.create_connection(({HOST!r}, {port}), 1).close()"
+        result = subprocess.run(
+            [*prefix, sys.executable, "-c", probe], capture_output=True, timeout=10
+        )
+        return result.returncode == 0
     try:
         with socket.create_connection((HOST, port), timeout=1):
             return True
@@ -99,6 +105,7 @@ class Server:
     port: int
     tls_port: int = 0  # nginx: its HTTPS port (camera.local)
     device_ca: Path | None = None  # nginx: the CA of that HTTPS certificate
+    prefix: Sequence[str] = ()  # e.g. ["ip", "netns", "exec", "dev"]
 
     def wait_ready(self, started: Callable[[], bool], timeout: float = START_TIMEOUT) -> None:
         """Wait until started() (the server says it has bound its port) and the port answers."""
@@ -108,7 +115,7 @@ class Server:
                 raise AssertionError(
                     f"{self.proc.name} exited ({self.proc.popen.returncode}):\n{self.proc.output()}"
                 )
-            return started() and _port_open(self.port)
+            return started() and _port_open(self.port, self.prefix)
 
         wait_for(ready, timeout, f"{self.proc.name} to listen on port {self.port}")
 
@@ -126,11 +133,18 @@ class Server:
         self.close()
 
 
-def _spawn(name: str, args: list[str], log: Path, port: int, started: Callable[[], bool]) -> Server:
+def _spawn(
+    name: str,
+    args: list[str],
+    log: Path,
+    port: int,
+    started: Callable[[], bool],
+    prefix: Sequence[str] = (),
+) -> Server:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with log.open("wb") as out:
         popen = subprocess.Popen(
-            args,
+            [*prefix, *args],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -138,7 +152,7 @@ def _spawn(name: str, args: list[str], log: Path, port: int, started: Callable[[
             env=env,
             start_new_session=True,
         )
-    server = Server(Proc(name, popen, log), port)
+    server = Server(Proc(name, popen, log), port, prefix=prefix)
     try:
         server.wait_ready(started)
     except BaseException:
@@ -147,7 +161,7 @@ def _spawn(name: str, args: list[str], log: Path, port: int, started: Callable[[
     return server
 
 
-def start_uvicorn(log_dir: Path, port: int | None = None) -> Server:
+def start_uvicorn(log_dir: Path, port: int | None = None, prefix: Sequence[str] = ()) -> Server:
     """uvicorn serving tests.webapp:app on HOST:port (a free one by default)."""
     port = port or free_port(HOST)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +177,9 @@ def start_uvicorn(log_dir: Path, port: int | None = None) -> Server:
         *("--timeout-keep-alive", "75", "--timeout-graceful-shutdown", "3"),
     ]
     log = log_dir / "uvicorn.log"
-    return _spawn("uvicorn", args, log, port, lambda: "Uvicorn running on" in log.read_text())
+    return _spawn(
+        "uvicorn", args, log, port, lambda: "Uvicorn running on" in log.read_text(), prefix
+    )
 
 
 NGINX_CONF = """\
@@ -345,6 +361,7 @@ def start_nginx(
     static_dir: Path,
     port: int | None = None,
     tls_port: int | None = None,
+    prefix: Sequence[str] = (),
 ) -> Server:
     """nginx (config, pid, logs and temp files under root) on HOST:port.
 
@@ -373,7 +390,7 @@ def start_nginx(
     pid_file = root / "nginx.pid"  # written once nginx has bound its port
     pid_file.unlink(missing_ok=True)
     server = _spawn(
-        "nginx", [*args, "-g", "daemon off;"], root / "nginx.log", port, pid_file.exists
+        "nginx", [*args, "-g", "daemon off;"], root / "nginx.log", port, pid_file.exists, prefix
     )
     server.tls_port = tls_port
     server.device_ca = root / "device-ca.pem"
@@ -414,13 +431,14 @@ class WebStack:
         self.close()
 
 
-def start_web_stack(tmp_path: Path) -> WebStack:
-    """uvicorn + nginx in front of it, all files under tmp_path/webstack."""
+def start_web_stack(tmp_path: Path, prefix: Sequence[str] = ()) -> WebStack:
+    """uvicorn + nginx in front of it, all files under tmp_path/webstack; ``prefix``
+    runs both inside a network namespace (``ip netns exec NS``)."""
     root = tmp_path / "webstack"
     static_dir = write_static_dir(root / "static")
-    app = start_uvicorn(root)
+    app = start_uvicorn(root, prefix=prefix)
     try:
-        nginx = start_nginx(root / "nginx", app.port, static_dir)
+        nginx = start_nginx(root / "nginx", app.port, static_dir, prefix=prefix)
     except BaseException:
         app.close()
         raise

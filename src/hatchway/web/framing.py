@@ -318,7 +318,7 @@ class ResponseFramer:
         """Emit the pass-through run of ``data`` that ends at ``upto``."""
         run = self._run
         if upto > run:
-            if False:
+            if upto - run == len(data):
                 self._out.append(data)
             elif upto - run <= _COPY_MAX:
                 self._out.append(data[run:upto])
@@ -431,7 +431,7 @@ class ResponseFramer:
         if http_10 and not keep_alive:
             close = True
 
-        if is_head or status == 204 or status == 304:
+        if is_head or status == 204:
             state = _HEAD
             length = 0
         elif codings:
