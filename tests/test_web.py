@@ -640,3 +640,18 @@ def test_cache_keeps_away_from_private_cookies_and_honours_vary(web: Web) -> Non
         resp = web.client.request("GET", path, cookie=cookie, headers={"Accept-Language": lang})
         assert resp.status == 200
         assert _device_hits(web, path) == expected_hits, lang
+
+
+@pytest.mark.slow
+def test_request_body_timeout(web: Web) -> None:
+    cookie = web.cookie(service="direct")
+    started = time.monotonic()
+    raw = web.client.exchange(
+        [
+            f"POST /app/upload HTTP/1.1\r\nHost: dev1.{DOMAIN}\r\nCookie: {cookie}\r\n"
+            "Content-Length: 100\r\n\r\nonly-a-part".encode()
+        ],
+        timeout=60,
+    )
+    assert _status(raw) == 408 and b"The request body stalled" in raw
+    assert 29 < time.monotonic() - started < 40

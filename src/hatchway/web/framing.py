@@ -40,7 +40,7 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n\x00]*))?\r?\n"
 # One match per well-formed field line; a line that does not match makes the count short.
 # The possessive `*+` keeps a long run of blanks from backtracking quadratically.
 _FIELD_LINES = re.compile(
-    rb"^([" + _TCHAR + rb"]+):[ \t]*+((?:[^\r\n\x00]*[^\r\n\x00 \t])?)[ \t]*\r?\n",
+    rb"^([" + _TCHAR + rb"]+):[ \t]*((?:[^\r\n\x00]*[^\r\n\x00 \t])?)[ \t]*\r?\n",
     re.MULTILINE,
 )
 _FIELD_LINE = re.compile(rb"[" + _TCHAR + rb"]+:[^\r\n\x00]*\r?\n")
@@ -431,7 +431,7 @@ class ResponseFramer:
         if http_10 and not keep_alive:
             close = True
 
-        if is_head or status == 204:
+        if is_head or status == 204 or status == 304:
             state = _HEAD
             length = 0
         elif codings:

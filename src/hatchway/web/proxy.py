@@ -962,6 +962,22 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             self.transport.write(response)
         self._close()
 
+    def _body_stalled(self) -> None:
+        """The client stopped sending a request body: the device will never answer it
+        in full, so the channel goes, and the client gets a 408 unless a response of
+        the device is already half way out."""
+        self.outcome = "body timeout"
+        self._abort_channel("request body timed out")
+        self.stopped = True
+        self.events.clear()
+        if self._partial_response or self.transport is None:
+            self.abort("request body timed out")
+            return
+        self._pending_local = http_response(
+            408, error_page(408, _title(408), "The request body stalled.")
+        )
+        self._send_local()
+
     def _maybe_close_idle(self) -> None:
         if not self.framer.pending and not self.framer.in_message:
             self._close()
@@ -980,12 +996,16 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         """Called every couple of seconds by ``WebAccess``."""
         if self.transport is None or self.raw:
             return
+        if not self.transport.is_reading() and not self.stopped:
+            # Paused by the relay (the device is slow to take the body, or a session check
+            # or channel open is under way): the client is not the one stalling.
+            self.last_read = now
         if self._head_started is not None and now - self._head_started > HEAD_TIMEOUT:
             self._head_started = None
             self._fail(408, "the request head took too long")
         elif self._in_body and now - self.last_read > BODY_TIMEOUT:
             self._in_body = False
-            self._fail(408, "the request body stalled")
+            self._body_stalled()
         elif self.framer.pending or self.framer.in_message:
             if now - max(self.last_response, self.last_read) > RESPONSE_TIMEOUT:
                 self._bad_response("the device stopped answering")
