@@ -592,6 +592,31 @@ def test_rewrite_returning_none_keeps_the_raw_head() -> None:
     assert framer.feed(OK) == [OK]
 
 
+def test_a_failing_rewrite_hook_breaks_the_framer() -> None:
+    def rewrite(head: ResponseHead) -> bytes:
+        raise KeyError("oops")
+
+    framer = framer_for(b"GET", b"GET", rewrite=rewrite)
+    with pytest.raises(KeyError):
+        framer.feed(OK)
+    with pytest.raises(ResponseError, match="rewrite hook raised KeyError"):
+        framer.feed(OK)
+
+
+def test_serialize_refuses_to_emit_a_broken_head() -> None:
+    head = ResponseHead(b"HTTP/1.1", 200, b"OK", [(b"X", b"a")], b"")
+    assert head.serialize() == b"HTTP/1.1 200 OK\r\nX: a\r\n\r\n"
+    for broken in (
+        ResponseHead(b"HTTP/1.1", 200, b"OK", [(b"X", b"a\r\nSet-Cookie: evil")], b""),
+        ResponseHead(b"HTTP/1.1", 200, b"OK", [(b"X Y", b"a")], b""),
+        ResponseHead(b"HTTP/1.1", 200, b"OK\r\nX: y", [], b""),
+        ResponseHead(b"HTTP/2", 200, b"OK", [], b""),
+        ResponseHead(b"HTTP/1.1", 42, b"OK", [], b""),
+    ):
+        with pytest.raises(ValueError):
+            broken.serialize()
+
+
 # --- end of stream ----------------------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n\x00]*))?\r?\n"
 # One match per well-formed field line; a line that does not match makes the count short.
 # The possessive `*+` keeps a long run of blanks from backtracking quadratically.
 _FIELD_LINES = re.compile(
-    rb"^([" + _TCHAR + rb"]+):[ \t]*((?:[^\r\n\x00]*[^\r\n\x00 \t])?)[ \t]*\r?\n",
+    rb"^([" + _TCHAR + rb"]+):[ \t]*+((?:[^\r\n\x00]*[^\r\n\x00 \t])?)[ \t]*\r?\n",
     re.MULTILINE,
 )
 _FIELD_LINE = re.compile(rb"[" + _TCHAR + rb"]+:[^\r\n\x00]*\r?\n")
@@ -371,7 +371,13 @@ class ResponseFramer:
 
         head = self._parse_head(raw)
         self._start(head)
-        replacement = None if self._rewrite is None else self._rewrite(head)
+        replacement = None
+        if self._rewrite is not None:
+            try:
+                replacement = self._rewrite(head)
+            except Exception as exc:
+                self._error = f"the rewrite hook raised {exc!r}"
+                raise
         if replacement is not None or held:
             self._flush(data, pos)
             self._out.append(raw if replacement is None else replacement)

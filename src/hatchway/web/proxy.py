@@ -841,6 +841,10 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         try:
             pieces = self.framer.feed(data)
         except ResponseError as exc:
+            if exc.pieces and self.transport is not None:
+                # What came before the fault (say, a complete response followed by junk).
+                self.transport.writelines(exc.pieces)
+                self._partial_response = True
             self._bad_response(str(exc))
             return
         if pieces and self.transport is not None:
