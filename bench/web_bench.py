@@ -39,7 +39,7 @@ import tempfile
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,10 @@ SMALL_PAGE_SIZE = 615  # nginx's own welcome page, as in /work/shared/PERFORMANC
 DEVICE_HOST = f"dev1.{DOMAIN}"
 log = tb.log
 
+#: One worker, no access log. tcp_nopush (as in Debian's nginx.conf) sends a response's
+#: head and first part of its file together: without it nginx writes the head alone, and
+#: ``ssh -L`` and websocat (Nagle left on towards wrk) wait ~40 ms for wrk's delayed ACK on
+#: many one-connection requests. open_file_cache spares an open() per request (+40 % direct).
 NGINX_CONF = """\
 {user}worker_processes 1;
 worker_rlimit_nofile 16384;
@@ -75,7 +79,9 @@ http {{
     types {{ text/html html; application/octet-stream bin; }}
     access_log off;
     sendfile on;
+    tcp_nopush on;
     tcp_nodelay on;
+    open_file_cache max=16;
     keepalive_requests 100000;
     keepalive_timeout 300s;
     client_body_temp_path {root}/body;
@@ -222,15 +228,9 @@ class Nginx:
             (static / path.lstrip("/")).write_bytes(content)
         self.port = free_port()
         conf = root / "nginx.conf"
-        conf.write_text(
-            NGINX_CONF.format(
-                # As root the workers would run as "nobody", who cannot read a private tmp dir.
-                user="user root;\n" if os.geteuid() == 0 else "",
-                root=root,
-                port=self.port,
-                static=static,
-            )
-        )
+        # Workers started by root run as "nobody", who cannot read a private tmp dir.
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        conf.write_text(NGINX_CONF.format(user=user, root=root, port=self.port, static=static))
         self.proc = env.spawn(
             "nginx",
             [
@@ -474,15 +474,13 @@ class WebBench(tb.Bench):
         self._report_memory()
         self._report_logs()
         if args.runs > 1 and self.results:
-            log("")
-            log("All runs (req/s):")
-            for (name, key), results in self.results.items():
-                log(f"  {name:<9} {key:<6} " + "  ".join(f"{r.rps:.0f}" for r in results))
+            per_run = (
+                f"  {name:<9} {key:<6} " + "  ".join(f"{r.rps:.0f}" for r in results)
+                for (name, key), results in self.results.items()
+            )
+            log("\nAll runs (req/s):\n" + "\n".join(per_run))
         if self.failures:
-            log("")
-            log("## Failures")
-            for failure in self.failures:
-                log(f"- {failure}")
+            log("\n## Failures\n" + "\n".join(f"- {failure}" for failure in self.failures))
 
     def _median(self, name: str, key: str, attr: str) -> float | None:
         results = self.results.get((name, key))
@@ -539,6 +537,12 @@ class WebBench(tb.Bench):
 
     def _report_memory(self) -> None:
         if not self.web_memory:
+            if self.rss_after_load:
+                log("")
+                log(
+                    "VmRSS after the wrk runs: "
+                    + ", ".join(f"{k} {v / 1024:.1f} MiB" for k, v in self.rss_after_load.items())
+                )
             return
         m = self.web_memory
         ok = max(m["ok"], 1)
@@ -634,7 +638,9 @@ async def one_client(
     return reader, writer
 
 
-async def hold_clients(port: int, ca: Path, cookie: str, n: int, measure: Any) -> dict[str, Any]:
+async def hold_clients(
+    port: int, ca: Path, cookie: str, n: int, measure: Callable[[], dict[str, int]]
+) -> dict[str, Any]:
     """Open ``n`` clients (one GET each, kept alive), measure, close them."""
     ctx = ssl.create_default_context(cafile=str(ca))
     request = (
@@ -675,7 +681,7 @@ async def hold_clients(port: int, ca: Path, cookie: str, n: int, measure: Any) -
     }
 
 
-def run_client_loop(coro: Any) -> dict[str, Any]:
+def run_client_loop(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
     """On uvloop when installed: the stdlib loop's TLS costs this process ~350 KB a client."""
     try:
         import uvloop
@@ -736,14 +742,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"not installed: {', '.join(missing)}", file=sys.stderr)
         return 2
     raise_nofile(4 * args.clients + 1024)
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # KeyboardInterrupt
     root = Path(tempfile.mkdtemp(prefix="web-bench-"))
     bench = WebBench(args, root)
-    status = 0
+    interrupted = False
     log(f"web_bench: rows {', '.join(args.rows)}; relay --loop {args.loop}")
     log(f"work directory (logs): {root}")
     log(f"load average at start: {Path('/proc/loadavg').read_text().split()[:3]}")
@@ -753,21 +755,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.clients:
             bench.run_memory()
         bench.run_load()
-        bench.report()
     except KeyboardInterrupt:
-        print("\ninterrupted: stopping every process", file=sys.stderr, flush=True)
-        status = 130
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        bench.report()
+        interrupted = True
+        print("\ninterrupted: reporting what was measured, stopping every process", flush=True)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        bench.cleanup()
-        if bench.failures or args.keep or status:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            bench.report()
+        finally:
+            bench.cleanup()
+        kept = bench.failures or args.keep or interrupted
+        if kept:
             log(f"logs kept in {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    return status or (1 if bench.failures else 0)
+    return 130 if interrupted else 1 if bench.failures else 0
 
 
 if __name__ == "__main__":
