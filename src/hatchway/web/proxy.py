@@ -253,6 +253,9 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         self._pump()
 
     def eof_received(self) -> bool:
+        if self.transport is not None and self.transport.get_extra_info("ssl_object"):
+            # TLS has no half-close: the transport closes now and connection_lost cleans up.
+            return False
         if self.raw:
             self._queue(_EOF, None)
             self._pump()
@@ -847,8 +850,9 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
                 self._partial_response = True
             self._bad_response(str(exc))
             return
-        if pieces and self.transport is not None:
-            self.transport.writelines(pieces)
+        transport = self.transport
+        if pieces and transport is not None and not transport.is_closing():
+            transport.writelines(pieces)
             self._partial_response = self.framer.in_message
             if self._capture is not None:
                 self._collect(pieces)
