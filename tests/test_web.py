@@ -194,6 +194,7 @@ def test_forwarding_headers_are_set_and_hop_by_hop_dropped(web: Web) -> None:
             "Keep-Alive": "timeout=5",
             "TE": "trailers",
             "Proxy-Authorization": "Basic Zm9vOmJhcg==",
+            "Authorization": "Bearer hwt_not-for-the-device",
             "X-Custom": "kept",
         },
         cookie=f"theme=dark; {cookie}; {RELAY_COOKIE}=hws_forged; lang=en",
@@ -209,8 +210,20 @@ def test_forwarding_headers_are_set_and_hop_by_hop_dropped(web: Web) -> None:
     assert seen["cookie"] == "theme=dark; lang=en"
     assert seen["x-custom"] == "kept"
     assert seen["query"] == "a=1&b=%20"
-    for dropped in ("x-real-ip", "x-secret-hop", "keep-alive", "te", "proxy-authorization"):
+    for dropped in (
+        "x-real-ip",
+        "x-secret-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "authorization",
+    ):
         assert dropped not in seen, dropped
+    # The device's own credentials (HTTP basic auth) do reach it.
+    resp = web.client.request(
+        "GET", "/app/headers", headers={"Authorization": "Basic dXNlcjpwdw=="}, cookie=cookie
+    )
+    assert json.loads(resp.body)["authorization"] == "Basic dXNlcjpwdw=="
 
 
 def test_device_cookies_cannot_touch_the_relay_session(web: Web, tmp_path: Path) -> None:

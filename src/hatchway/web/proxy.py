@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import urllib.parse
 from collections import deque
@@ -99,6 +100,8 @@ _DROP = frozenset(
 )
 
 _HEAD, _BODY, _END, _RAW, _EOF = range(5)
+#: ``Authorization: Bearer hwt_...`` and the other secrets the relay hands out.
+_RELAY_TOKEN = re.compile(rb"\s*bearer\s+hw[tsdg]_", re.IGNORECASE)
 
 
 class _Ignored(Exception):
@@ -337,6 +340,8 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             elif lname == b"content-length":
                 content_length = value
                 req.has_length = value.strip() != b"0"
+            elif lname == b"authorization" and _RELAY_TOKEN.match(value):
+                continue  # the relay's own bearer tokens never reach a device
             if lname not in _DROP:
                 keep.append((name, value))
         if connection_tokens:
