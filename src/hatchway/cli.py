@@ -133,6 +133,13 @@ def agent(ctx: click.Context) -> None:
     help="device web UIs at https://DEVICE.DOMAIN/ (host) or https://DOMAIN/d/DEVICE/ "
     "(path: no wildcard DNS needed, weaker isolation, see docs/WEB.md)",
 )
+@click.option(
+    "--audit-retention-days",
+    type=click.IntRange(0),
+    default=365,
+    show_default=True,
+    help="remove audit records older than this (0: keep them forever)",
+)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def server(
     data_dir: Path,
@@ -145,6 +152,7 @@ def server(
     web_max_body: int,
     web_cache_mb: int,
     web_routing: str,
+    audit_retention_days: int,
     verbose: bool,
 ) -> None:
     """Run the relay server."""
@@ -164,6 +172,7 @@ def server(
         web_max_body=web_max_body,
         web_cache_size=web_cache_mb << 20,
         web_routing=web_routing,
+        audit_retention_days=audit_retention_days,
     )
     try:
         _run(run_relay(config), loop)
@@ -281,6 +290,144 @@ def user_passwd(name: str, password_stdin: bool, data_dir: Path) -> None:
     password = _read_password(password_stdin)
     _guard(lambda: store.set_password(name, password))
     click.echo(f"password of {name} changed")
+
+
+# --- audit log ------------------------------------------------------------------------------
+
+
+@cli.group()
+def audit() -> None:
+    """The relay's hash-chained audit log (offline, against --data-dir)."""
+
+
+def _when(value: str | None, option: str) -> Any:
+    """An ISO-8601 time (UTC if no zone), or an age such as 15m, 2h, 7d."""
+    from datetime import UTC, datetime, timedelta
+
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[:-1].isdigit() and value[-1:] in units:
+        return datetime.now(UTC) - timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"{option}: expected an ISO-8601 time or an age like 30m, 12h, 7d; got {value!r}")
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _audit_filters(f: Callable[..., None]) -> Callable[..., None]:
+    for decorator in reversed(
+        [
+            click.option("--since", help="from this time (ISO-8601) or age (30m, 12h, 7d)"),
+            click.option("--until", help="before this time or age"),
+            click.option("--user", "actor", help="only what this user (or device) did"),
+            click.option("--device", help="only records about this device"),
+            click.option("--kind", help="only this kind of record (login, channel, ...)"),
+            data_dir_option,
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+def _audit_pages(data_dir: Path, limit: int | None, **filters: Any) -> Any:
+    store = _store(data_dir)
+    after, left = 0, limit
+    while left is None or left > 0:
+        page = store.audit_records(after_id=after, limit=min(1000, left or 1000), **filters)
+        if not page:
+            return
+        yield from page
+        after = page[-1].id
+        if left is not None:
+            left -= len(page)
+
+
+@audit.command("verify")
+@data_dir_option
+@click.option(
+    "--expect-head",
+    metavar="ID:HASH",
+    help="also check the log still reaches this head (as printed by an earlier verify)",
+)
+def audit_verify(data_dir: Path, expect_head: str | None) -> None:
+    """Recompute the hash chain; exit 1 if a record was changed, inserted or removed."""
+    store = _store(data_dir)
+    result = store.audit_verify()
+    if not result.ok:
+        _fail(f"audit log damaged at record {result.bad_id}: {result.problem}")
+    if expect_head is not None:
+        head_id, _, head_hash = expect_head.partition(":")
+        if not head_id.isdigit() or len(head_hash) != 64:
+            _fail("--expect-head: expected ID:HASH")
+        found = store.audit_records(after_id=int(head_id) - 1, limit=1)
+        if not found or found[0].id != int(head_id) or found[0].hash != head_hash:
+            _fail(f"audit log damaged: record {head_id} is missing or no longer {head_hash}")
+    click.echo(f"audit log intact: {result.records} records")
+    click.echo(f"head: {result.head_id}:{result.head_hash}")
+
+
+@audit.command("list")
+@_audit_filters
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, as export")
+def audit_list(
+    data_dir: Path,
+    since: str | None,
+    until: str | None,
+    actor: str | None,
+    device: str | None,
+    kind: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Show audit records, oldest first."""
+    from hatchway.store.audit import format_time
+
+    filters = dict(
+        since=_when(since, "--since"), until=_when(until, "--until"), actor=actor,
+        device=device, kind=kind,
+    )  # fmt: skip
+    for record in _audit_pages(data_dir, limit, **filters):
+        if as_json:
+            click.echo(json.dumps(record.as_json()))
+            continue
+        details = " ".join(f"{k}={v}" for k, v in record.details.items())
+        where = f" device={record.device}" if record.device else ""
+        source = f" from={record.source}" if record.source else ""
+        click.echo(
+            f"{record.id:>6} {format_time(record.at)} {record.kind:<19} "
+            f"{record.actor}{where}{source} {details}".rstrip()
+        )
+
+
+@audit.command("export")
+@_audit_filters
+def audit_export(
+    data_dir: Path,
+    since: str | None,
+    until: str | None,
+    actor: str | None,
+    device: str | None,
+    kind: str | None,
+) -> None:
+    """Write the matching records as JSON lines to standard output."""
+    filters = dict(
+        since=_when(since, "--since"), until=_when(until, "--until"), actor=actor,
+        device=device, kind=kind,
+    )  # fmt: skip
+    for record in _audit_pages(data_dir, None, **filters):
+        sys.stdout.write(json.dumps(record.as_json()) + "\n")
+
+
+@audit.command("prune")
+@data_dir_option
+@click.option("--older-than", required=True, help="remove records older than this age (e.g. 365d)")
+def audit_prune(data_dir: Path, older_than: str) -> None:
+    """Remove old records from the start of the chain (it stays verifiable)."""
+    removed = _store(data_dir).audit_prune(_when(older_than, "--older-than"))
+    click.echo(f"removed {removed} audit records")
 
 
 # --- client -----------------------------------------------------------------------------

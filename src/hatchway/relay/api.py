@@ -75,12 +75,14 @@ def _method(actual: str, expected: str) -> None:
 
 
 async def check_password(
-    server: RelayServer, name: str, password: str, source: str
+    server: RelayServer, name: str, password: str, source: str, via: str
 ) -> UserRecord | None:
-    """The user, if the password is right (a bounded number of checks run at once)."""
+    """The user, if the password is right (a bounded number of checks run at once).
+    Both outcomes go to the audit log."""
     global _login_slots
     if not name or len(name) > 64 or len(password) > 1024:
         server.log_login_failure(name, source)
+        server.audit("login_failed", name[:64] or "-", source=source, details={"via": via})
         return None
     if _login_slots is None:
         _login_slots = asyncio.Semaphore(LOGIN_CONCURRENCY)
@@ -90,6 +92,9 @@ async def check_password(
         )
     if user is None:
         server.log_login_failure(name, source)
+        server.audit("login_failed", name, source=source, details={"via": via})
+    else:
+        server.audit("login", user.name, source=source, details={"via": via})
     return user
 
 
@@ -101,7 +106,7 @@ async def _login(server: RelayServer, request: HttpRequest, source: str) -> tupl
     label = body.get("label")
     if not isinstance(label, str):
         label = "cli"
-    user = await check_password(server, name, password, source)
+    user = await check_password(server, name, password, source, "api")
     if user is None:
         raise ApiError(401, "invalid_credentials", "wrong user name or password")
     token = await asyncio.to_thread(server.store.create_token, user.name, label[:64], TOKEN_TTL)

@@ -11,7 +11,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ class RelayConfig:
     web_cache_size: int = 0
     #: Device web UIs by subdomain ("host"), under /d/DEVICE/ ("path"), or both.
     web_routing: str = "host"
+    #: Audit records older than this many days are removed (0: kept forever).
+    audit_retention_days: int = 365
 
 
 class RelayServer:
@@ -101,7 +103,7 @@ class RelayServer:
         if self.store.count_users():
             return None
         password = new_password()
-        self.store.add_user("admin", "admin", password)
+        self.store.add_user("admin", "admin", password, actor="relay")
         return password
 
     async def start(self) -> None:
@@ -119,6 +121,8 @@ class RelayServer:
         self._listener = listener
         self._accept_task = loop.create_task(self._accept_loop(listener))
         self.web.start()
+        if self.config.audit_retention_days:
+            self.track(loop.create_task(self._audit_retention()))
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -186,6 +190,19 @@ class RelayServer:
         for task in self._tasks:
             task.cancel()
         self.store.close()
+
+    async def _audit_retention(self) -> None:
+        """Remove expired audit records at start and once a day."""
+        keep = timedelta(days=self.config.audit_retention_days)
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.store.audit_prune, datetime.now(UTC) - keep)
+            except Exception:
+                log.exception("audit retention failed")
+            else:
+                if removed:
+                    log.info("audit retention: removed %d records", removed)
+            await asyncio.sleep(86400)
 
     # --- front door helpers ---------------------------------------------------------------
 
@@ -286,6 +303,23 @@ class RelayServer:
 
     def log_login_failure(self, name: str, source: str) -> None:
         log.warning("login failed for %r from %s", name[:64], source)
+
+    def audit(
+        self,
+        kind: str,
+        actor: str,
+        *,
+        device: str | None = None,
+        source: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Append to the audit log (in a worker thread; the order is the commit order)."""
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(
+                self.store.audit, kind, actor, device=device, source=source, details=details
+            )
+        )
+        self.track(task)
 
     def record_channel(self, record: ChannelRecord) -> None:
         task = asyncio.get_running_loop().create_task(

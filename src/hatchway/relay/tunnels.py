@@ -128,6 +128,16 @@ class RelayTunnel(TunnelEndpoint):
             previous.tunnel.shutdown(GoAwayReason.REPLACED, "replaced by a newer tunnel")
         self.mux.send_hello({"welcome": True, "device": device})
         self.request_flush()
+        self.server.audit(
+            "device_connected",
+            device,
+            device=device,
+            source=entry.address,
+            details={
+                "agent_version": entry.properties.get("agent_version"),
+                "services": entry.properties.get("services", []),
+            },
+        )
         log.info(
             "device %s connected from %s (agent %s, services %s)",
             device,
@@ -145,6 +155,12 @@ class RelayTunnel(TunnelEndpoint):
         if self.device_id is not None and self.server.registry.unregister(self.device_id, self):
             self.server.device_offline(self.device_id)
             log.info("device %s disconnected", self.device_id)
+            self.server.audit(
+                "device_disconnected",
+                self.device_id,
+                device=self.device_id,
+                source=self.peer_address(),
+            )
 
 
 def _clean_props(props: dict[str, Any]) -> dict[str, Any]:

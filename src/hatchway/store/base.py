@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
+
+from hatchway.store.audit import AuditRecord, VerifyResult
 
 # "admin" may reach all devices; nobody else reaches any until access rules arrive.
 ROLES = ("admin", "user")
@@ -65,7 +67,7 @@ class WebSessionRecord:
 class Store(Protocol):
     """Devices, users, API tokens and the channel log."""
 
-    def add_device(self, device_id: str) -> str:
+    def add_device(self, device_id: str, *, actor: str = "cli") -> str:
         """Create a device and return its secret (shown once; only a key is kept)."""
         ...
 
@@ -73,17 +75,19 @@ class Store(Protocol):
 
     def list_devices(self) -> list[DeviceRecord]: ...
 
-    def remove_device(self, device_id: str) -> None: ...
+    def remove_device(self, device_id: str, *, actor: str = "cli") -> None: ...
 
-    def add_user(self, name: str, role: str, password: str) -> UserRecord: ...
+    def add_user(
+        self, name: str, role: str, password: str, *, actor: str = "cli"
+    ) -> UserRecord: ...
 
     def list_users(self) -> list[UserRecord]: ...
 
-    def remove_user(self, name: str) -> None: ...
+    def remove_user(self, name: str, *, actor: str = "cli") -> None: ...
 
     def count_users(self) -> int: ...
 
-    def set_password(self, name: str, password: str) -> None: ...
+    def set_password(self, name: str, password: str, *, actor: str = "cli") -> None: ...
 
     def authenticate_user(self, name: str, password: str) -> UserRecord | None: ...
 
@@ -93,7 +97,7 @@ class Store(Protocol):
 
     def user_for_token(self, token: str) -> UserRecord | None: ...
 
-    def revoke_tokens(self, user: str) -> int: ...
+    def revoke_tokens(self, user: str, *, actor: str = "cli") -> int: ...
 
     def create_web_session(
         self,
@@ -132,7 +136,38 @@ class Store(Protocol):
         """Log out: delete the session and every session derived from it."""
         ...
 
-    def record_channel(self, rec: ChannelRecord) -> None: ...
+    def record_channel(self, rec: ChannelRecord) -> None:
+        """Store a finished channel (and append it to the audit log)."""
+        ...
+
+    # The audit log (``store/audit.py``): every change above appends to it in its own
+    # transaction; the relay appends logins, sessions and device connections.
+
+    def audit(
+        self,
+        kind: str,
+        actor: str,
+        *,
+        device: str | None = None,
+        source: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None: ...
+
+    def audit_records(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        actor: str | None = None,
+        device: str | None = None,
+        kind: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[AuditRecord]: ...
+
+    def audit_verify(self, batch: int = 5000) -> VerifyResult: ...
+
+    def audit_prune(self, before: datetime) -> int: ...
 
     def recent_channels(self, limit: int = 100) -> list[ChannelRecord]: ...
 

@@ -9,6 +9,7 @@ every transaction and lock, so slow argon2 checks never block other requests.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -27,6 +28,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     TypeDecorator,
     create_engine,
     delete,
@@ -42,6 +44,14 @@ from hatchway.auth.device import derive_device_key, new_device_secret, validate_
 from hatchway.auth.passwords import DUMMY_HASH, hash_password, needs_rehash, verify_password
 from hatchway.auth.tokens import hash_token, new_api_token
 from hatchway.errors import AlreadyExistsError, ConfigError, NotFoundError
+from hatchway.store.audit import (
+    GENESIS,
+    AuditRecord,
+    VerifyResult,
+    canonical_details,
+    format_time,
+    record_hash,
+)
 from hatchway.store.base import (
     ROLES,
     WEB_SESSION_KINDS,
@@ -142,6 +152,45 @@ class _WebSession(_Base):
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
 
 
+class _AuditEntry(_Base):
+    """The append-only, hash-chained audit log (``store/audit.py``)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    actor: Mapped[str] = mapped_column(String(64), index=True)
+    device: Mapped[str | None] = mapped_column(String(63), index=True)
+    source: Mapped[str | None] = mapped_column(String(255))
+    details: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+    def record(self) -> AuditRecord:
+        return AuditRecord(
+            id=self.id,
+            at=self.at,
+            kind=self.kind,
+            actor=self.actor,
+            device=self.device,
+            source=self.source,
+            details=json.loads(self.details),
+            prev_hash=self.prev_hash,
+            hash=self.hash,
+        )
+
+
+class _AuditAnchor(_Base):
+    """Where the chain starts once old records were removed by retention."""
+
+    __tablename__ = "audit_anchor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    first_id: Mapped[int] = mapped_column(Integer)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+
+
 class _Channel(_Base):
     """Audit log: plain names, no foreign keys, so it outlives users and devices."""
 
@@ -235,7 +284,7 @@ class SqlStore:
 
     # Devices
 
-    def add_device(self, device_id: str) -> str:
+    def add_device(self, device_id: str, *, actor: str = "cli") -> str:
         validate_device_id(device_id)
         secret = new_device_secret()
         with self._write() as session:
@@ -244,6 +293,7 @@ class SqlStore:
             session.add(
                 _Device(device_id=device_id, key=derive_device_key(secret), created_at=_now())
             )
+            self._append(session, "device_added", actor, device_id, None, None)
         return secret
 
     def device_key(self, device_id: str) -> bytes | None:
@@ -256,14 +306,15 @@ class SqlStore:
             rows = session.scalars(select(_Device).order_by(_Device.device_id))
             return [DeviceRecord(device_id=d.device_id, created_at=d.created_at) for d in rows]
 
-    def remove_device(self, device_id: str) -> None:
+    def remove_device(self, device_id: str, *, actor: str = "cli") -> None:
         with self._write() as session:
             if _deleted(session, delete(_Device).where(_Device.device_id == device_id)) == 0:
                 raise NotFoundError(f"no device {device_id!r}")
+            self._append(session, "device_removed", actor, device_id, None, None)
 
     # Users
 
-    def add_user(self, name: str, role: str, password: str) -> UserRecord:
+    def add_user(self, name: str, role: str, password: str, *, actor: str = "cli") -> UserRecord:
         _validate_user_name(name)
         if role not in ROLES:
             raise ConfigError(f"invalid role {role!r}: choose one of {', '.join(ROLES)}")
@@ -273,32 +324,36 @@ class SqlStore:
                 raise AlreadyExistsError(f"user {name!r} already exists")
             user = _User(name=name, role=role, password_hash=password_hash, created_at=_now())
             session.add(user)
+            self._append(session, "user_added", actor, None, None, {"user": name, "role": role})
             return user.record()
 
     def list_users(self) -> list[UserRecord]:
         with self._read() as session:
             return [u.record() for u in session.scalars(select(_User).order_by(_User.name))]
 
-    def remove_user(self, name: str) -> None:
+    def remove_user(self, name: str, *, actor: str = "cli") -> None:
         with self._write() as session:
             user = self._user(session, name)
             if user is None:
                 raise NotFoundError(f"no user {name!r}")
-            # Explicit, so tokens go even on a connection without foreign_keys.
+            # Explicit, so tokens and sessions go even on a connection without foreign_keys.
             session.execute(delete(_ApiToken).where(_ApiToken.user_id == user.id))
+            session.execute(delete(_WebSession).where(_WebSession.user_id == user.id))
             session.delete(user)
+            self._append(session, "user_removed", actor, None, None, {"user": name})
 
     def count_users(self) -> int:
         with self._read() as session:
             return session.scalar(select(func.count()).select_from(_User)) or 0
 
-    def set_password(self, name: str, password: str) -> None:
+    def set_password(self, name: str, password: str, *, actor: str = "cli") -> None:
         password_hash = hash_password(password)
         with self._write() as session:
             user = self._user(session, name)
             if user is None:
                 raise NotFoundError(f"no user {name!r}")
             user.password_hash = password_hash
+            self._append(session, "password_changed", actor, None, None, {"user": name})
 
     def authenticate_user(self, name: str, password: str) -> UserRecord | None:
         with self._read() as session:
@@ -365,14 +420,19 @@ class SqlStore:
                 fresh = session.get(_ApiToken, token_id)
                 if fresh is not None:
                     fresh.last_used_at = now
+                    self._append(
+                        session, "token_used", record.name, None, None, {"label": fresh.label}
+                    )
         return record
 
-    def revoke_tokens(self, user: str) -> int:
+    def revoke_tokens(self, user: str, *, actor: str = "cli") -> int:
         with self._write() as session:
             owner = self._user(session, user)
             if owner is None:
                 raise NotFoundError(f"no user {user!r}")
-            return _deleted(session, delete(_ApiToken).where(_ApiToken.user_id == owner.id))
+            count = _deleted(session, delete(_ApiToken).where(_ApiToken.user_id == owner.id))
+            self._append(session, "tokens_revoked", actor, None, None, {"user": user})
+            return count
 
     # Web sessions
 
@@ -502,6 +562,139 @@ class SqlStore:
                 )
             )
 
+    # Audit log
+
+    def audit(
+        self,
+        kind: str,
+        actor: str,
+        *,
+        device: str | None = None,
+        source: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        with self._write() as session:
+            self._append(session, kind, actor, device, source, details)
+
+    @staticmethod
+    def _append(
+        session: Session,
+        kind: str,
+        actor: str,
+        device: str | None,
+        source: str | None,
+        details: dict[str, Any] | None,
+    ) -> None:
+        """Append one record in the caller's (write) transaction, chained to the last."""
+        last = session.execute(
+            select(_AuditEntry.hash).order_by(_AuditEntry.id.desc()).limit(1)
+        ).scalar_one_or_none()
+        if last is None:
+            anchor = session.get(_AuditAnchor, 1)
+            last = anchor.prev_hash if anchor is not None else GENESIS
+        at = _now()
+        details_json = canonical_details(details)
+        entry = _AuditEntry(
+            at=at,
+            kind=kind[:32],
+            actor=actor[:64],
+            device=device,
+            source=None if source is None else source[:255],
+            details=details_json,
+            prev_hash=last,
+            hash="",
+        )
+        session.add(entry)
+        session.flush()  # assigns the id, which the hash covers
+        entry.hash = record_hash(
+            last, entry.id, at, entry.kind, entry.actor, device, entry.source, details_json
+        )
+
+    def audit_records(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        actor: str | None = None,
+        device: str | None = None,
+        kind: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[AuditRecord]:
+        """Records in chain order, filtered; page with ``after_id``."""
+        query = select(_AuditEntry).where(_AuditEntry.id > after_id)
+        if since is not None:
+            query = query.where(_AuditEntry.at >= since)
+        if until is not None:
+            query = query.where(_AuditEntry.at < until)
+        if actor is not None:
+            query = query.where(_AuditEntry.actor == actor)
+        if device is not None:
+            query = query.where(_AuditEntry.device == device)
+        if kind is not None:
+            query = query.where(_AuditEntry.kind == kind)
+        query = query.order_by(_AuditEntry.id).limit(limit)
+        with self._read() as session:
+            return [entry.record() for entry in session.scalars(query)]
+
+    def audit_verify(self, batch: int = 5000) -> VerifyResult:
+        """Recompute the whole chain from its anchor."""
+        with self._read() as session:
+            anchor = session.get(_AuditAnchor, 1)
+            expected = anchor.prev_hash if anchor is not None else GENESIS
+            next_id = anchor.first_id if anchor is not None else None
+            count, last_id, after = 0, 0, 0
+            while True:
+                rows = session.scalars(
+                    select(_AuditEntry).where(_AuditEntry.id > after).order_by(_AuditEntry.id)
+                    .limit(batch)
+                ).all()  # fmt: skip
+                if not rows:
+                    break
+                for row in rows:
+                    if next_id is not None and row.id != next_id and count == 0:
+                        return VerifyResult(
+                            False, count, last_id, expected,
+                            f"the chain should start at record {next_id}, found {row.id}", row.id,
+                        )  # fmt: skip
+                    if row.prev_hash != expected:
+                        return VerifyResult(
+                            False, count, last_id, expected,
+                            f"record {row.id} does not follow record {last_id or 'the anchor'} "
+                            "(a record was removed or changed)", row.id,
+                        )  # fmt: skip
+                    actual = record_hash(
+                        row.prev_hash, row.id, row.at, row.kind, row.actor, row.device,
+                        row.source, row.details,
+                    )  # fmt: skip
+                    if actual != row.hash:
+                        return VerifyResult(
+                            False, count, last_id, expected,
+                            f"record {row.id} was changed (its hash does not match)", row.id,
+                        )  # fmt: skip
+                    expected, last_id, count = row.hash, row.id, count + 1
+                after = rows[-1].id
+            return VerifyResult(True, count, last_id, expected)
+
+    def audit_prune(self, before: datetime) -> int:
+        """Retention: remove records older than ``before``, from the start of the chain."""
+        with self._write() as session:
+            last = session.execute(
+                select(_AuditEntry.id, _AuditEntry.hash)
+                .where(_AuditEntry.at < before)
+                .order_by(_AuditEntry.id.desc())
+                .limit(1)
+            ).first()
+            if last is None:
+                return 0
+            removed = _deleted(session, delete(_AuditEntry).where(_AuditEntry.id <= last.id))
+            anchor = session.get(_AuditAnchor, 1)
+            if anchor is None:
+                session.add(_AuditAnchor(id=1, first_id=last.id + 1, prev_hash=last.hash))
+            else:
+                anchor.first_id, anchor.prev_hash = last.id + 1, last.hash
+            return removed
+
     # Channel log
 
     def record_channel(self, rec: ChannelRecord) -> None:
@@ -518,6 +711,21 @@ class SqlStore:
                     bytes_down=rec.bytes_down,
                     outcome=rec.outcome,
                 )
+            )
+            self._append(
+                session,
+                "channel",
+                rec.user,
+                rec.device,
+                rec.source,
+                {
+                    "service": rec.service,
+                    "started_at": format_time(rec.started_at),
+                    "ended_at": format_time(rec.ended_at),
+                    "bytes_up": rec.bytes_up,
+                    "bytes_down": rec.bytes_down,
+                    "outcome": rec.outcome,
+                },
             )
 
     def recent_channels(self, limit: int = 100) -> list[ChannelRecord]:

@@ -744,6 +744,13 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             record.service,
             self.source,
         )
+        self.server.audit(
+            "web_session",
+            record.user.name,
+            device=self.device,
+            source=self.source,
+            details={"service": record.service},
+        )
         max_age = int(DEVICE_SESSION_TTL.total_seconds())
         prefix = self.prefix.decode()
         self._local(

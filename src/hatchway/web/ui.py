@@ -98,6 +98,7 @@ async def handle(
         if session is not None:
             await server.web.revoke(session[0])
             log.info("user %s logged out of the web UI", session[1].user.name)
+            server.audit("logout", session[1].user.name, source=source, details={"via": "web"})
         return _redirect("/login", f"{RELAY_COOKIE}=; Path=/; Secure; HttpOnly; Max-Age=0")
     assert path.startswith(OPEN_PREFIX)
     if method not in ("GET", "HEAD"):
@@ -159,7 +160,7 @@ async def _login(server: RelayServer, request: HttpRequest, source: str) -> byte
     name = (form.get("user") or [""])[0]
     password = (form.get("password") or [""])[0]
     next_path = safe_next((form.get("next") or ["/"])[0])
-    user = await api.check_password(server, name, password, source)
+    user = await api.check_password(server, name, password, source, "web")
     if user is None:
         return http_response(401, login_page(next_path, "Wrong user name or password."))
     secret = await asyncio.to_thread(

@@ -1,0 +1,100 @@
+"""The audit log's records and their hash chain (storage-independent).
+
+Every record carries the hash of the one before it: ``hash = SHA-256(prev_hash ||
+canonical JSON of [id, time, kind, actor, device, source, details])``. Editing,
+inserting or deleting a record in the middle breaks the chain at that point, which
+``verify`` reports. Cutting records off the end, or rewriting the whole chain, is only
+detectable against a head (id and hash) kept elsewhere: ``hatchway audit verify``
+prints the head to write down and checks against one given with ``--expect-head``.
+Retention removes records from the start and keeps the last removed hash as the anchor
+the chain continues from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+GENESIS = "0" * 64
+
+#: What is recorded (``kind``), and who the ``actor`` is for it.
+KINDS = (
+    "login",  # actor: user; details: via (api|web)
+    "login_failed",  # actor: the name tried
+    "logout",  # actor: user
+    "token_used",  # actor: user; at most once a minute per token; details: label
+    "web_session",  # actor: user; device, details: service
+    "device_connected",  # actor: device; source: its address
+    "device_disconnected",  # actor: device
+    "channel",  # actor: user; device, source; details: service, times, bytes, outcome
+    "device_added",  # actor: who ran the command ("cli" offline)
+    "device_removed",
+    "user_added",  # details: user, role
+    "user_removed",
+    "password_changed",
+    "tokens_revoked",
+)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    at: datetime
+    kind: str
+    actor: str
+    device: str | None
+    source: str | None
+    details: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "at": format_time(self.at),
+            "kind": self.kind,
+            "actor": self.actor,
+            "device": self.device,
+            "source": self.source,
+            "details": self.details,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    records: int
+    head_id: int
+    head_hash: str
+    problem: str | None = None
+    bad_id: int | None = None
+
+
+def format_time(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_details(details: dict[str, Any] | None) -> str:
+    return json.dumps(details or {}, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def record_hash(
+    prev_hash: str,
+    record_id: int,
+    at: datetime,
+    kind: str,
+    actor: str,
+    device: str | None,
+    source: str | None,
+    details_json: str,
+) -> str:
+    payload = json.dumps(
+        [record_id, format_time(at), kind, actor, device, source, details_json],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256((prev_hash + payload).encode()).hexdigest()

@@ -1,0 +1,174 @@
+"""The hash-chained audit log: what is recorded, verification, tampering, retention."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from hatchway.store.base import ChannelRecord
+from hatchway.store.sql import DB_FILE_NAME, SqlStore
+from tests.procs import Env, wait_for
+from tests.test_integration import Setup, roundtrip, setup
+
+__all__ = ["setup"]  # the fixture
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SqlStore:
+    return SqlStore.open_data_dir(tmp_path / "data")
+
+
+def _db(tmp_path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(tmp_path / "data" / DB_FILE_NAME)
+
+
+def _scripted(store: SqlStore) -> None:
+    store.add_device("dev1")
+    store.add_user("alice", "admin", "alice-password-1", actor="cli")
+    token = store.create_token("alice", "laptop", timedelta(days=1))
+    assert store.user_for_token(token) is not None  # token_used, once a minute at most
+    assert store.user_for_token(token) is not None
+    store.audit("login", "alice", source="192.0.2.7", details={"via": "api"})
+    store.audit("login_failed", "mallory", source="198.51.100.9", details={"via": "web"})
+    now = datetime.now(UTC)
+    store.record_channel(
+        ChannelRecord("alice", "dev1", "ssh", "192.0.2.7", now, now, 10, 20, "closed")
+    )
+    store.set_password("alice", "alice-password-2")
+    store.remove_device("dev1")
+
+
+def test_a_scripted_sequence_verifies(store: SqlStore) -> None:
+    _scripted(store)
+    records = store.audit_records()
+    assert [r.kind for r in records] == [
+        "device_added",
+        "user_added",
+        "token_used",
+        "login",
+        "login_failed",
+        "channel",
+        "password_changed",
+        "device_removed",
+    ]
+    assert [r.id for r in records] == list(range(1, 9))
+    channel = records[5]
+    assert (channel.actor, channel.device, channel.source) == ("alice", "dev1", "192.0.2.7")
+    assert channel.details["bytes_up"] == 10 and channel.details["bytes_down"] == 20
+    assert records[1].details == {"user": "alice", "role": "admin"}
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(records))
+    result = store.audit_verify()
+    assert result.ok and result.records == 8 and result.head_id == 8
+    assert result.head_hash == records[-1].hash
+    # Filters.
+    assert [r.kind for r in store.audit_records(actor="alice")] == [
+        "token_used",
+        "login",
+        "channel",
+    ]
+    assert len(store.audit_records(device="dev1")) == 3
+    assert store.audit_records(since=datetime.now(UTC) + timedelta(minutes=1)) == []
+
+
+@pytest.mark.parametrize(
+    ("statement", "bad_id", "problem"),
+    [
+        ("UPDATE audit_log SET details = '{\"bytes_up\":0}' WHERE id = 6", 6, "was changed"),
+        ("UPDATE audit_log SET actor = 'bob' WHERE id = 4", 4, "was changed"),
+        ("UPDATE audit_log SET at = '2020-01-01 00:00:00.000000' WHERE id = 2", 2, "was changed"),
+        ("DELETE FROM audit_log WHERE id = 5", 6, "does not follow"),
+        (
+            # Rewriting one record's hash too only moves the break to the next record.
+            "UPDATE audit_log SET kind = 'login', hash = 'ab' || substr(hash, 3) WHERE id = 3",
+            3,
+            "was changed",
+        ),
+    ],
+)
+def test_tampering_is_detected(
+    store: SqlStore, tmp_path: Path, statement: str, bad_id: int, problem: str
+) -> None:
+    _scripted(store)
+    with _db(tmp_path) as db:
+        db.execute(statement)
+    result = store.audit_verify()
+    assert not result.ok
+    assert result.bad_id == bad_id
+    assert result.problem is not None and problem in result.problem
+
+
+def test_retention_keeps_the_chain_verifiable(store: SqlStore, tmp_path: Path) -> None:
+    _scripted(store)
+    with _db(tmp_path) as db:  # the first five records are "old"
+        db.execute("UPDATE audit_log SET at = '2020-01-01 00:00:00.000000' WHERE id <= 5")
+    # (Back-dating broke them, but they are about to go: verification runs after.)
+    assert store.audit_prune(datetime(2021, 1, 1, tzinfo=UTC)) == 5
+    result = store.audit_verify()
+    assert result.ok and result.records == 3 and result.head_id == 8
+    store.audit("login", "alice")
+    assert store.audit_verify().ok
+    # Removing the first remaining record is still noticed (the anchor says where to start).
+    with _db(tmp_path) as db:
+        db.execute("DELETE FROM audit_log WHERE id = 6")
+    result = store.audit_verify()
+    assert not result.ok and result.bad_id == 7
+
+
+def test_relay_and_cli_record_and_verify(setup: Setup, tmp_path: Path) -> None:
+    env = setup.env
+    data = ["--data-dir", str(env.data_dir)]
+    forward, port = env.start_forward("dev1", "echo")
+    assert roundtrip(port, b"audit me" * 100) == b"audit me" * 100
+    forward.stop()
+    bad = env.hatchway(
+        "login", setup.url, "--user", "admin", "--password-stdin", "--ca-file",
+        str(env.ca_file), input=b"wrong\n", check=False,
+    )  # fmt: skip
+    assert bad.returncode == 1
+
+    def kinds() -> list[str]:
+        out = env.hatchway("audit", "list", "--json", "--limit", "1000", *data, prefix=())
+        return [json.loads(line)["kind"] for line in out.stdout.decode().splitlines()]
+
+    wait_for(lambda: "channel" in kinds() and "login_failed" in kinds(), 15, "audit records")
+    seen = kinds()
+    for kind in ("user_added", "device_added", "device_connected", "login", "channel"):
+        assert kind in seen, (kind, seen)
+    out = env.hatchway("audit", "export", "--kind", "channel", "--device", "dev1", *data, prefix=())
+    channel = json.loads(out.stdout.decode().splitlines()[-1])
+    assert channel["actor"] == "admin" and channel["details"]["service"] == "echo"
+    assert channel["details"]["bytes_up"] == 800 and channel["details"]["bytes_down"] == 800
+    out = env.hatchway("audit", "list", "--user", "admin", "--since", "1h", *data, prefix=())
+    assert "channel" in out.stdout.decode() and "device=dev1" in out.stdout.decode()
+    verified = env.hatchway("audit", "verify", *data, prefix=()).stdout.decode()
+    assert verified.startswith("audit log intact: ")
+    head = verified.split("head: ", 1)[1].strip()
+    # Tampering with a record, then cutting off the last one.
+    db = sqlite3.connect(env.data_dir / DB_FILE_NAME)
+    with db:
+        db.execute("UPDATE audit_log SET source = '203.0.113.1' WHERE kind = 'channel'")
+    broken = env.hatchway("audit", "verify", *data, prefix=(), check=False)
+    assert broken.returncode == 1 and b"was changed" in broken.stderr + broken.stdout
+    with db:
+        db.execute("UPDATE audit_log SET source = ? WHERE kind = 'channel'", (channel["source"],))
+    assert env.hatchway("audit", "verify", *data, prefix=()).returncode == 0
+    head_id = int(head.split(":")[0])
+    with db:
+        db.execute("DELETE FROM audit_log WHERE id >= ?", (head_id,))
+    db.close()
+    assert env.hatchway("audit", "verify", *data, prefix=()).returncode == 0  # a prefix is fine
+    cut = env.hatchway("audit", "verify", "--expect-head", head, *data, prefix=(), check=False)
+    assert cut.returncode == 1 and b"missing" in cut.stderr + cut.stdout
+
+
+def test_audit_cli_errors(env: Env) -> None:
+    out = env.hatchway(
+        "audit", "list", "--since", "yesterday", "--data-dir", str(env.data_dir),
+        prefix=(), check=False,
+    )  # fmt: skip
+    assert out.returncode == 1 and b"ISO-8601" in out.stderr
