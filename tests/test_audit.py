@@ -29,7 +29,7 @@ def _db(tmp_path: Path) -> sqlite3.Connection:
 
 def _scripted(store: SqlStore) -> None:
     store.add_device("dev1")
-    store.add_user("alice", "admin", "alice-password-1", actor="cli")
+    store.add_user("alice", "admin", "Granite-Meadow-51!", actor="cli")
     token = store.create_token("alice", "laptop", timedelta(days=1))
     assert store.user_for_token(token) is not None  # token_used, once a minute at most
     assert store.user_for_token(token) is not None
@@ -39,7 +39,7 @@ def _scripted(store: SqlStore) -> None:
     store.record_channel(
         ChannelRecord("alice", "dev1", "ssh", "192.0.2.7", now, now, 10, 20, "closed")
     )
-    store.set_password("alice", "alice-password-2")
+    store.set_password("alice", "Granite-Meadow-52!")
     store.remove_device("dev1")
 
 

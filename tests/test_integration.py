@@ -209,9 +209,9 @@ def test_non_admin_is_not_permitted(setup: Setup) -> None:
         "--password-stdin",
         "--data-dir",
         str(setup.env.data_dir),
-        input=b"alice-Password-123!\n",
+        input=b"Vivid-Lantern-482!\n",
     )
-    setup.env.login(setup.url, "alice", "alice-Password-123!")
+    setup.env.login(setup.url, "alice", "Vivid-Lantern-482!")
     assert json.loads(setup.env.hatchway("devices", "--json").stdout) == []
     out = setup.env.hatchway("proxy", "dev1", "echo", input=b"", check=False)
     assert out.returncode == 1 and "not permitted" in out.stderr.decode()

@@ -14,14 +14,26 @@ from sqlalchemy import select
 from sqlalchemy.exc import StatementError
 
 from hatchway.auth.device import derive_device_key, device_proof, new_nonce, verify_device_proof
+from hatchway.auth.policy import PasswordPolicy
 from hatchway.errors import AlreadyExistsError, ConfigError, NotFoundError
 from hatchway.store.base import ChannelRecord, Store
 from hatchway.store.sql import SqlStore, _ApiToken
 
+LENIENT = PasswordPolicy(
+    min_length=1,
+    require_upper=False,
+    require_lower=False,
+    require_digit=False,
+    require_special=False,
+    reject_common=False,
+    reject_user_name=False,
+)
+
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[SqlStore]:
-    store = SqlStore.open_data_dir(tmp_path / "data")
+    # Store behaviour, not the password policy (tests/test_policy.py): any password goes.
+    store = SqlStore.open_data_dir(tmp_path / "data", policy=LENIENT)
     yield store
     store.close()
 
@@ -272,7 +284,7 @@ def test_channels_newest_first(store: SqlStore) -> None:
 
 
 def test_persisted_across_reopen(tmp_path: Path) -> None:
-    store = SqlStore.open_data_dir(tmp_path)
+    store = SqlStore.open_data_dir(tmp_path, policy=LENIENT)
     secret = store.add_device("dev1")
     store.add_user("alice", "admin", "pw")
     token = store.create_token("alice", "laptop", timedelta(days=1))
@@ -293,7 +305,7 @@ def test_persisted_across_reopen(tmp_path: Path) -> None:
 
 
 def test_in_memory_url_shared_across_threads() -> None:
-    store = SqlStore("sqlite://")
+    store = SqlStore("sqlite://", policy=LENIENT)
     try:
         store.add_device("dev1")
         seen: list[bytes | None] = []

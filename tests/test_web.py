@@ -154,10 +154,10 @@ def test_not_permitted_and_unknown_devices_look_the_same(web: Web) -> None:
         "--password-stdin",
         "--data-dir",
         str(env.data_dir),
-        input=b"bob-password-123\n",
+        input=b"Quiet-Harbor-1937!\n",
         prefix=(),
     )
-    form = urllib.parse.urlencode({"user": "bob", "password": "bob-password-123"}).encode()
+    form = urllib.parse.urlencode({"user": "bob", "password": "Quiet-Harbor-1937!"}).encode()
     resp = web.client.request(
         "POST",
         "/login",
@@ -425,7 +425,7 @@ def test_websocket_upgrade_is_spliced_and_closed_on_revocation(web: Web) -> None
         "--password-stdin",
         "--data-dir",
         str(env.data_dir),
-        input=b"carol-password-123\n",
+        input=b"Amber-Falcon-2048?\n",
         prefix=(),
     )
     carol = Env(env.root / "carol")
@@ -437,7 +437,7 @@ def test_websocket_upgrade_is_spliced_and_closed_on_revocation(web: Web) -> None
         "--password-stdin",
         "--ca-file",
         str(env.ca_file),
-        input=b"carol-password-123\n",
+        input=b"Amber-Falcon-2048?\n",
     )
     out = carol.hatchway("open", "dev1", "--print-url", "--service", "direct")
     link = urllib.parse.urlsplit(out.stdout.decode().strip())

@@ -103,6 +103,8 @@ class RelayServer:
         if self.store.count_users():
             return None
         password = new_password()
+        while self.store.policy.problems(password, "admin"):
+            password = new_password()
         self.store.add_user("admin", "admin", password, actor="relay")
         return password
 

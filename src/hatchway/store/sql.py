@@ -42,6 +42,7 @@ from sqlalchemy.pool import StaticPool
 
 from hatchway.auth.device import derive_device_key, new_device_secret, validate_device_id
 from hatchway.auth.passwords import DUMMY_HASH, hash_password, needs_rehash, verify_password
+from hatchway.auth.policy import DEFAULT_POLICY, PasswordPolicy
 from hatchway.auth.tokens import hash_token, new_api_token
 from hatchway.errors import AlreadyExistsError, ConfigError, NotFoundError
 from hatchway.store.audit import (
@@ -239,7 +240,8 @@ _SESSION_PREFIX = {"relay": "hws_", "device": "hwd_", "grant": "hwg_"}
 class SqlStore:
     """The Store protocol on a SQLAlchemy engine."""
 
-    def __init__(self, url: str | URL) -> None:
+    def __init__(self, url: str | URL, *, policy: PasswordPolicy = DEFAULT_POLICY) -> None:
+        self.policy = policy
         parsed = make_url(url)
         kwargs: dict[str, Any] = {}
         if parsed.get_backend_name() == "sqlite":
@@ -256,7 +258,7 @@ class SqlStore:
         _Base.metadata.create_all(self._engine)
 
     @classmethod
-    def open_data_dir(cls, data_dir: Path) -> SqlStore:
+    def open_data_dir(cls, data_dir: Path, *, policy: PasswordPolicy = DEFAULT_POLICY) -> SqlStore:
         """Open (creating if needed) the SQLite database in ``data_dir``, private to us."""
         if not data_dir.exists():
             data_dir.mkdir(mode=0o700, parents=True)
@@ -267,7 +269,7 @@ class SqlStore:
         fd = os.open(db_path, os.O_CREAT | os.O_RDWR, 0o600)
         os.close(fd)
         db_path.chmod(0o600)
-        return cls(URL.create("sqlite", database=str(db_path.resolve())))
+        return cls(URL.create("sqlite", database=str(db_path.resolve())), policy=policy)
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -318,6 +320,7 @@ class SqlStore:
         _validate_user_name(name)
         if role not in ROLES:
             raise ConfigError(f"invalid role {role!r}: choose one of {', '.join(ROLES)}")
+        self.policy.check(password, name)
         password_hash = hash_password(password)
         with self._write() as session:
             if self._user(session, name) is not None:
@@ -347,6 +350,7 @@ class SqlStore:
             return session.scalar(select(func.count()).select_from(_User)) or 0
 
     def set_password(self, name: str, password: str, *, actor: str = "cli") -> None:
+        self.policy.check(password, name)
         password_hash = hash_password(password)
         with self._write() as session:
             user = self._user(session, name)
