@@ -280,6 +280,16 @@ def user_remove(name: str, data_dir: Path) -> None:
     click.echo(f"user {name} removed")
 
 
+@user.command("unlock")
+@click.argument("name")
+@data_dir_option
+def user_unlock(name: str, data_dir: Path) -> None:
+    """End a lockout after failed logins."""
+    store = _store(data_dir)
+    _guard(lambda: store.unlock(name))
+    click.echo(f"user {name} unlocked")
+
+
 @user.command("passwd")
 @click.argument("name")
 @click.option("--password-stdin", is_flag=True, help="read the password from standard input")

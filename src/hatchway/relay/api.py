@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,8 @@ from hatchway.store.base import UserRecord
 if TYPE_CHECKING:
     from hatchway.relay.frontdoor import HttpRequest
     from hatchway.relay.server import RelayServer
+
+log = logging.getLogger("hatchway.relay.api")
 
 TOKEN_TTL = timedelta(days=30)
 #: Logins verified at once (argon2 is deliberately expensive: bound the CPU spent).
@@ -80,7 +83,16 @@ async def check_password(
     """The user, if the password is right (a bounded number of checks run at once).
     Both outcomes go to the audit log."""
     global _login_slots
+    wait = server.login_throttle.retry_after(source)
+    if wait:
+        log.warning("login from %s refused: too many failed logins", source)
+        raise ApiError(
+            429,
+            "too_many_attempts",
+            f"too many failed logins from {source}: try again in {wait} s",
+        )
     if not name or len(name) > 64 or len(password) > 1024:
+        server.login_throttle.failed(source)
         server.log_login_failure(name, source)
         server.audit("login_failed", name[:64] or "-", source=source, details={"via": via})
         return None
@@ -91,6 +103,7 @@ async def check_password(
             server.store.authenticate_user, name, password
         )
     if user is None:
+        server.login_throttle.failed(source)
         server.log_login_failure(name, source)
         server.audit("login_failed", name, source=source, details={"via": via})
     else:

@@ -19,6 +19,7 @@ from hatchway import __version__
 from hatchway.agent.config import SERVICE_NAME_RE
 from hatchway.auth.device import DEVICE_ID_RE
 from hatchway.auth.passwords import new_password
+from hatchway.auth.throttle import LoginThrottle
 from hatchway.errors import ConfigError
 from hatchway.mux.frames import GoAwayReason
 from hatchway.mux.session import DEFAULT_MAX_CHANNELS, DEFAULT_WINDOW
@@ -93,6 +94,7 @@ class RelayServer:
         self.ssl_context: ssl.SSLContext = server_context(self.cert_file, self.key_file)
         self.ssl_context.sni_callback = _remember_sni
         self.web = WebAccess(self)
+        self.login_throttle = LoginThrottle()
         self.started_at = datetime.now(UTC)
         self._offline_since: dict[str, datetime] = {}
 

@@ -24,6 +24,8 @@ GENESIS = "0" * 64
 KINDS = (
     "login",  # actor: user; details: via (api|web)
     "login_failed",  # actor: the name tried
+    "lockout",  # actor: the user; details: failures, until
+    "unlocked",  # actor: who ran the command; details: user
     "logout",  # actor: user
     "token_used",  # actor: user; at most once a minute per token; details: label
     "web_session",  # actor: user; device, details: service

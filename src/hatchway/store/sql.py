@@ -153,6 +153,18 @@ class _WebSession(_Base):
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
 
 
+class _LoginState(_Base):
+    """Failed logins in a row, and the lockout they caused (survives restarts)."""
+
+    __tablename__ = "login_state"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    failures: Mapped[int] = mapped_column(Integer)
+    locked_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
 class _AuditEntry(_Base):
     """The append-only, hash-chained audit log (``store/audit.py``)."""
 
@@ -233,6 +245,10 @@ def _validate_user_name(name: str) -> str:
         )
     return name
 
+
+#: Wrong passwords in a row that lock an account, and for how long.
+LOCKOUT_FAILURES = 10
+LOCKOUT_TIME = timedelta(minutes=10)
 
 _SESSION_PREFIX = {"relay": "hws_", "device": "hwd_", "grant": "hwg_"}
 
@@ -360,15 +376,34 @@ class SqlStore:
             self._append(session, "password_changed", actor, None, None, {"user": name})
 
     def authenticate_user(self, name: str, password: str) -> UserRecord | None:
+        """The user if the password is right and the account not locked.
+
+        ``LOCKOUT_FAILURES`` wrong passwords in a row lock the account for
+        ``LOCKOUT_TIME`` (kept in the database, so a restart does not unlock it). A
+        locked account answers exactly like a wrong password, after the same work.
+        """
+        now = _now()
         with self._read() as session:
             user = self._user(session, name)
             if user is None:
                 # Spend the same time as for a wrong password: no user enumeration.
                 verify_password(DUMMY_HASH, password)
                 return None
-            record, stored_hash = user.record(), user.password_hash
-        if not verify_password(stored_hash, password):
+            record, stored_hash, user_id = user.record(), user.password_hash, user.id
+            state = session.get(_LoginState, user_id)
+            locked = (
+                state is not None and state.locked_until is not None and (state.locked_until > now)
+            )
+            failures = state.failures if state is not None else 0
+        correct = verify_password(stored_hash, password)
+        if locked:
             return None
+        if not correct:
+            self._login_failed(user_id, name)
+            return None
+        if failures:
+            with self._write() as session:
+                session.execute(delete(_LoginState).where(_LoginState.user_id == user_id))
         if needs_rehash(stored_hash):
             new_hash = hash_password(password)
             with self._write() as session:
@@ -377,6 +412,45 @@ class SqlStore:
                 if fresh is not None and fresh.password_hash == stored_hash:
                     fresh.password_hash = new_hash
         return record
+
+    def _login_failed(self, user_id: int, name: str) -> None:
+        now = _now()
+        with self._write() as session:
+            state = session.get(_LoginState, user_id)
+            if state is None:
+                state = _LoginState(user_id=user_id, failures=0, locked_until=None)
+                session.add(state)
+            if state.locked_until is not None and state.locked_until <= now:
+                state.locked_until = None
+            state.failures += 1
+            if state.failures >= LOCKOUT_FAILURES:
+                state.failures = 0
+                state.locked_until = now + LOCKOUT_TIME
+                self._append(
+                    session,
+                    "lockout",
+                    name,
+                    None,
+                    None,
+                    {"failures": LOCKOUT_FAILURES, "until": format_time(state.locked_until)},
+                )
+
+    def locked_until(self, name: str) -> datetime | None:
+        """When the account's lockout ends, if it is locked now."""
+        with self._read() as session:
+            user = self._user(session, name)
+            state = session.get(_LoginState, user.id) if user is not None else None
+            if state is None or state.locked_until is None or state.locked_until <= _now():
+                return None
+            return state.locked_until
+
+    def unlock(self, name: str, *, actor: str = "cli") -> None:
+        with self._write() as session:
+            user = self._user(session, name)
+            if user is None:
+                raise NotFoundError(f"no user {name!r}")
+            session.execute(delete(_LoginState).where(_LoginState.user_id == user.id))
+            self._append(session, "unlocked", actor, None, None, {"user": name})
 
     @staticmethod
     def _user(session: Session, name: str) -> _User | None:

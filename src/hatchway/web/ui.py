@@ -160,7 +160,10 @@ async def _login(server: RelayServer, request: HttpRequest, source: str) -> byte
     name = (form.get("user") or [""])[0]
     password = (form.get("password") or [""])[0]
     next_path = safe_next((form.get("next") or ["/"])[0])
-    user = await api.check_password(server, name, password, source, "web")
+    try:
+        user = await api.check_password(server, name, password, source, "web")
+    except api.ApiError as exc:
+        return http_response(exc.status, login_page(next_path, exc.message + "."))
     if user is None:
         return http_response(401, login_page(next_path, "Wrong user name or password."))
     secret = await asyncio.to_thread(
