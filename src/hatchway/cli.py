@@ -280,6 +280,37 @@ def user_remove(name: str, data_dir: Path) -> None:
     click.echo(f"user {name} removed")
 
 
+@user.command("totp")
+@click.argument("name")
+@click.option("--confirm", "code", metavar="CODE", help="turn it on with a code from the app")
+@click.option("--disable", is_flag=True, help="turn two-factor login off")
+@click.option("--relay-name", default="relay", show_default=True, help="label in the app")
+@data_dir_option
+def user_totp(name: str, code: str | None, disable: bool, relay_name: str, data_dir: Path) -> None:
+    """Two-factor login: make a secret for an authenticator app, then confirm it.
+
+    First `hatchway user totp NAME` prints the secret and an otpauth:// URI to add to the
+    app; then `hatchway user totp NAME --confirm CODE` with a code the app shows turns it
+    on. From then on logins need a code too.
+    """
+    from hatchway.auth.totp import provisioning_uri
+
+    store = _store(data_dir)
+    if disable:
+        _guard(lambda: store.totp_disable(name))
+        click.echo(f"two-factor login is off for {name}")
+        return
+    if code is not None:
+        if not store.totp_confirm(name, code):
+            _fail("that code does not match the pending secret (run without --confirm first)")
+        click.echo(f"two-factor login is on for {name}")
+        return
+    secret = _guard(lambda: store.totp_begin(name))
+    click.echo(f"secret: {secret}")
+    click.echo(f"uri:    {provisioning_uri(secret, name, relay_name)}")
+    click.echo(f"then:   hatchway user totp {name} --confirm CODE")
+
+
 @user.command("unlock")
 @click.argument("name")
 @data_dir_option
@@ -458,10 +489,12 @@ def _login() -> Any:
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="verify the relay against this CA (the relay prints it at start)",
 )
-def login(url: str, name: str, password_stdin: bool, ca_file: Path | None) -> None:
+@click.option("--otp", help="one-time code from the authenticator app (two-factor login)")
+def login(url: str, name: str, password_stdin: bool, ca_file: Path | None, otp: str | None) -> None:
     """Log in to a relay and store the API token."""
     from hatchway.client.config import Login, save_login
     from hatchway.client.relay_api import call
+    from hatchway.errors import RelayError
 
     if not url.startswith("https://"):
         _fail("the relay URL must start with https://")
@@ -470,15 +503,20 @@ def login(url: str, name: str, password_stdin: bool, ca_file: Path | None) -> No
     else:
         password = click.prompt("password", hide_input=True)
     ca = str(ca_file.resolve()) if ca_file else None
-    answer = _guard(
-        lambda: call(
-            url,
-            "POST",
-            "/api/v1/login",
-            ca_file=ca,
-            body={"user": name, "password": password, "label": "cli"},
-        )
-    )
+    body = {"user": name, "password": password, "label": "cli"}
+    if otp:
+        body["otp"] = otp
+
+    def attempt() -> Any:
+        try:
+            return call(url, "POST", "/api/v1/login", ca_file=ca, body=body)
+        except RelayError as exc:
+            if exc.code != "otp_required" or "otp" in body or not sys.stdin.isatty():
+                raise
+            body["otp"] = click.prompt("one-time code", hide_input=False)
+            return call(url, "POST", "/api/v1/login", ca_file=ca, body=body)
+
+    answer = _guard(attempt)
     path = save_login(Login(server=url.rstrip("/"), user=name, token=answer["token"], ca_file=ca))
     click.echo(f"logged in to {url} as {name} (token saved in {path})")
 

@@ -77,8 +77,16 @@ def _method(actual: str, expected: str) -> None:
         raise ApiError(405, "bad_method", f"use {expected}")
 
 
+OTP_REQUIRED = ApiError(401, "otp_required", "a one-time code from the authenticator app is needed")
+
+
 async def check_password(
-    server: RelayServer, name: str, password: str, source: str, via: str
+    server: RelayServer,
+    name: str,
+    password: str,
+    source: str,
+    via: str,
+    otp: str | None = None,
 ) -> UserRecord | None:
     """The user, if the password is right (a bounded number of checks run at once).
     Both outcomes go to the audit log."""
@@ -102,6 +110,11 @@ async def check_password(
         user: UserRecord | None = await asyncio.to_thread(
             server.store.authenticate_user, name, password
         )
+    if user is not None and await asyncio.to_thread(server.store.totp_required, user.name):
+        if not otp:
+            raise OTP_REQUIRED  # the password was right; not a failure
+        if not await asyncio.to_thread(server.store.totp_check, user.name, otp[:16]):
+            user = None
     if user is None:
         server.login_throttle.failed(source)
         server.log_login_failure(name, source)
@@ -119,7 +132,10 @@ async def _login(server: RelayServer, request: HttpRequest, source: str) -> tupl
     label = body.get("label")
     if not isinstance(label, str):
         label = "cli"
-    user = await check_password(server, name, password, source, "api")
+    otp = body.get("otp")
+    if otp is not None and not isinstance(otp, str):
+        raise ApiError(400, "bad_request", "otp must be a string")
+    user = await check_password(server, name, password, source, "api", otp)
     if user is None:
         raise ApiError(401, "invalid_credentials", "wrong user name or password")
     token = await asyncio.to_thread(server.store.create_token, user.name, label[:64], TOKEN_TTL)

@@ -26,6 +26,8 @@ KINDS = (
     "login_failed",  # actor: the name tried
     "lockout",  # actor: the user; details: failures, until
     "unlocked",  # actor: who ran the command; details: user
+    "totp_enabled",  # details: user
+    "totp_disabled",
     "logout",  # actor: user
     "token_used",  # actor: user; at most once a minute per token; details: label
     "web_session",  # actor: user; device, details: service

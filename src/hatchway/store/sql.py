@@ -21,6 +21,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Delete,
     Dialect,
@@ -40,6 +41,7 @@ from sqlalchemy.engine import URL, CursorResult, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from hatchway.auth import totp
 from hatchway.auth.device import derive_device_key, new_device_secret, validate_device_id
 from hatchway.auth.passwords import DUMMY_HASH, hash_password, needs_rehash, verify_password
 from hatchway.auth.policy import DEFAULT_POLICY, PasswordPolicy
@@ -163,6 +165,19 @@ class _LoginState(_Base):
     )
     failures: Mapped[int] = mapped_column(Integer)
     locked_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class _Totp(_Base):
+    """A user's second factor: the shared secret and the last time step used."""
+
+    __tablename__ = "totp"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    secret: Mapped[str] = mapped_column(String(64))
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    last_step: Mapped[int] = mapped_column(BigInteger)
 
 
 class _AuditEntry(_Base):
@@ -434,6 +449,60 @@ class SqlStore:
                     None,
                     {"failures": LOCKOUT_FAILURES, "until": format_time(state.locked_until)},
                 )
+
+    # Two-factor (TOTP)
+
+    def totp_begin(self, name: str) -> str:
+        """A new secret for ``name``, not yet required: ``totp_confirm`` enables it."""
+        secret = totp.new_secret()
+        with self._write() as session:
+            user = self._user(session, name)
+            if user is None:
+                raise NotFoundError(f"no user {name!r}")
+            session.execute(delete(_Totp).where(_Totp.user_id == user.id))
+            session.add(_Totp(user_id=user.id, secret=secret, enabled=False, last_step=0))
+        return secret
+
+    def totp_confirm(self, name: str, code: str, *, actor: str = "cli") -> bool:
+        """Enable two-factor login once a code from the new secret checks out."""
+        with self._write() as session:
+            user = self._user(session, name)
+            row = session.get(_Totp, user.id) if user is not None else None
+            if user is None or row is None:
+                return False
+            step = totp.matching_step(row.secret, code)
+            if step is None:
+                return False
+            row.enabled, row.last_step = True, step
+            self._append(session, "totp_enabled", actor, None, None, {"user": name})
+            return True
+
+    def totp_disable(self, name: str, *, actor: str = "cli") -> None:
+        with self._write() as session:
+            user = self._user(session, name)
+            if user is None:
+                raise NotFoundError(f"no user {name!r}")
+            session.execute(delete(_Totp).where(_Totp.user_id == user.id))
+            self._append(session, "totp_disabled", actor, None, None, {"user": name})
+
+    def totp_required(self, name: str) -> bool:
+        with self._read() as session:
+            user = self._user(session, name)
+            row = session.get(_Totp, user.id) if user is not None else None
+            return row is not None and row.enabled
+
+    def totp_check(self, name: str, code: str) -> bool:
+        """True for a valid code not used before; a wrong code counts as a failed login."""
+        with self._write() as session:
+            user = self._user(session, name)
+            row = session.get(_Totp, user.id) if user is not None else None
+            step = None if row is None else totp.matching_step(row.secret, code)
+            if row is not None and step is not None and step > row.last_step:
+                row.last_step = step
+                return True
+        if user is not None:
+            self._login_failed(user.id, name)
+        return False
 
     def locked_until(self, name: str) -> datetime | None:
         """When the account's lockout ends, if it is locked now."""

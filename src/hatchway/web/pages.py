@@ -96,7 +96,10 @@ def login_page(next_path: str, error: str | None = None) -> bytes:
         f'<input type=hidden name=next value="{html.escape(next_path)}">'
         "<label>User<input name=user autocomplete=username required autofocus></label>"
         "<label>Password<input name=password type=password autocomplete=current-password "
-        "required></label><button>Log in</button></form>",
+        "required></label>"
+        "<label>One-time code (if two-factor login is on)<input name=otp "
+        "inputmode=numeric autocomplete=one-time-code pattern=[0-9]{6} maxlength=6></label>"
+        "<button>Log in</button></form>",
     )
 
 

@@ -160,8 +160,9 @@ async def _login(server: RelayServer, request: HttpRequest, source: str) -> byte
     name = (form.get("user") or [""])[0]
     password = (form.get("password") or [""])[0]
     next_path = safe_next((form.get("next") or ["/"])[0])
+    otp = (form.get("otp") or [""])[0] or None
     try:
-        user = await api.check_password(server, name, password, source, "web")
+        user = await api.check_password(server, name, password, source, "web", otp)
     except api.ApiError as exc:
         return http_response(exc.status, login_page(next_path, exc.message + "."))
     if user is None:
