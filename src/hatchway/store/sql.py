@@ -285,8 +285,9 @@ class SqlStore:
             event.listen(self._engine, "connect", _sqlite_on_connect)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._write_lock = threading.Lock()
-        # No migrations yet: they arrive with the PostgreSQL store (Alembic).
-        _Base.metadata.create_all(self._engine)
+        from hatchway.store.migrate import upgrade
+
+        upgrade(self._engine)
 
     @classmethod
     def open_data_dir(cls, data_dir: Path, *, policy: PasswordPolicy = DEFAULT_POLICY) -> SqlStore:

@@ -1,0 +1,51 @@
+"""Schema migrations: the models equal the migrations, and old databases are upgraded."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+
+from hatchway.store.migrate import current_revision, upgrade
+from hatchway.store.sql import DB_FILE_NAME, SqlStore, _Base
+
+
+def test_models_equal_the_migrations(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'db'}")
+    upgrade(engine)
+    with engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), _Base.metadata)
+    assert diff == [], "a model changed without a migration (alembic revision --autogenerate)"
+    engine.dispose()
+
+
+def test_a_database_from_before_migrations_is_upgraded(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    engine = create_engine(f"sqlite:///{data / DB_FILE_NAME}")
+    upgrade(engine, "0001")  # the tunnel core's tables, as 0.1.0 made them...
+    created = datetime(2026, 1, 1, tzinfo=UTC).replace(tzinfo=None)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE alembic_version"))  # ...without Alembic
+        connection.execute(
+            text(
+                "INSERT INTO users (name, role, password_hash, created_at) "
+                "VALUES ('old-admin', 'admin', 'x', :created)"
+            ),
+            {"created": created},
+        )
+    engine.dispose()
+    store = SqlStore.open_data_dir(data)
+    assert [u.name for u in store.list_users()] == ["old-admin"]
+    assert current_revision(store._engine) == "0002"
+    assert inspect(store._engine).has_table("audit_log")
+    store.add_device("dev1")
+    assert store.audit_verify().ok
+    store.close()
+    # Opening again changes nothing.
+    store = SqlStore.open_data_dir(data)
+    assert [d.device_id for d in store.list_devices()] == ["dev1"]
+    store.close()
