@@ -40,6 +40,8 @@ TUNNEL_SEND_MESSAGE = 64 * 1024
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008
 CLOSE_GOING_AWAY = 1001
+#: The tunnel connection's write buffer above which every channel stops reading.
+TUNNEL_HIGH_WATER = 1024 * 1024
 
 
 class ChannelBinding:
@@ -56,6 +58,8 @@ class ChannelBinding:
         self._eof_pending = False
         self._sink_paused = False
         self._held_credit = 0
+        # The tunnel's own write buffer is full (``TunnelEndpoint.pause_writing``).
+        self._congested = False
         self.finished = False
 
     # --- hooks --------------------------------------------------------------------------
@@ -105,6 +109,8 @@ class ChannelBinding:
         if n < len(data):
             self._backlog = bytearray(memoryview(data)[n:])
             self.pause_source()
+        elif tunnel.write_paused and not self._congested:
+            self.tunnel_congested()  # a source that started while the tunnel was full
 
     def forward_eof(self) -> None:
         if self.tunnel is None or self.finished or not self.tunnel.mux.is_open(self.channel):
@@ -129,6 +135,22 @@ class ChannelBinding:
         tunnel.mux.reset_channel(self.channel, reason, message)
         tunnel.bindings.pop(self.channel, None)
         tunnel.request_flush()
+
+    def tunnel_congested(self) -> None:
+        """The tunnel cannot take more for now: stop reading, whatever the credit."""
+        if not self.finished:
+            self._congested = True
+            self.pause_source()
+
+    def tunnel_drained(self) -> None:
+        if self._congested:
+            self._congested = False
+            if self._backlog is None and not self.finished:
+                self.resume_source()
+
+    def may_read(self) -> bool:
+        """Whether the source may be read now (credit left and the tunnel not full)."""
+        return self._backlog is None and not self._congested
 
     def sink_paused(self) -> None:
         self._sink_paused = True
@@ -159,7 +181,8 @@ class ChannelBinding:
             if self._eof_pending:
                 self._eof_pending = False
                 self.forward_eof()
-            self.resume_source()
+            if not self._congested:
+                self.resume_source()
 
 
 class TunnelEndpoint(WebSocketEndpoint):
@@ -185,6 +208,24 @@ class TunnelEndpoint(WebSocketEndpoint):
 
     def on_tunnel_closed(self) -> None:
         """The tunnel is gone (after every binding was reset)."""
+
+    # --- backpressure from the tunnel's own connection ------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.transport is not None:
+            # Channels stop reading while this much waits to be written: what a congested
+            # tunnel holds in memory is bounded by this, not by the sum of the windows.
+            self.transport.set_write_buffer_limits(high=TUNNEL_HIGH_WATER)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        for binding in list(self.bindings.values()):
+            binding.tunnel_congested()
+
+    def on_writable(self) -> None:
+        for binding in list(self.bindings.values()):
+            binding.tunnel_drained()
 
     # --- channels -----------------------------------------------------------------------
 

@@ -45,8 +45,8 @@ class TcpBinding(asyncio.Protocol, ChannelBinding):
             self.forward(data)
         if self._early_eof:
             self.forward_eof()
-        elif self._backlog is None and self.transport is not None:
-            self.resume_source()  # else resumed when the peer grants credit
+        elif self.may_read() and self.transport is not None:
+            self.resume_source()  # else resumed when the peer grants credit (or drains)
 
     def data_received(self, data: bytes) -> None:
         if not self._started:

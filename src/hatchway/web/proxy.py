@@ -451,7 +451,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         if (
             transport is not None
             and self.queued <= MAX_QUEUED
-            and self._backlog is None
+            and self.may_read()
             and (not self.stopped or self.raw or self._upgrading)
             and not transport.is_closing()
             and not transport.is_reading()
