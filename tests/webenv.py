@@ -107,6 +107,12 @@ def web_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
     yield from start_web_env(tmp_path_factory.mktemp("web-path"), ["--web-routing", "path"])
 
 
+@pytest.fixture(scope="module")
+def web_idle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
+    """Web sessions end after 4 s unused."""
+    yield from start_web_env(tmp_path_factory.mktemp("web-idle"), ["--session-idle", "4"])
+
+
 def start_web_env(root: Path, extra: list[str]) -> Iterator[Web]:
     env = Env(root)
     stack = start_web_stack(root)

@@ -134,6 +134,13 @@ def agent(ctx: click.Context) -> None:
     "(path: no wildcard DNS needed, weaker isolation, see docs/WEB.md)",
 )
 @click.option(
+    "--session-idle",
+    type=click.IntRange(0),
+    default=900,
+    show_default=True,
+    help="seconds after which an unused web session ends (0: never)",
+)
+@click.option(
     "--audit-retention-days",
     type=click.IntRange(0),
     default=365,
@@ -152,6 +159,7 @@ def server(
     web_max_body: int,
     web_cache_mb: int,
     web_routing: str,
+    session_idle: int,
     audit_retention_days: int,
     verbose: bool,
 ) -> None:
@@ -173,6 +181,7 @@ def server(
         web_cache_size=web_cache_mb << 20,
         web_routing=web_routing,
         audit_retention_days=audit_retention_days,
+        session_idle=float(session_idle),
     )
     try:
         _run(run_relay(config), loop)

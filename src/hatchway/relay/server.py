@@ -62,6 +62,8 @@ class RelayConfig:
     web_cache_size: int = 0
     #: Device web UIs by subdomain ("host"), under /d/DEVICE/ ("path"), or both.
     web_routing: str = "host"
+    #: Web sessions unused this many seconds are over (0: no idle limit).
+    session_idle: float = 900.0
     #: Audit records older than this many days are removed (0: kept forever).
     audit_retention_days: int = 365
 
@@ -72,6 +74,9 @@ class RelayServer:
             raise ConfigError("--tls-cert and --tls-key go together")
         self.config = config
         self.store = SqlStore.open_data_dir(config.data_dir)
+        self.store.session_idle = (
+            timedelta(seconds=config.session_idle) if config.session_idle else None
+        )
         self.registry = LocalRegistry()
         self.unauthenticated: set[RelayTunnel] = set()
         self._pending: defaultdict[str, int] = defaultdict(int)

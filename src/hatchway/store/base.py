@@ -67,6 +67,9 @@ class WebSessionRecord:
 class Store(Protocol):
     """Devices, users, API tokens and the channel log."""
 
+    #: Web sessions unused this long are over; None: no idle limit.
+    session_idle: timedelta | None
+
     def add_device(self, device_id: str, *, actor: str = "cli") -> str:
         """Create a device and return its secret (shown once; only a key is kept)."""
         ...
@@ -142,6 +145,10 @@ class Store(Protocol):
         self, user: str, kind: str, ttl: timedelta, *, device: str, service: str, parent_id: str
     ) -> str:
         """Like ``create_web_session`` with the parent given by its stored hash."""
+        ...
+
+    def touch_web_sessions(self, session_ids: list[str]) -> None:
+        """Mark sessions (by hash), and those they derive from, as used now."""
         ...
 
     def live_web_sessions(self, session_ids: list[str]) -> dict[str, WebSessionRecord]:

@@ -35,11 +35,15 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    or_,
     select,
+    true,
+    update,
 )
 from sqlalchemy.engine import URL, CursorResult, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.expression import ColumnElement
 
 from hatchway.auth import totp
 from hatchway.auth.device import derive_device_key, new_device_secret, validate_device_id
@@ -153,6 +157,8 @@ class _WebSession(_Base):
     parent_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+    # Last use, for the idle timeout (``SqlStore.session_idle``); None: never touched.
+    last_seen_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class _LoginState(_Base):
@@ -261,6 +267,8 @@ def _validate_user_name(name: str) -> str:
     return name
 
 
+#: Web sessions end after this long unused (OWASP's guidance for sensitive systems).
+DEFAULT_SESSION_IDLE = timedelta(minutes=15)
 #: Wrong passwords in a row that lock an account, and for how long.
 LOCKOUT_FAILURES = 10
 LOCKOUT_TIME = timedelta(minutes=10)
@@ -273,6 +281,8 @@ class SqlStore:
 
     def __init__(self, url: str | URL, *, policy: PasswordPolicy = DEFAULT_POLICY) -> None:
         self.policy = policy
+        #: Web sessions unused this long are over (grants excepted); None: no idle limit.
+        self.session_idle: timedelta | None = DEFAULT_SESSION_IDLE
         parsed = make_url(url)
         kwargs: dict[str, Any] = {}
         if parsed.get_backend_name() == "sqlite":
@@ -633,6 +643,7 @@ class SqlStore:
                     parent_hash=parent_hash,
                     created_at=now,
                     expires_at=now + ttl,
+                    last_seen_at=now,
                 )
             )
         return secret
@@ -644,7 +655,11 @@ class SqlStore:
         query = (
             select(_WebSession, _User)
             .join(_User, _WebSession.user_id == _User.id)
-            .where(_WebSession.session_hash.in_(hashes), _WebSession.expires_at > now)
+            .where(
+                _WebSession.session_hash.in_(hashes),
+                _WebSession.expires_at > now,
+                self._not_idle(now),
+            )
         )
         if kind is not None:
             query = query.where(_WebSession.kind == kind)
@@ -655,7 +670,9 @@ class SqlStore:
         live = set(
             session.scalars(
                 select(_WebSession.session_hash).where(
-                    _WebSession.session_hash.in_(parents), _WebSession.expires_at > now
+                    _WebSession.session_hash.in_(parents),
+                    _WebSession.expires_at > now,
+                    self._not_idle(now),
                 )
             )
         )
@@ -668,6 +685,31 @@ class SqlStore:
             )
         )
         return [(ws, u) for ws, u in rows if ws.parent_hash is None or ws.parent_hash in live]
+
+    def _not_idle(self, now: datetime) -> ColumnElement[bool]:
+        if self.session_idle is None:
+            return true()
+        last = func.coalesce(_WebSession.last_seen_at, _WebSession.created_at)
+        return or_(_WebSession.kind == "grant", last > now - self.session_idle)
+
+    def touch_web_sessions(self, session_ids: list[str]) -> None:
+        """Mark sessions (by hash) and the sessions they derive from as used now."""
+        if not session_ids:
+            return
+        now = _now()
+        with self._write() as session:
+            parents = [
+                p
+                for p in session.scalars(
+                    select(_WebSession.parent_hash).where(_WebSession.session_hash.in_(session_ids))
+                )
+                if p is not None
+            ]
+            session.execute(
+                update(_WebSession)
+                .where(_WebSession.session_hash.in_([*session_ids, *parents]))
+                .values(last_seen_at=now)
+            )
 
     @staticmethod
     def _session_record(ws: _WebSession, user: _User) -> WebSessionRecord:

@@ -128,6 +128,9 @@ class WebAccess:
         self._cache: dict[str, tuple[WebSessionRecord | None, float]] = {}
         self.proxies: set[WebProxy] = set()
         self.caches: dict[str, ResponseCache] = {}
+        # Sessions used since the last sweep, and when each was last written as used.
+        self._used: set[str] = set()
+        self._touched: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._sweeping = False
 
@@ -205,6 +208,28 @@ class WebAccess:
         self._cache[secret] = (record, time.monotonic() + SESSION_CACHE_SECONDS)
         return record
 
+    def used(self, session_id: str) -> None:
+        """A session was used (a request, WebSocket traffic, a relay page)."""
+        self._used.add(session_id)
+
+    async def _touch(self, now: float) -> None:
+        """Write which sessions were used (each at most every ``touch_interval``)."""
+        idle = self.server.store.session_idle
+        interval = min(60.0, idle.total_seconds() / 4) if idle else 60.0
+        for proxy in self.proxies:
+            if proxy.active and proxy.session is not None:
+                proxy.active = False
+                self._used.add(proxy.session.session_id)
+        due = [s for s in self._used if now - self._touched.get(s, -1e9) >= interval]
+        self._used.clear()
+        if not due:
+            return
+        if len(self._touched) > SESSION_CACHE_SIZE:
+            self._touched.clear()
+        for session_id in due:
+            self._touched[session_id] = now
+        await asyncio.to_thread(self.server.store.touch_web_sessions, due)
+
     def forget(self, secret: str) -> None:
         self._cache.pop(secret, None)
 
@@ -244,6 +269,7 @@ class WebAccess:
             now = time.monotonic()
             for proxy in list(self.proxies):
                 proxy.check_timeouts(now)
+            await self._touch(now)
             by_secret: dict[str, list[WebProxy]] = {}
             for proxy in self.proxies:
                 if proxy.session_secret is not None:

@@ -213,6 +213,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         self.outcome = "no-request"
         self.started_at = datetime.now(UTC)
         self.requests = 0
+        self.active = False  # traffic since the last sweep (keeps the session alive)
         self.cache_hits = 0
         self._expected: deque[_Request | None] = deque()
         self._capture: _Capture | None = None
@@ -227,6 +228,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
         self.last_read = now
+        self.active = True
         if self.raw:
             self.forward(data)
             return
@@ -274,6 +276,8 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.access.proxies.discard(self)
+        if self.active and self.session is not None:
+            self.access.used(self.session.session_id)  # the next sweep writes it down
         if self._open_timer is not None:
             self._open_timer.cancel()
         if self.outcome in ("open", "upgraded"):
@@ -853,6 +857,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
 
     def deliver(self, data: bytes) -> None:
         self.last_response = time.monotonic()
+        self.active = True
         try:
             pieces = self.framer.feed(data)
         except ResponseError as exc:

@@ -60,6 +60,7 @@ async def relay_session(
         if not known:
             record = await server.web.load(secret, "relay")
         if record is not None:
+            server.web.used(record.session_id)
             return secret, record
     return None
 
