@@ -554,6 +554,72 @@ def devices(as_json: bool) -> None:
         click.echo(f"{item['id']:<24} {state:<8} {services}")
 
 
+@cli.group()
+def token() -> None:
+    """Your API tokens: named, scoped, expiring; shown once when created."""
+
+
+def _api(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    from hatchway.client.relay_api import call
+
+    login_ = _login()
+    return _guard(
+        lambda: call(
+            login_.server, method, path, ca_file=login_.ca_file, token=login_.token, body=body
+        )
+    )
+
+
+@token.command("create")
+@click.argument("name")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    type=click.Choice(["all", "read", "connect", "web", "tokens"]),
+    help="what the token may do (repeatable; default all)",
+)
+@click.option("--expires-days", type=click.IntRange(1, 365), default=90, show_default=True)
+def token_create(name: str, scopes: tuple[str, ...], expires_days: int) -> None:
+    """Create a token and print it (it is not shown again)."""
+    answer = _api(
+        "POST",
+        "/api/v1/tokens",
+        {"name": name, "scopes": list(scopes or ("all",)), "expires_in_days": expires_days},
+    )
+    click.echo(answer["token"])
+    click.echo(
+        f"token {answer['id']} ({name}, scopes {' '.join(answer['scopes'])}) expires "
+        f"{answer['expires_at']}; keep it safe: it is not shown again",
+        err=True,
+    )
+
+
+@token.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def token_list(as_json: bool) -> None:
+    """List your tokens (never the tokens themselves)."""
+    items = _api("GET", "/api/v1/tokens")["tokens"]
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    for item in items:
+        scopes = " ".join(item["scopes"])
+        used = item["last_used_at"] or "never used"
+        click.echo(
+            f"{item['id']:>5} {item['name']:<24} {scopes:<20} "
+            f"expires {item['expires_at'] or 'never'}  {used}"
+        )
+
+
+@token.command("revoke")
+@click.argument("token_id", type=int)
+def token_revoke(token_id: int) -> None:
+    """Revoke a token (and the web sessions opened with it)."""
+    _api("DELETE", f"/api/v1/tokens/{token_id}")
+    click.echo(f"token {token_id} revoked")
+
+
 @cli.command("open")
 @click.argument("device_id")
 @click.option("--service", default=None, help="the web service (default: http, else https)")

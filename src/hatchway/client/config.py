@@ -40,13 +40,14 @@ def save_login(login: Login) -> Path:
 
 
 def load_login() -> Login:
+    """The stored login; ``HATCHWAY_TOKEN`` replaces its token (a scoped token, say)."""
     path = config_dir() / "login.json"
     try:
         data = json.loads(path.read_text())
         return Login(
             server=str(data["server"]),
             user=str(data["user"]),
-            token=str(data["token"]),
+            token=os.environ.get("HATCHWAY_TOKEN") or str(data["token"]),
             ca_file=data.get("ca_file"),
         )
     except FileNotFoundError:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from hatchway import __version__
-from hatchway.store.base import UserRecord
+from hatchway.errors import ConfigError
+from hatchway.store.base import TokenRecord, UserRecord
 
 if TYPE_CHECKING:
     from hatchway.relay.frontdoor import HttpRequest
@@ -60,12 +61,14 @@ async def handle(
         return await _login(server, request, source)
     if path == "/api/v1/devices":
         _method(method, "GET")
-        user = await server.authenticate_bearer(request.header("authorization"))
+        user = await server.authenticate_bearer(request.header("authorization"), "read")
         return 200, {"devices": server.visible_devices(user)}
     if path == "/api/v1/whoami":
         _method(method, "GET")
-        user = await server.authenticate_bearer(request.header("authorization"))
+        user = await server.authenticate_bearer(request.header("authorization"), "read")
         return 200, {"user": user.name, "role": user.role}
+    if path == "/api/v1/tokens" or path.startswith("/api/v1/tokens/"):
+        return await _tokens(server, method, path, request, source)
     if path == "/api/v1/web-sessions":
         _method(method, "POST")
         return await _web_session(server, request)
@@ -153,7 +156,7 @@ async def _web_session(server: RelayServer, request: HttpRequest) -> tuple[int, 
     from hatchway.web.ui import grant_url
 
     header = request.header("authorization")
-    user = await server.authenticate_bearer(header)
+    user = await server.authenticate_bearer(header, "web")
     assert header is not None
     body = _json_body(request)
     device, service, next_path = body.get("device"), body.get("service"), body.get("next", "/")
@@ -165,3 +168,58 @@ async def _web_session(server: RelayServer, request: HttpRequest) -> tuple[int, 
         server, user, device, service, next_path, header[7:].strip(), request.header("host") or ""
     )
     return 200, {"url": url, "expires_in": int(GRANT_TTL.total_seconds())}
+
+
+TOKEN_MAX_DAYS = 365
+
+
+async def _tokens(
+    server: RelayServer, method: str, path: str, request: HttpRequest, source: str
+) -> tuple[int, Any]:
+    """The user's own API tokens: list, create (shown once), revoke."""
+    user = await server.authenticate_bearer(request.header("authorization"), "tokens")
+    store = server.store
+    if path == "/api/v1/tokens":
+        if method == "GET":
+            tokens = await asyncio.to_thread(store.list_tokens, user.name)
+            return 200, {"tokens": [_token_json(t) for t in tokens]}
+        _method(method, "POST")
+        body = _json_body(request)
+        name, days = body.get("name"), body.get("expires_in_days", 90)
+        scopes = body.get("scopes", ["all"])
+        if not isinstance(name, str) or not 0 < len(name) <= 64:
+            raise ApiError(400, "bad_request", "name (1 to 64 characters) is required")
+        if not isinstance(days, int) or isinstance(days, bool) or not 0 < days <= TOKEN_MAX_DAYS:
+            raise ApiError(400, "bad_request", f"expires_in_days: 1 to {TOKEN_MAX_DAYS}")
+        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+            raise ApiError(400, "bad_request", "scopes must be a list of strings")
+        try:
+            token = await asyncio.to_thread(
+                store.create_token, user.name, name, timedelta(days=days), tuple(scopes)
+            )
+        except ConfigError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+        created = (await asyncio.to_thread(store.list_tokens, user.name))[-1]
+        return 200, {"token": token, **_token_json(created)}
+    _method(method, "DELETE")
+    token_id = path.rsplit("/", 1)[1]
+    if not token_id.isdigit() or not await asyncio.to_thread(
+        store.revoke_token, user.name, int(token_id)
+    ):
+        raise ApiError(404, "not_found", f"you have no token {token_id}")
+    server.forget_tokens()
+    return 200, {"revoked": int(token_id)}
+
+
+def _token_json(token: TokenRecord) -> dict[str, Any]:
+    def when(value: datetime | None) -> str | None:
+        return None if value is None else value.isoformat(timespec="seconds")
+
+    return {
+        "id": token.id,
+        "name": token.label,
+        "scopes": list(token.scopes),
+        "created_at": when(token.created_at),
+        "expires_at": when(token.expires_at),
+        "last_used_at": when(token.last_used_at),
+    }

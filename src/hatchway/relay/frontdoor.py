@@ -355,7 +355,9 @@ class FrontDoor(asyncio.Protocol):
         service = (params.get("service") or [""])[0]
         ws = ServerProtocol(extensions=None, max_size=STREAM_MAX_MESSAGE)
         try:
-            user = await self.server.authenticate_bearer(self.request.header("authorization"))
+            user = await self.server.authenticate_bearer(
+                self.request.header("authorization"), "connect"
+            )
             if self.transport.is_closing():
                 return
             tunnel = self.server.authorize_stream(user, device, service)
@@ -375,7 +377,9 @@ class FrontDoor(asyncio.Protocol):
         """A user's multiplexed tunnel (``hatchway forward``), authenticated up front."""
         assert self.transport is not None
         try:
-            user = await self.server.authenticate_bearer(self.request.header("authorization"))
+            user = await self.server.authenticate_bearer(
+                self.request.header("authorization"), "connect"
+            )
         except api.ApiError as exc:
             self._respond(exc.status, {"error": exc.code, "message": exc.message})
             return

@@ -85,7 +85,7 @@ class RelayServer:
         self._accept_task: asyncio.Task[None] | None = None
         self._handshaking = 0
         # token -> (user, valid until): saves a database round trip per channel open.
-        self._token_cache: dict[str, tuple[UserRecord, float]] = {}
+        self._token_cache: dict[str, tuple[UserRecord, tuple[str, ...], float]] = {}
         if config.tls_cert is not None and config.tls_key is not None:
             self.cert_file, self.key_file = config.tls_cert, config.tls_key
             self.ca_file: Path | None = None
@@ -232,7 +232,8 @@ class RelayServer:
 
     # --- access -------------------------------------------------------------------------
 
-    async def authenticate_bearer(self, header: str | None) -> UserRecord:
+    async def authenticate_bearer(self, header: str | None, scope: str) -> UserRecord:
+        """The token's user, if the token is live and has ``scope`` (or ``all``)."""
         if not header or not header.lower().startswith("bearer "):
             raise UNAUTHORIZED
         token = header[7:].strip()
@@ -240,16 +241,29 @@ class RelayServer:
             raise UNAUTHORIZED
         now = time.monotonic()
         cached = self._token_cache.get(token)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        user = await asyncio.to_thread(self.store.user_for_token, token)
-        if user is None:
-            self._token_cache.pop(token, None)
-            raise UNAUTHORIZED
-        if len(self._token_cache) >= TOKEN_CACHE_SIZE:
-            self._token_cache.clear()
-        self._token_cache[token] = (user, now + TOKEN_CACHE_SECONDS)
+        if cached is not None and cached[2] > now:
+            user, scopes = cached[0], cached[1]
+        else:
+            found = await asyncio.to_thread(self.store.user_for_token, token)
+            scopes = await asyncio.to_thread(self.store.token_scopes, token) if found else ()
+            if found is None or not scopes:
+                self._token_cache.pop(token, None)
+                raise UNAUTHORIZED
+            user = found
+            if len(self._token_cache) >= TOKEN_CACHE_SIZE:
+                self._token_cache.clear()
+            self._token_cache[token] = (user, scopes, now + TOKEN_CACHE_SECONDS)
+        if scope not in scopes and "all" not in scopes:
+            raise ApiError(
+                403,
+                "insufficient_scope",
+                f"this token may not be used for {scope} (its scopes: {' '.join(scopes)})",
+            )
         return user
+
+    def forget_tokens(self) -> None:
+        """A token was revoked here: trust no cached token check."""
+        self._token_cache.clear()
 
     @staticmethod
     def may_reach(user: UserRecord, device: str) -> bool:

@@ -29,6 +29,8 @@ KINDS = (
     "totp_enabled",  # details: user
     "totp_disabled",
     "logout",  # actor: user
+    "token_created",  # details: user, id, label, scopes
+    "token_revoked",  # details: user, id
     "token_used",  # actor: user; at most once a minute per token; details: label
     "web_session",  # actor: user; device, details: service
     "device_connected",  # actor: device; source: its address

@@ -31,6 +31,24 @@ class UserRecord:
     created_at: datetime
 
 
+#: What an API token may be used for: ``read`` (device list, identity), ``connect``
+#: (channels: forward, proxy, ssh), ``web`` (device web UIs: ``hatchway open``),
+#: ``tokens`` (managing the user's own tokens); ``all`` is everything.
+TOKEN_SCOPES = ("all", "read", "connect", "web", "tokens")
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An API token as listed (never the token itself)."""
+
+    id: int
+    label: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+
+
 @dataclass(frozen=True)
 class ChannelRecord:
     """One finished channel, for the audit log."""
@@ -110,11 +128,25 @@ class Store(Protocol):
 
     def unlock(self, name: str, *, actor: str = "cli") -> None: ...
 
-    def create_token(self, user: str, label: str, ttl: timedelta | None) -> str:
+    def create_token(
+        self,
+        user: str,
+        label: str,
+        ttl: timedelta | None,
+        scopes: tuple[str, ...] = ("all",),
+        *,
+        actor: str | None = None,
+    ) -> str:
         """Create an API token and return it in plain text (shown once)."""
         ...
 
     def user_for_token(self, token: str) -> UserRecord | None: ...
+
+    def token_scopes(self, token: str) -> tuple[str, ...]: ...
+
+    def list_tokens(self, user: str) -> list[TokenRecord]: ...
+
+    def revoke_token(self, user: str, token_id: int, *, actor: str | None = None) -> bool: ...
 
     def revoke_tokens(self, user: str, *, actor: str = "cli") -> int: ...
 

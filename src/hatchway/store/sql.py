@@ -61,9 +61,11 @@ from hatchway.store.audit import (
 )
 from hatchway.store.base import (
     ROLES,
+    TOKEN_SCOPES,
     WEB_SESSION_KINDS,
     ChannelRecord,
     DeviceRecord,
+    TokenRecord,
     UserRecord,
     WebSessionRecord,
 )
@@ -140,6 +142,18 @@ class _ApiToken(_Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # Space-separated ``TOKEN_SCOPES``: what this token may be used for.
+    scopes: Mapped[str] = mapped_column(String(200), server_default="all")
+
+    def record(self) -> TokenRecord:
+        return TokenRecord(
+            id=self.id,
+            label=self.label,
+            scopes=tuple(self.scopes.split()),
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+            last_used_at=self.last_used_at,
+        )
 
 
 class _WebSession(_Base):
@@ -538,25 +552,82 @@ class SqlStore:
 
     # API tokens
 
-    def create_token(self, user: str, label: str, ttl: timedelta | None) -> str:
+    def create_token(
+        self,
+        user: str,
+        label: str,
+        ttl: timedelta | None,
+        scopes: tuple[str, ...] = ("all",),
+        *,
+        actor: str | None = None,
+    ) -> str:
         if ttl is not None and ttl <= timedelta(0):
             raise ConfigError("token lifetime must be positive")
+        unknown = set(scopes) - set(TOKEN_SCOPES)
+        if unknown or not scopes:
+            raise ConfigError(
+                f"unknown token scope {', '.join(sorted(unknown)) or '(none)'}: "
+                f"choose from {', '.join(TOKEN_SCOPES)}"
+            )
         token = new_api_token()
         now = _now()
         with self._write() as session:
             owner = self._user(session, user)
             if owner is None:
                 raise NotFoundError(f"no user {user!r}")
-            session.add(
-                _ApiToken(
-                    user_id=owner.id,
-                    token_hash=hash_token(token),
-                    label=label,
-                    created_at=now,
-                    expires_at=None if ttl is None else now + ttl,
-                )
+            row = _ApiToken(
+                user_id=owner.id,
+                token_hash=hash_token(token),
+                label=label,
+                created_at=now,
+                expires_at=None if ttl is None else now + ttl,
+                scopes=" ".join(sorted(set(scopes))),
+            )
+            session.add(row)
+            session.flush()
+            self._append(
+                session,
+                "token_created",
+                actor or user,
+                None,
+                None,
+                {"user": user, "id": row.id, "label": label, "scopes": row.scopes},
             )
         return token
+
+    def token_scopes(self, token: str) -> tuple[str, ...]:
+        """The scopes of a token (empty if it is not a live token)."""
+        with self._read() as session:
+            row = session.scalars(
+                select(_ApiToken).where(_ApiToken.token_hash == hash_token(token))
+            ).one_or_none()
+            if row is None or (row.expires_at is not None and row.expires_at <= _now()):
+                return ()
+            return tuple(row.scopes.split())
+
+    def list_tokens(self, user: str) -> list[TokenRecord]:
+        with self._read() as session:
+            owner = self._user(session, user)
+            if owner is None:
+                raise NotFoundError(f"no user {user!r}")
+            rows = session.scalars(
+                select(_ApiToken).where(_ApiToken.user_id == owner.id).order_by(_ApiToken.id)
+            )
+            return [row.record() for row in rows]
+
+    def revoke_token(self, user: str, token_id: int, *, actor: str | None = None) -> bool:
+        """Revoke one of ``user``'s tokens (and the web sessions made with it)."""
+        with self._write() as session:
+            owner = self._user(session, user)
+            row = session.get(_ApiToken, token_id)
+            if owner is None or row is None or row.user_id != owner.id:
+                return False
+            session.execute(delete(_WebSession).where(_WebSession.parent_hash == row.token_hash))
+            session.delete(row)
+            self._append(
+                session, "token_revoked", actor or user, None, None, {"user": user, "id": token_id}
+            )
+            return True
 
     def user_for_token(self, token: str) -> UserRecord | None:
         now = _now()
