@@ -13,12 +13,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hatchway import __version__
 from hatchway.agent.config import SERVICE_NAME_RE
 from hatchway.auth.device import DEVICE_ID_RE
 from hatchway.auth.passwords import new_password
+from hatchway.auth.permissions import ROLE_PERMISSIONS, Access, may_connect, may_view
 from hatchway.auth.throttle import LoginThrottle
 from hatchway.errors import ConfigError
 from hatchway.mux.frames import GoAwayReason
@@ -40,6 +41,10 @@ log = logging.getLogger("hatchway.relay")
 MAX_PENDING_PER_SOURCE = 64
 #: TLS handshakes in progress at once, all sources together.
 MAX_PENDING_HANDSHAKES = 4096
+#: Permissions (a user's roles and grants, a device's organisation and tags) read from the
+#: store are trusted this long.
+ACCESS_CACHE_SECONDS = 5.0
+ACCESS_CACHE_SIZE = 50_000
 #: A token checked against the store is trusted this long without asking again: a
 #: revoked token or removed user stops working within this many seconds.
 TOKEN_CACHE_SECONDS = 5.0
@@ -86,6 +91,8 @@ class RelayServer:
         self._handshaking = 0
         # token -> (user, valid until): saves a database round trip per channel open.
         self._token_cache: dict[str, tuple[UserRecord, tuple[str, ...], float]] = {}
+        self._access_cache: dict[str, tuple[Any, float]] = {}
+        self._device_cache: dict[str, tuple[Any, float]] = {}
         if config.tls_cert is not None and config.tls_key is not None:
             self.cert_file, self.key_file = config.tls_cert, config.tls_key
             self.ca_file: Path | None = None
@@ -112,7 +119,7 @@ class RelayServer:
         password = new_password()
         while self.store.policy.problems(password, "admin"):
             password = new_password()
-        self.store.add_user("admin", "admin", password, actor="relay")
+        self.store.add_user("admin", "owner", password, actor="relay", superadmin=True)
         return password
 
     async def start(self) -> None:
@@ -265,22 +272,58 @@ class RelayServer:
         """A token was revoked here: trust no cached token check."""
         self._token_cache.clear()
 
-    @staticmethod
-    def may_reach(user: UserRecord, device: str) -> bool:
-        """Until roles and grants arrive: admins reach every device, nobody else any."""
-        return user.role == "admin"
+    # Who may do what (auth/permissions.py), from short-lived caches of the store: a
+    # change by an admin takes effect within ACCESS_CACHE_SECONDS, and the sweeps close
+    # what it no longer allows.
+
+    def _cached(self, cache: dict[str, tuple[Any, float]], key: str, load: Any) -> Any:
+        now = time.monotonic()
+        hit = cache.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        value = load(key)
+        if len(cache) >= ACCESS_CACHE_SIZE:
+            cache.clear()
+        cache[key] = (value, now + ACCESS_CACHE_SECONDS)
+        return value
+
+    def access(self, user: UserRecord) -> Access | None:
+        return cast("Access | None", self._cached(self._access_cache, user.name, self.store.access))
+
+    def device_info(self, device: str) -> tuple[str, tuple[str, ...]] | None:
+        if not DEVICE_ID_RE.fullmatch(device):
+            return None
+        return cast(
+            "tuple[str, tuple[str, ...]] | None",
+            self._cached(self._device_cache, device, self.store.device_info),
+        )
+
+    def permissions(self, user: UserRecord, device: str) -> frozenset[str]:
+        access, info = self.access(user), self.device_info(device)
+        if access is None or info is None:
+            return frozenset()
+        return access.permissions(device, *info)
+
+    def permits(self, user: UserRecord, device: str, service: str) -> bool:
+        """May ``user`` open a channel to ``service`` on ``device``?"""
+        return may_connect(self.permissions(user, device), service)
+
+    def manages_devices(self, user: UserRecord) -> bool:
+        """An organisation-wide device manager may learn that a device does not exist."""
+        access = self.access(user)
+        return access is not None and (
+            access.superadmin or "devices.manage" in ROLE_PERMISSIONS.get(access.role, ())
+        )
 
     def authorize_stream(self, user: UserRecord, device: str, service: str) -> RelayTunnel:
-        if not DEVICE_ID_RE.fullmatch(device) or not self.may_reach(user, device):
-            raise ApiError(403, "not_permitted", "not permitted")
         if not SERVICE_NAME_RE.fullmatch(service):
             raise ApiError(400, "bad_request", f"invalid service name {service!r}")
+        if not self.permits(user, device, service):
+            if self.device_info(device) is None and self.manages_devices(user):
+                raise ApiError(404, "unknown_device", f"device {device} does not exist")
+            raise ApiError(403, "not_permitted", "not permitted")
         entry = self.registry.get(device)
         if entry is None or not entry.tunnel.is_open:
-            # Only users who may reach the device get this far: they may know whether it
-            # exists. A small indexed read, on this path only.
-            if self.store.device_key(device) is None:
-                raise ApiError(404, "unknown_device", f"device {device} does not exist")
             raise ApiError(404, "offline", f"device {device} is offline")
         if len(entry.tunnel.bindings) >= self.config.max_channels:
             # The agent would refuse the OPEN anyway; do not queue it.
@@ -307,9 +350,12 @@ class RelayServer:
         return "http"
 
     def visible_devices(self, user: UserRecord) -> list[dict[str, Any]]:
-        out = []
-        for record in self.store.list_devices():
-            if not self.may_reach(user, record.device_id):
+        out: list[dict[str, Any]] = []
+        access = self.store.access(user.name)  # fresh: this runs in a worker thread
+        if access is None:
+            return out
+        for record in self.store.list_devices(None if access.superadmin else access.org):
+            if not may_view(access.permissions(record.device_id, record.org, record.tags)):
                 continue
             entry = self.registry.get(record.device_id)
             item: dict[str, Any] = {"id": record.device_id, "online": entry is not None}

@@ -36,7 +36,12 @@ KINDS = (
     "device_connected",  # actor: device; source: its address
     "device_disconnected",  # actor: device
     "channel",  # actor: user; device, source; details: service, times, bytes, outcome
-    "device_added",  # actor: who ran the command ("cli" offline)
+    "device_added",  # actor: who ran the command ("cli" offline); details: org, tags
+    "device_tagged",
+    "org_added",
+    "org_removed",
+    "grant_added",  # details: id, user, role, tag (or the device)
+    "grant_removed",
     "device_removed",
     "user_added",  # details: user, role
     "user_removed",

@@ -14,14 +14,16 @@ from typing import Any, Protocol
 
 from hatchway.store.audit import AuditRecord, VerifyResult
 
-# "admin" may reach all devices; nobody else reaches any until access rules arrive.
-ROLES = ("admin", "user")
+# Organisation-wide roles (auth/permissions.py); "user" means none: grants only.
+ROLES = ("owner", "admin", "operator", "viewer", "user")
 
 
 @dataclass(frozen=True)
 class DeviceRecord:
     device_id: str
     created_at: datetime
+    org: str = "default"
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class UserRecord:
     name: str
     role: str
     created_at: datetime
+    org: str = "default"
+    superadmin: bool = False
 
 
 #: What an API token may be used for: ``read`` (device list, identity), ``connect``

@@ -34,6 +34,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
     func,
     or_,
     select,
@@ -41,13 +42,21 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL, CursorResult, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.expression import ColumnElement
 
 from hatchway.auth import totp
 from hatchway.auth.device import derive_device_key, new_device_secret, validate_device_id
 from hatchway.auth.passwords import DUMMY_HASH, hash_password, needs_rehash, verify_password
+from hatchway.auth.permissions import GRANT_ROLES, Access, Grant
 from hatchway.auth.policy import DEFAULT_POLICY, PasswordPolicy
 from hatchway.auth.tokens import hash_token, new_api_token
 from hatchway.errors import AlreadyExistsError, ConfigError, NotFoundError
@@ -111,12 +120,26 @@ class _Base(DeclarativeBase):
     pass
 
 
+class _Organisation(_Base):
+    """A tenant: its users and devices see nothing of another organisation's."""
+
+    __tablename__ = "organisations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
 class _Device(_Base):
     __tablename__ = "devices"
 
     device_id: Mapped[str] = mapped_column(String(63), primary_key=True)
     key: Mapped[bytes] = mapped_column(LargeBinary(32))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    org_id: Mapped[int] = mapped_column(
+        ForeignKey("organisations.id"), server_default="1", index=True
+    )
+    tags: Mapped[str] = mapped_column(String(512), server_default="")  # space-separated
 
 
 class _User(_Base):
@@ -124,12 +147,36 @@ class _User(_Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
-    role: Mapped[str] = mapped_column(String(16))
+    role: Mapped[str] = mapped_column(String(16))  # organisation-wide (auth/permissions.py)
     password_hash: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    org_id: Mapped[int] = mapped_column(
+        ForeignKey("organisations.id"), server_default="1", index=True
+    )
+    superadmin: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    org: Mapped[_Organisation] = relationship(lazy="joined")
 
     def record(self) -> UserRecord:
-        return UserRecord(name=self.name, role=self.role, created_at=self.created_at)
+        return UserRecord(
+            name=self.name,
+            role=self.role,
+            created_at=self.created_at,
+            org=self.org.name,
+            superadmin=self.superadmin,
+        )
+
+
+class _Grant(_Base):
+    """A role on one device, or on every device with a tag, for one user."""
+
+    __tablename__ = "grants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    device: Mapped[str | None] = mapped_column(String(63))
+    tag: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class _ApiToken(_Base):
@@ -281,6 +328,18 @@ def _validate_user_name(name: str) -> str:
     return name
 
 
+DEFAULT_ORG = "default"
+ORG_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+TAG_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+def _tags(tags: tuple[str, ...]) -> str:
+    for tag in tags:
+        if not TAG_RE.fullmatch(tag):
+            raise ConfigError(f"invalid tag {tag!r}: use a-z, 0-9, '-', '_' and '.'")
+    return " ".join(sorted(set(tags)))
+
+
 #: Web sessions end after this long unused (OWASP's guidance for sensitive systems).
 DEFAULT_SESSION_IDLE = timedelta(minutes=15)
 #: Wrong passwords in a row that lock an account, and for how long.
@@ -342,27 +401,178 @@ class SqlStore:
 
     # Devices
 
-    def add_device(self, device_id: str, *, actor: str = "cli") -> str:
+    def add_device(
+        self,
+        device_id: str,
+        *,
+        actor: str = "cli",
+        org: str = DEFAULT_ORG,
+        tags: tuple[str, ...] = (),
+    ) -> str:
         validate_device_id(device_id)
+        tag_text = _tags(tags)
         secret = new_device_secret()
         with self._write() as session:
             if session.get(_Device, device_id) is not None:
                 raise AlreadyExistsError(f"device {device_id!r} already exists")
             session.add(
-                _Device(device_id=device_id, key=derive_device_key(secret), created_at=_now())
+                _Device(
+                    device_id=device_id,
+                    key=derive_device_key(secret),
+                    created_at=_now(),
+                    org_id=self._org(session, org).id,
+                    tags=tag_text,
+                )
             )
-            self._append(session, "device_added", actor, device_id, None, None)
+            self._append(
+                session, "device_added", actor, device_id, None, {"org": org, "tags": tag_text}
+            )
         return secret
+
+    def set_device_tags(self, device_id: str, tags: tuple[str, ...], *, actor: str = "cli") -> None:
+        tag_text = _tags(tags)
+        with self._write() as session:
+            device = session.get(_Device, device_id)
+            if device is None:
+                raise NotFoundError(f"no device {device_id!r}")
+            device.tags = tag_text
+            self._append(session, "device_tagged", actor, device_id, None, {"tags": tag_text})
+
+    def device_info(self, device_id: str) -> tuple[str, tuple[str, ...]] | None:
+        """(organisation, tags) of a device, or None if it does not exist."""
+        query = (
+            select(_Organisation.name, _Device.tags)
+            .join(_Organisation, _Device.org_id == _Organisation.id)
+            .where(_Device.device_id == device_id)
+        )
+        with self._read() as session:
+            row = session.execute(query).one_or_none()
+            return None if row is None else (row[0], tuple(row[1].split()))
+
+    # Organisations
+
+    @staticmethod
+    def _org(session: Session, name: str) -> _Organisation:
+        org = session.scalars(select(_Organisation).where(_Organisation.name == name)).first()
+        if org is None:
+            raise NotFoundError(f"no organisation {name!r}")
+        return org
+
+    def add_org(self, name: str, *, actor: str = "cli") -> None:
+        if not ORG_NAME_RE.fullmatch(name):
+            raise ConfigError(f"invalid organisation name {name!r}: use a-z, 0-9 and '-'")
+        with self._write() as session:
+            if session.scalars(select(_Organisation).where(_Organisation.name == name)).first():
+                raise AlreadyExistsError(f"organisation {name!r} already exists")
+            session.add(_Organisation(name=name, created_at=_now()))
+            self._append(session, "org_added", actor, None, None, {"org": name})
+
+    def list_orgs(self) -> list[str]:
+        with self._read() as session:
+            return list(session.scalars(select(_Organisation.name).order_by(_Organisation.name)))
+
+    def remove_org(self, name: str, *, actor: str = "cli") -> None:
+        with self._write() as session:
+            org = self._org(session, name)
+            used = session.scalar(
+                select(func.count()).select_from(_User).where(_User.org_id == org.id)
+            ) or session.scalar(
+                select(func.count()).select_from(_Device).where(_Device.org_id == org.id)
+            )
+            if used:
+                raise ConfigError(f"organisation {name!r} still has users or devices")
+            session.delete(org)
+            self._append(session, "org_removed", actor, None, None, {"org": name})
+
+    # Grants
+
+    def add_grant(
+        self,
+        user: str,
+        role: str,
+        *,
+        device: str | None = None,
+        tag: str | None = None,
+        actor: str = "cli",
+    ) -> int:
+        if role not in GRANT_ROLES:
+            raise ConfigError(f"invalid role {role!r} for a grant: one of {', '.join(GRANT_ROLES)}")
+        if (device is None) == (tag is None):
+            raise ConfigError("a grant is on one device or on one tag")
+        if tag is not None:
+            _tags((tag,))
+        with self._write() as session:
+            owner = self._user(session, user)
+            if owner is None:
+                raise NotFoundError(f"no user {user!r}")
+            if device is not None:
+                target = session.get(_Device, device)
+                if target is None or target.org_id != owner.org_id:
+                    raise NotFoundError(f"no device {device!r} in {user}'s organisation")
+            grant = _Grant(user_id=owner.id, role=role, device=device, tag=tag, created_at=_now())
+            session.add(grant)
+            session.flush()
+            self._append(
+                session,
+                "grant_added",
+                actor,
+                device,
+                None,
+                {"id": grant.id, "user": user, "role": role, "tag": tag},
+            )
+            return grant.id
+
+    def list_grants(self, user: str | None = None) -> list[Grant]:
+        query = select(_Grant, _User.name).join(_User, _Grant.user_id == _User.id)
+        if user is not None:
+            query = query.where(_User.name == user)
+        with self._read() as session:
+            return [
+                Grant(g.id, name, g.role, g.device, g.tag)
+                for g, name in session.execute(query.order_by(_Grant.id))
+            ]
+
+    def remove_grant(self, grant_id: int, *, actor: str = "cli") -> None:
+        with self._write() as session:
+            grant = session.get(_Grant, grant_id)
+            if grant is None:
+                raise NotFoundError(f"no grant {grant_id}")
+            session.delete(grant)
+            self._append(session, "grant_removed", actor, grant.device, None, {"id": grant_id})
+
+    def access(self, user: str) -> Access | None:
+        """Everything that decides what ``user`` may do (None: no such user)."""
+        with self._read() as session:
+            row = self._user(session, user)
+            if row is None:
+                return None
+            grants = session.scalars(select(_Grant).where(_Grant.user_id == row.id))
+            return Access(
+                user=row.name,
+                org=row.org.name,
+                role=row.role,
+                superadmin=row.superadmin,
+                grants=tuple(Grant(g.id, user, g.role, g.device, g.tag) for g in grants),
+            )
 
     def device_key(self, device_id: str) -> bytes | None:
         with self._read() as session:
             device = session.get(_Device, device_id)
             return None if device is None else device.key
 
-    def list_devices(self) -> list[DeviceRecord]:
+    def list_devices(self, org: str | None = None) -> list[DeviceRecord]:
+        query = (
+            select(_Device, _Organisation.name)
+            .join(_Organisation, _Device.org_id == _Organisation.id)
+            .order_by(_Device.device_id)
+        )
+        if org is not None:
+            query = query.where(_Organisation.name == org)
         with self._read() as session:
-            rows = session.scalars(select(_Device).order_by(_Device.device_id))
-            return [DeviceRecord(device_id=d.device_id, created_at=d.created_at) for d in rows]
+            return [
+                DeviceRecord(d.device_id, d.created_at, org_name, tuple(d.tags.split()))
+                for d, org_name in session.execute(query)
+            ]
 
     def remove_device(self, device_id: str, *, actor: str = "cli") -> None:
         with self._write() as session:
@@ -372,7 +582,16 @@ class SqlStore:
 
     # Users
 
-    def add_user(self, name: str, role: str, password: str, *, actor: str = "cli") -> UserRecord:
+    def add_user(
+        self,
+        name: str,
+        role: str,
+        password: str,
+        *,
+        actor: str = "cli",
+        org: str = DEFAULT_ORG,
+        superadmin: bool = False,
+    ) -> UserRecord:
         _validate_user_name(name)
         if role not in ROLES:
             raise ConfigError(f"invalid role {role!r}: choose one of {', '.join(ROLES)}")
@@ -381,9 +600,25 @@ class SqlStore:
         with self._write() as session:
             if self._user(session, name) is not None:
                 raise AlreadyExistsError(f"user {name!r} already exists")
-            user = _User(name=name, role=role, password_hash=password_hash, created_at=_now())
+            org_row = self._org(session, org)
+            user = _User(
+                name=name,
+                role=role,
+                password_hash=password_hash,
+                created_at=_now(),
+                org_id=org_row.id,
+                superadmin=superadmin,
+            )
+            user.org = org_row
             session.add(user)
-            self._append(session, "user_added", actor, None, None, {"user": name, "role": role})
+            self._append(
+                session,
+                "user_added",
+                actor,
+                None,
+                None,
+                {"user": name, "role": role, "org": org, "superadmin": superadmin},
+            )
             return user.record()
 
     def list_users(self) -> list[UserRecord]:

@@ -286,7 +286,7 @@ class WebAccess:
                 if (
                     record is None
                     or record.device is None
-                    or not self.server.may_reach(record.user, record.device)
+                    or not self.server.permits(record.user, record.device, record.service or "http")
                 ):
                     self._cache[secret] = (None, until)
                     for proxy in proxies:

@@ -635,7 +635,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
     def _accept_session(self, secret: str, record: WebSessionRecord) -> bool:
         if record.kind != "device" or record.device != self.device:
             return False
-        if not self.server.may_reach(record.user, self.device):
+        if not self.server.permits(record.user, self.device, record.service or "http"):
             return False
         self.session_secret, self.session = secret, record
         self.service = record.service or "http"
@@ -729,7 +729,9 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             self._fail(403, "this link has expired or was already used: open the device again")
             return
         record, parent = result
-        if parent is None or not self.server.may_reach(record.user, self.device):
+        if parent is None or not self.server.permits(
+            record.user, self.device, record.service or "http"
+        ):
             self._fail(403, "this link has expired or was already used: open the device again")
             return
         secret = await asyncio.to_thread(

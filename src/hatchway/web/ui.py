@@ -135,10 +135,12 @@ async def grant_url(
     host_header: str,
 ) -> str:
     """A one-time link that logs ``user`` in to ``device``'s web UI."""
-    if not DEVICE_ID_RE.fullmatch(device) or not server.may_reach(user, device):
+    if not DEVICE_ID_RE.fullmatch(device):
         raise api.ApiError(404, "not_found", f"no device {device} you may reach")
     if service is None:
         service = server.default_web_service(device)
+    if not server.permits(user, device, service):
+        raise api.ApiError(404, "not_found", f"no device {device} you may reach")
     if not service or len(service) > 32 or not service.replace("-", "").isalnum():
         raise api.ApiError(400, "bad_request", "invalid service name")
     grant = await asyncio.to_thread(
