@@ -205,11 +205,15 @@ def device() -> None:
 @device.command("add")
 @click.argument("device_id")
 @click.option("--json", "as_json", is_flag=True, help='print {"device": ..., "secret": ...}')
+@click.option("--org", default="default", show_default=True, help="its organisation")
+@click.option("--tag", "tags", multiple=True, help="a tag (repeatable): grants can name it")
 @data_dir_option
-def device_add(device_id: str, as_json: bool, data_dir: Path) -> None:
+def device_add(
+    device_id: str, as_json: bool, org: str, tags: tuple[str, ...], data_dir: Path
+) -> None:
     """Create a device and print its secret (shown only this once)."""
     store = _store(data_dir)
-    secret = _guard(lambda: store.add_device(device_id))
+    secret = _guard(lambda: store.add_device(device_id, org=org, tags=tags))
     if as_json:
         click.echo(json.dumps({"device": device_id, "secret": secret}))
     else:
@@ -223,14 +227,32 @@ def device_list(as_json: bool, data_dir: Path) -> None:
     """List the devices."""
     records = _store(data_dir).list_devices()
     if as_json:
-        click.echo(
-            json.dumps(
-                [{"device": r.device_id, "created_at": r.created_at.isoformat()} for r in records]
-            )
-        )
+        items = [
+            {
+                "device": r.device_id,
+                "org": r.org,
+                "tags": list(r.tags),
+                "created_at": r.created_at.isoformat(),
+            }
+            for r in records
+        ]
+        click.echo(json.dumps(items))
         return
     for r in records:
-        click.echo(f"{r.device_id}\t{r.created_at:%Y-%m-%d %H:%M}")
+        click.echo(
+            f"{r.device_id}\t{r.org}\t{' '.join(r.tags) or '-'}\t{r.created_at:%Y-%m-%d %H:%M}"
+        )
+
+
+@device.command("tag")
+@click.argument("device_id")
+@click.argument("tags", nargs=-1)
+@data_dir_option
+def device_tag(device_id: str, tags: tuple[str, ...], data_dir: Path) -> None:
+    """Set a device's tags (none: remove them all)."""
+    store = _store(data_dir)
+    _guard(lambda: store.set_device_tags(device_id, tags))
+    click.echo(f"device {device_id} tags: {' '.join(sorted(set(tags))) or '(none)'}")
 
 
 @device.command("remove")
@@ -260,15 +282,25 @@ def _read_password(password_stdin: bool) -> str:
 
 @user.command("add")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["admin", "user"]), default="user", show_default=True)
+@click.option(
+    "--role",
+    type=click.Choice(["owner", "admin", "operator", "viewer", "user"]),
+    default="user",
+    show_default=True,
+    help="organisation-wide role (user: none, grants only)",
+)
+@click.option("--org", default="default", show_default=True, help="the user's organisation")
+@click.option("--superadmin", is_flag=True, help="may do everything in every organisation")
 @click.option("--password-stdin", is_flag=True, help="read the password from standard input")
 @data_dir_option
-def user_add(name: str, role: str, password_stdin: bool, data_dir: Path) -> None:
+def user_add(
+    name: str, role: str, org: str, superadmin: bool, password_stdin: bool, data_dir: Path
+) -> None:
     """Create a user."""
     store = _store(data_dir)
     password = _read_password(password_stdin)
-    _guard(lambda: store.add_user(name, role, password))
-    click.echo(f"user {name} created with role {role}")
+    _guard(lambda: store.add_user(name, role, password, org=org, superadmin=superadmin))
+    click.echo(f"user {name} created in {org} with role {role}")
 
 
 @user.command("list")
@@ -276,7 +308,8 @@ def user_add(name: str, role: str, password_stdin: bool, data_dir: Path) -> None
 def user_list(data_dir: Path) -> None:
     """List the users."""
     for r in _store(data_dir).list_users():
-        click.echo(f"{r.name}\t{r.role}\t{r.created_at:%Y-%m-%d %H:%M}")
+        extra = "\tsuperadmin" if r.superadmin else ""
+        click.echo(f"{r.name}\t{r.org}\t{r.role}\t{r.created_at:%Y-%m-%d %H:%M}{extra}")
 
 
 @user.command("remove")
@@ -340,6 +373,88 @@ def user_passwd(name: str, password_stdin: bool, data_dir: Path) -> None:
     password = _read_password(password_stdin)
     _guard(lambda: store.set_password(name, password))
     click.echo(f"password of {name} changed")
+
+
+# --- organisations and grants ------------------------------------------------------------
+
+
+@cli.group()
+def org() -> None:
+    """Organisations (tenants), offline against --data-dir."""
+
+
+@org.command("add")
+@click.argument("name")
+@data_dir_option
+def org_add(name: str, data_dir: Path) -> None:
+    """Create an organisation."""
+    store = _store(data_dir)
+    _guard(lambda: store.add_org(name))
+    click.echo(f"organisation {name} created")
+
+
+@org.command("list")
+@data_dir_option
+def org_list(data_dir: Path) -> None:
+    """List the organisations."""
+    for name in _store(data_dir).list_orgs():
+        click.echo(name)
+
+
+@org.command("remove")
+@click.argument("name")
+@data_dir_option
+def org_remove(name: str, data_dir: Path) -> None:
+    """Remove an empty organisation."""
+    store = _store(data_dir)
+    _guard(lambda: store.remove_org(name))
+    click.echo(f"organisation {name} removed")
+
+
+@cli.group()
+def grant() -> None:
+    """Grants: a role on one device or on every device with a tag, for a user."""
+
+
+@grant.command("add")
+@click.argument("user_name", metavar="USER")
+@click.argument("role", type=click.Choice(["admin", "operator", "viewer"]))
+@click.option("--device", help="the device")
+@click.option("--tag", help="every device with this tag (now and later)")
+@data_dir_option
+def grant_add(
+    user_name: str, role: str, device: str | None, tag: str | None, data_dir: Path
+) -> None:
+    """Give USER a ROLE on a device or a tag."""
+    store = _store(data_dir)
+    grant_id = _guard(lambda: store.add_grant(user_name, role, device=device, tag=tag))
+    target = f"device {device}" if device else f"tag {tag}"
+    click.echo(f"grant {grant_id}: {user_name} is {role} on {target}")
+
+
+@grant.command("list")
+@click.option("--user", "user_name", help="only this user's")
+@click.option("--json", "as_json", is_flag=True)
+@data_dir_option
+def grant_list(user_name: str | None, as_json: bool, data_dir: Path) -> None:
+    """List the grants."""
+    grants = _store(data_dir).list_grants(user_name)
+    if as_json:
+        click.echo(json.dumps([g.__dict__ for g in grants]))
+        return
+    for g in grants:
+        target = f"device {g.device}" if g.device else f"tag {g.tag}"
+        click.echo(f"{g.id:>5} {g.user:<24} {g.role:<9} {target}")
+
+
+@grant.command("remove")
+@click.argument("grant_id", type=int)
+@data_dir_option
+def grant_remove(grant_id: int, data_dir: Path) -> None:
+    """Remove a grant (open channels it allowed close within seconds)."""
+    store = _store(data_dir)
+    _guard(lambda: store.remove_grant(grant_id))
+    click.echo(f"grant {grant_id} removed")
 
 
 # --- audit log ------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ class ClientTunnel(TunnelEndpoint):
         )
         self.server = server
         self.user = user
+        self.token = ""  # the bearer token it was opened with (re-checked by the sweep)
 
     def describe(self) -> str:
         return f"client {self.user.name} ({self.peer_address()})"
@@ -123,6 +124,7 @@ class _Opening:
             return
         self.tunnel.attach(self.channel, self.client_side)
         self.outcome = "open"
+        self.tunnel.server.client_channels.add(self)
 
     def device_refused(self, reason: int, message: str) -> None:
         _, _, text = describe_failure(reason, message, self.device, self.service)
@@ -150,7 +152,23 @@ class _Opening:
             self.outcome = "closed"
             self._record()
 
+    @property
+    def user_name(self) -> str:
+        return self.tunnel.user.name
+
+    @property
+    def token(self) -> str:
+        return self.tunnel.token
+
+    def revoke(self, reason: str) -> None:
+        """The user may no longer use this channel: reset both sides."""
+        self.outcome = f"revoked: {reason}"
+        self.client_side.reset_channel(ResetReason.REVOKED, reason)
+        self.device_side.reset_channel(ResetReason.REVOKED, reason)
+        self._record()
+
     def _record(self) -> None:
+        self.tunnel.server.client_channels.discard(self)
         ended = datetime.now(UTC)
         record = ChannelRecord(
             user=self.tunnel.user.name,

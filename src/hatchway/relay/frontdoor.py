@@ -367,6 +367,7 @@ class FrontDoor(asyncio.Protocol):
             stream.reject(exc.status, exc.code, exc.message)
             return
         stream = ClientStream(ws, self.server, user.name, device, service)
+        stream.token = _bearer(self.request.header("authorization"))
         self._hand_over(stream)
         if not stream.prepare():
             stream.reject(400, "bad_request", "invalid WebSocket upgrade request")
@@ -390,7 +391,9 @@ class FrontDoor(asyncio.Protocol):
             extensions=None,
             max_size=TUNNEL_MAX_MESSAGE,
         )
-        self._hand_over(ClientTunnel(ws, self.server, user))
+        client_tunnel = ClientTunnel(ws, self.server, user)
+        client_tunnel.token = _bearer(self.request.header("authorization"))
+        self._hand_over(client_tunnel)
         self.transport.resume_reading()
 
     async def _api(self, method: str, url: urllib.parse.SplitResult) -> None:
@@ -420,6 +423,10 @@ class FrontDoor(asyncio.Protocol):
         ).encode()
         transport.write(head + payload)
         transport.close()
+
+
+def _bearer(header: str | None) -> str:
+    return (header or "")[7:].strip()
 
 
 __all__ = ["FrontDoor", "HttpRequest", "error_response"]

@@ -44,6 +44,8 @@ MAX_PENDING_HANDSHAKES = 4096
 #: Permissions (a user's roles and grants, a device's organisation and tags) read from the
 #: store are trusted this long.
 ACCESS_CACHE_SECONDS = 5.0
+#: How often open client channels are re-checked against tokens, users and grants.
+CHANNEL_SWEEP_INTERVAL = 2.0
 ACCESS_CACHE_SIZE = 50_000
 #: A token checked against the store is trusted this long without asking again: a
 #: revoked token or removed user stops working within this many seconds.
@@ -92,6 +94,9 @@ class RelayServer:
         # token -> (user, valid until): saves a database round trip per channel open.
         self._token_cache: dict[str, tuple[UserRecord, tuple[str, ...], float]] = {}
         self._access_cache: dict[str, tuple[Any, float]] = {}
+        # Open client channels (streams and spliced client-tunnel channels), re-checked
+        # by the sweep: objects with user_name, token, device, service and revoke().
+        self.client_channels: set[Any] = set()
         self._device_cache: dict[str, tuple[Any, float]] = {}
         if config.tls_cert is not None and config.tls_key is not None:
             self.cert_file, self.key_file = config.tls_cert, config.tls_key
@@ -137,6 +142,7 @@ class RelayServer:
         self._listener = listener
         self._accept_task = loop.create_task(self._accept_loop(listener))
         self.web.start()
+        self.track(loop.create_task(self._sweep_channels()))
         if self.config.audit_retention_days:
             self.track(loop.create_task(self._audit_retention()))
 
@@ -206,6 +212,51 @@ class RelayServer:
         for task in self._tasks:
             task.cancel()
         self.store.close()
+
+    async def _sweep_channels(self) -> None:
+        """Every few seconds: end client channels whose token, user or permission went."""
+        while True:
+            await asyncio.sleep(CHANNEL_SWEEP_INTERVAL)
+            channels = list(self.client_channels)
+            if not channels:
+                continue
+            try:
+                allowed = await asyncio.to_thread(self._still_allowed, channels)
+            except Exception:
+                log.exception("channel sweep failed")
+                continue
+            for channel, ok in zip(channels, allowed, strict=True):
+                if not ok and channel in self.client_channels:
+                    log.info(
+                        "channel of user=%s device=%s service=%s: access revoked",
+                        channel.user_name,
+                        channel.device,
+                        channel.service,
+                    )
+                    self.client_channels.discard(channel)
+                    channel.revoke("access revoked")
+
+    def _still_allowed(self, channels: list[Any]) -> list[bool]:
+        """Fresh from the store (a worker thread): token live, user allowed."""
+        tokens: dict[str, bool] = {}
+        accesses: dict[str, Access | None] = {}
+        devices: dict[str, tuple[str, tuple[str, ...]] | None] = {}
+        out = []
+        for ch in channels:
+            if ch.token not in tokens:
+                tokens[ch.token] = bool(self.store.token_scopes(ch.token))
+            if ch.user_name not in accesses:
+                accesses[ch.user_name] = self.store.access(ch.user_name)
+            if ch.device not in devices:
+                devices[ch.device] = self.store.device_info(ch.device)
+            access, info = accesses[ch.user_name], devices[ch.device]
+            out.append(
+                tokens[ch.token]
+                and access is not None
+                and info is not None
+                and may_connect(access.permissions(ch.device, *info), ch.service)
+            )
+        return out
 
     async def _audit_retention(self) -> None:
         """Remove expired audit records at start and once a day."""

@@ -95,6 +95,17 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
         self.outcome = "open-failed"
         self.started_at = datetime.now(UTC)
         self._open_timer: asyncio.TimerHandle | None = None
+        self.token = ""  # the bearer token it was opened with (re-checked by the sweep)
+
+    @property
+    def user_name(self) -> str:
+        return self.user
+
+    def revoke(self, reason: str) -> None:
+        """The user may no longer use this channel: end it now."""
+        self.outcome = f"revoked: {reason}"
+        self.reset_channel(ResetReason.REVOKED, reason)
+        self.close(1008, reason)
 
     # --- opening ------------------------------------------------------------------------
 
@@ -142,6 +153,7 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
         self.ws.send_response(self._response)
         self.flush()
         self.outcome = "open"
+        self.server.client_channels.add(self)
         assert self.transport is not None
         self.transport.resume_reading()
         log.info(
@@ -185,6 +197,7 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
         self.sink_paused()
 
     def on_connection_lost(self, exc: Exception | None) -> None:
+        self.server.client_channels.discard(self)
         if self._open_timer is not None:
             self._open_timer.cancel()
         if self.outcome == "open":
