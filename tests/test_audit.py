@@ -49,6 +49,7 @@ def test_a_scripted_sequence_verifies(store: SqlStore) -> None:
     assert [r.kind for r in records] == [
         "device_added",
         "user_added",
+        "token_created",
         "token_used",
         "login",
         "login_failed",
@@ -56,17 +57,23 @@ def test_a_scripted_sequence_verifies(store: SqlStore) -> None:
         "password_changed",
         "device_removed",
     ]
-    assert [r.id for r in records] == list(range(1, 9))
-    channel = records[5]
+    assert [r.id for r in records] == list(range(1, 10))
+    channel = records[6]
     assert (channel.actor, channel.device, channel.source) == ("alice", "dev1", "192.0.2.7")
     assert channel.details["bytes_up"] == 10 and channel.details["bytes_down"] == 20
-    assert records[1].details == {"user": "alice", "role": "admin"}
+    assert records[1].details == {
+        "user": "alice",
+        "role": "admin",
+        "org": "default",
+        "superadmin": False,
+    }
     assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(records))
     result = store.audit_verify()
-    assert result.ok and result.records == 8 and result.head_id == 8
+    assert result.ok and result.records == 9 and result.head_id == 9
     assert result.head_hash == records[-1].hash
     # Filters.
     assert [r.kind for r in store.audit_records(actor="alice")] == [
+        "token_created",
         "token_used",
         "login",
         "channel",
@@ -109,7 +116,7 @@ def test_retention_keeps_the_chain_verifiable(store: SqlStore, tmp_path: Path) -
     # (Back-dating broke them, but they are about to go: verification runs after.)
     assert store.audit_prune(datetime(2021, 1, 1, tzinfo=UTC)) == 5
     result = store.audit_verify()
-    assert result.ok and result.records == 3 and result.head_id == 8
+    assert result.ok and result.records == 4 and result.head_id == 9
     store.audit("login", "alice")
     assert store.audit_verify().ok
     # Removing the first remaining record is still noticed (the anchor says where to start).
