@@ -36,7 +36,10 @@ PRINCIPALS: dict[str, tuple[str, str, list[tuple[str, str, str]]]] = {
     "acme-nobody": ("acme", "user", []),
     "globex-admin": ("globex", "admin", []),
     "globex-partner": ("globex", "user", [("operator", "--tag", "plant1")]),  # acme's tag
+    # Through the team "support" of acme: the custom role "ssh-only" on the tag plant2.
+    "acme-support": ("acme", "user", []),
 }
+TEAM_GRANT = ("ssh-only", "--tag", "plant2")
 
 
 def expected(principal: str, device: str, service: str) -> bool:
@@ -46,6 +49,8 @@ def expected(principal: str, device: str, service: str) -> bool:
     device_org, tag = DEVICES[device]
     if org != device_org:
         return False
+    if principal == "acme-support":
+        return tag == TEAM_GRANT[2] and service == "ssh"
     roles = [role] + [
         r for r, kind, target in grants if target == (device if kind == "--device" else tag)
     ]
@@ -102,11 +107,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 input=PASSWORD.encode() + b"\n", prefix=(),
             )  # fmt: skip
             for grant_role, kind, target in grants:
-                out = env.hatchway("grant", "add", name, grant_role, kind, target, *data,
-                                   prefix=(), check=False)  # fmt: skip
+                out = env.hatchway("grant", "add", grant_role, "--user", name, kind, target,
+                                   *data, prefix=(), check=False)  # fmt: skip
                 # A grant on another organisation's device is refused; on a tag it is
                 # allowed but only ever matches the user's own organisation's devices.
                 assert out.returncode == 0, out.stderr
+        env.hatchway("team", "add", "support", "--org", "acme", *data, prefix=())
+        env.hatchway("team", "join", "support", "acme-support", *data, prefix=())
+        env.hatchway(
+            "role", "add", "ssh-only", "--org", "acme", "--permission", "devices.view",
+            "--permission", "connect:ssh", *data, prefix=(),
+        )  # fmt: skip
+        role, kind, target = TEAM_GRANT
+        env.hatchway(
+            "grant", "add", role, "--team", "support", "--org", "acme", kind, target, *data,
+            prefix=(),
+        )  # fmt: skip
         world = World(env, relay, url, password, echo)
         for name in [*PRINCIPALS, "superadmin"]:
             world.config_dirs[name] = env.root / f"config-{name}"
@@ -168,7 +184,15 @@ def test_removing_a_grant_closes_the_open_channel(world: World) -> None:
     data = ["--data-dir", str(env.data_dir)]
     grant_id = (
         env.hatchway(
-            "grant", "add", "acme-nobody", "operator", "--device", "dev-a1", *data, prefix=()
+            "grant",
+            "add",
+            "operator",
+            "--user",
+            "acme-nobody",
+            "--device",
+            "dev-a1",
+            *data,
+            prefix=(),
         )
         .stdout.decode()
         .split()[1]

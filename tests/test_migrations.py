@@ -40,7 +40,7 @@ def test_a_database_from_before_migrations_is_upgraded(tmp_path: Path) -> None:
     engine.dispose()
     store = SqlStore.open_data_dir(data)
     assert [u.name for u in store.list_users()] == ["old-admin"]
-    assert current_revision(store._engine) == "0005"
+    assert current_revision(store._engine) == "0006"
     assert inspect(store._engine).has_table("audit_log")
     store.add_device("dev1")
     assert store.audit_verify().ok

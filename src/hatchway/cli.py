@@ -412,24 +412,143 @@ def org_remove(name: str, data_dir: Path) -> None:
 
 
 @cli.group()
+def team() -> None:
+    """Teams: users of an organisation that grants name together."""
+
+
+@team.command("add")
+@click.argument("name")
+@click.option("--org", default="default", show_default=True)
+@data_dir_option
+def team_add(name: str, org: str, data_dir: Path) -> None:
+    """Create a team."""
+    store = _store(data_dir)
+    _guard(lambda: store.add_team(name, org=org))
+    click.echo(f"team {name} created in {org}")
+
+
+@team.command("remove")
+@click.argument("name")
+@click.option("--org", default="default", show_default=True)
+@data_dir_option
+def team_remove(name: str, org: str, data_dir: Path) -> None:
+    """Remove a team and its grants."""
+    store = _store(data_dir)
+    _guard(lambda: store.remove_team(name, org=org))
+    click.echo(f"team {name} removed")
+
+
+@team.command("join")
+@click.argument("name")
+@click.argument("user_name", metavar="USER")
+@data_dir_option
+def team_join(name: str, user_name: str, data_dir: Path) -> None:
+    """Add USER to a team of their organisation."""
+    store = _store(data_dir)
+    _guard(lambda: store.set_team_member(name, user_name, True))
+    click.echo(f"{user_name} joined team {name}")
+
+
+@team.command("leave")
+@click.argument("name")
+@click.argument("user_name", metavar="USER")
+@data_dir_option
+def team_leave(name: str, user_name: str, data_dir: Path) -> None:
+    """Remove USER from a team."""
+    store = _store(data_dir)
+    _guard(lambda: store.set_team_member(name, user_name, False))
+    click.echo(f"{user_name} left team {name}")
+
+
+@team.command("list")
+@click.option("--org", help="only this organisation's")
+@data_dir_option
+def team_list(org: str | None, data_dir: Path) -> None:
+    """List the teams and their members."""
+    for org_name, name, members in _store(data_dir).list_teams(org):
+        click.echo(f"{org_name}/{name}: {' '.join(members) or '(no members)'}")
+
+
+@cli.group()
+def role() -> None:
+    """Custom roles: named sets of permissions, per organisation."""
+
+
+@role.command("add")
+@click.argument("name")
+@click.option(
+    "--permission",
+    "permissions",
+    multiple=True,
+    required=True,
+    help="devices.view, connect:* or connect:SERVICE, devices.manage, users.manage, "
+    "audit.read, org.manage (repeatable)",
+)
+@click.option("--org", default="default", show_default=True)
+@data_dir_option
+def role_add(name: str, permissions: tuple[str, ...], org: str, data_dir: Path) -> None:
+    """Create a custom role."""
+    store = _store(data_dir)
+    _guard(lambda: store.add_role(name, permissions, org=org))
+    click.echo(f"role {name} created in {org}: {' '.join(sorted(set(permissions)))}")
+
+
+@role.command("list")
+@click.option("--org", default="default", show_default=True)
+@data_dir_option
+def role_list(org: str, data_dir: Path) -> None:
+    """List the roles: built-in, then the organisation's own."""
+    from hatchway.auth.permissions import ROLE_PERMISSIONS
+
+    for name, perms in ROLE_PERMISSIONS.items():
+        click.echo(f"{name:<12} (built-in) {' '.join(sorted(perms)) or '-'}")
+    roles = _guard(lambda: _store(data_dir).list_roles(org))
+    for name, perms in sorted(roles.items()):
+        click.echo(f"{name:<12} {' '.join(sorted(perms))}")
+
+
+@role.command("remove")
+@click.argument("name")
+@click.option("--org", default="default", show_default=True)
+@data_dir_option
+def role_remove(name: str, org: str, data_dir: Path) -> None:
+    """Remove a custom role."""
+    store = _store(data_dir)
+    _guard(lambda: store.remove_role(name, org=org))
+    click.echo(f"role {name} removed")
+
+
+@cli.group()
 def grant() -> None:
     """Grants: a role on one device or on every device with a tag, for a user."""
 
 
 @grant.command("add")
-@click.argument("user_name", metavar="USER")
-@click.argument("role", type=click.Choice(["admin", "operator", "viewer"]))
+@click.argument("role")
+@click.option("--user", "user_name", help="the user")
+@click.option("--team", help="every member of this team")
+@click.option("--org", default="default", show_default=True, help="the team's organisation")
 @click.option("--device", help="the device")
 @click.option("--tag", help="every device with this tag (now and later)")
 @data_dir_option
 def grant_add(
-    user_name: str, role: str, device: str | None, tag: str | None, data_dir: Path
+    role: str,
+    user_name: str | None,
+    team: str | None,
+    org: str,
+    device: str | None,
+    tag: str | None,
+    data_dir: Path,
 ) -> None:
-    """Give USER a ROLE on a device or a tag."""
+    """Give a user or a team ROLE (admin, operator, viewer or a custom role) on a
+    device or a tag."""
     store = _store(data_dir)
-    grant_id = _guard(lambda: store.add_grant(user_name, role, device=device, tag=tag))
+    grant_id = _guard(
+        lambda: store.add_grant(user_name, role, team=team, device=device, tag=tag, org=org)
+    )
     target = f"device {device}" if device else f"tag {tag}"
-    click.echo(f"grant {grant_id}: {user_name} is {role} on {target}")
+    who = user_name if user_name else f"team {team}"
+    click.echo(f"grant {grant_id}: {who} is {role} on {target}")
 
 
 @grant.command("list")
@@ -444,7 +563,8 @@ def grant_list(user_name: str | None, as_json: bool, data_dir: Path) -> None:
         return
     for g in grants:
         target = f"device {g.device}" if g.device else f"tag {g.tag}"
-        click.echo(f"{g.id:>5} {g.user:<24} {g.role:<9} {target}")
+        who = g.user if g.user else f"team {g.team}"
+        click.echo(f"{g.id:>5} {who:<24} {g.role:<12} {target}")
 
 
 @grant.command("remove")

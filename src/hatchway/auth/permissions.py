@@ -14,6 +14,7 @@ the union of what those roles give. Roles are made of permissions:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -28,28 +29,56 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
 }
 #: Roles a user can hold organisation-wide (``user``: none).
 USER_ROLES = tuple(ROLE_PERMISSIONS)
-#: Roles a grant can give.
+#: Built-in roles a grant can give (an organisation can add custom ones).
 GRANT_ROLES = ("admin", "operator", "viewer")
+#: The permissions custom roles are made of (``connect:SERVICE`` for any service name).
+PERMISSIONS = (
+    "devices.view",
+    "connect:*",
+    "devices.manage",
+    "users.manage",
+    "audit.read",
+    "org.manage",
+)
+_SERVICE_PERMISSION = re.compile(r"^connect:[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+def check_permission(permission: str) -> str:
+    if permission not in PERMISSIONS and not _SERVICE_PERMISSION.fullmatch(permission):
+        raise ValueError(
+            f"unknown permission {permission!r}: one of {', '.join(PERMISSIONS)}, "
+            "or connect:SERVICE"
+        )
+    return permission
 
 
 @dataclass(frozen=True)
 class Grant:
+    """A role on one device or tag, for a user or for every member of a team."""
+
     id: int
-    user: str
+    user: str | None
     role: str
     device: str | None = None
     tag: str | None = None
+    team: str | None = None
 
 
 @dataclass(frozen=True)
 class Access:
-    """Everything that decides what one user may do."""
+    """Everything that decides what one user may do: their role, their grants and their
+    teams' grants, and their organisation's custom roles."""
 
     user: str
     org: str
     role: str
     superadmin: bool = False
     grants: tuple[Grant, ...] = field(default_factory=tuple)
+    custom_roles: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def role_permissions(self, role: str) -> frozenset[str]:
+        builtin = ROLE_PERMISSIONS.get(role)
+        return builtin if builtin is not None else self.custom_roles.get(role, frozenset())
 
     def permissions(self, device: str, org: str, tags: Iterable[str]) -> frozenset[str]:
         if self.superadmin:
@@ -57,10 +86,10 @@ class Access:
         if org != self.org:
             return frozenset()
         tag_set = set(tags)
-        out = set(ROLE_PERMISSIONS.get(self.role, frozenset()))
+        out = set(self.role_permissions(self.role))
         for grant in self.grants:
             if grant.device == device or (grant.tag is not None and grant.tag in tag_set):
-                out |= ROLE_PERMISSIONS.get(grant.role, frozenset())
+                out |= self.role_permissions(grant.role)
         return frozenset(out)
 
 

@@ -40,7 +40,13 @@ KINDS = (
     "device_tagged",
     "org_added",
     "org_removed",
-    "grant_added",  # details: id, user, role, tag (or the device)
+    "team_added",
+    "team_removed",
+    "team_member_added",
+    "team_member_removed",
+    "role_added",
+    "role_removed",
+    "grant_added",  # details: id, user or team, role, tag (or the device)
     "grant_removed",
     "device_removed",
     "user_added",  # details: user, role

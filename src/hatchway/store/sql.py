@@ -31,6 +31,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     create_engine,
     delete,
     event,
@@ -56,7 +57,13 @@ from sqlalchemy.sql.expression import ColumnElement
 from hatchway.auth import totp
 from hatchway.auth.device import derive_device_key, new_device_secret, validate_device_id
 from hatchway.auth.passwords import DUMMY_HASH, hash_password, needs_rehash, verify_password
-from hatchway.auth.permissions import GRANT_ROLES, Access, Grant
+from hatchway.auth.permissions import (
+    GRANT_ROLES,
+    ROLE_PERMISSIONS,
+    Access,
+    Grant,
+    check_permission,
+)
 from hatchway.auth.policy import DEFAULT_POLICY, PasswordPolicy
 from hatchway.auth.tokens import hash_token, new_api_token
 from hatchway.errors import AlreadyExistsError, ConfigError, NotFoundError
@@ -166,14 +173,55 @@ class _User(_Base):
         )
 
 
+class _Team(_Base):
+    """Users of one organisation that grants can name together."""
+
+    __tablename__ = "teams"
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_teams_org_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class _TeamMember(_Base):
+    __tablename__ = "team_members"
+
+    team_id: Mapped[int] = mapped_column(
+        ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+
+
+class _Role(_Base):
+    """An organisation's custom role: a name for a set of permissions."""
+
+    __tablename__ = "roles"
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_roles_org_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"), index=True)
+    name: Mapped[str] = mapped_column(String(32))
+    permissions: Mapped[str] = mapped_column(String(1024))  # space-separated
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
 class _Grant(_Base):
-    """A role on one device, or on every device with a tag, for one user."""
+    """A role on one device, or on every device with a tag, for a user or a team."""
 
     __tablename__ = "grants"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
-    role: Mapped[str] = mapped_column(String(16))
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    team_id: Mapped[int | None] = mapped_column(
+        ForeignKey("teams.id", ondelete="CASCADE"), index=True
+    )
+    role: Mapped[str] = mapped_column(String(32))
     device: Mapped[str | None] = mapped_column(String(63))
     tag: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
@@ -484,52 +532,206 @@ class SqlStore:
             session.delete(org)
             self._append(session, "org_removed", actor, None, None, {"org": name})
 
+    # Teams and custom roles
+
+    @staticmethod
+    def _team(session: Session, org_id: int, name: str) -> _Team:
+        team = session.scalars(
+            select(_Team).where(_Team.org_id == org_id, _Team.name == name)
+        ).first()
+        if team is None:
+            raise NotFoundError(f"no team {name!r} in that organisation")
+        return team
+
+    def add_team(self, name: str, *, org: str = DEFAULT_ORG, actor: str = "cli") -> None:
+        if not ORG_NAME_RE.fullmatch(name):
+            raise ConfigError(f"invalid team name {name!r}: use a-z, 0-9 and '-'")
+        with self._write() as session:
+            org_row = self._org(session, org)
+            exists = session.scalars(
+                select(_Team).where(_Team.org_id == org_row.id, _Team.name == name)
+            ).first()
+            if exists is not None:
+                raise AlreadyExistsError(f"team {name!r} already exists in {org}")
+            session.add(_Team(org_id=org_row.id, name=name, created_at=_now()))
+            self._append(session, "team_added", actor, None, None, {"team": name, "org": org})
+
+    def remove_team(self, name: str, *, org: str = DEFAULT_ORG, actor: str = "cli") -> None:
+        with self._write() as session:
+            team = self._team(session, self._org(session, org).id, name)
+            session.execute(delete(_TeamMember).where(_TeamMember.team_id == team.id))
+            session.execute(delete(_Grant).where(_Grant.team_id == team.id))
+            session.delete(team)
+            self._append(session, "team_removed", actor, None, None, {"team": name, "org": org})
+
+    def set_team_member(
+        self, team: str, user: str, member: bool = True, *, actor: str = "cli"
+    ) -> None:
+        """Add ``user`` to (or remove from) a team of the user's own organisation."""
+        with self._write() as session:
+            owner = self._user(session, user)
+            if owner is None:
+                raise NotFoundError(f"no user {user!r}")
+            team_row = self._team(session, owner.org_id, team)
+            session.execute(
+                delete(_TeamMember).where(
+                    _TeamMember.team_id == team_row.id, _TeamMember.user_id == owner.id
+                )
+            )
+            if member:
+                session.add(_TeamMember(team_id=team_row.id, user_id=owner.id))
+            self._append(
+                session,
+                "team_member_added" if member else "team_member_removed",
+                actor,
+                None,
+                None,
+                {"team": team, "user": user},
+            )
+
+    def list_teams(self, org: str | None = None) -> list[tuple[str, str, list[str]]]:
+        """(organisation, team, members) for every team."""
+        query = (
+            select(_Team, _Organisation.name)
+            .join(_Organisation, _Team.org_id == _Organisation.id)
+            .order_by(_Organisation.name, _Team.name)
+        )
+        if org is not None:
+            query = query.where(_Organisation.name == org)
+        with self._read() as session:
+            out = []
+            for team, org_name in session.execute(query).all():
+                members = session.scalars(
+                    select(_User.name)
+                    .join(_TeamMember, _TeamMember.user_id == _User.id)
+                    .where(_TeamMember.team_id == team.id)
+                    .order_by(_User.name)
+                )
+                out.append((org_name, team.name, list(members)))
+            return out
+
+    def add_role(
+        self,
+        name: str,
+        permissions: tuple[str, ...],
+        *,
+        org: str = DEFAULT_ORG,
+        actor: str = "cli",
+    ) -> None:
+        if name in ROLE_PERMISSIONS or not ORG_NAME_RE.fullmatch(name) or len(name) > 32:
+            raise ConfigError(f"invalid role name {name!r} (built-in names are taken)")
+        try:
+            text = " ".join(sorted({check_permission(p) for p in permissions}))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not text:
+            raise ConfigError("a role needs at least one permission")
+        with self._write() as session:
+            org_row = self._org(session, org)
+            exists = session.scalars(
+                select(_Role).where(_Role.org_id == org_row.id, _Role.name == name)
+            ).first()
+            if exists is not None:
+                raise AlreadyExistsError(f"role {name!r} already exists in {org}")
+            session.add(_Role(org_id=org_row.id, name=name, permissions=text, created_at=_now()))
+            self._append(
+                session, "role_added", actor, None, None,
+                {"role": name, "org": org, "permissions": text},
+            )  # fmt: skip
+
+    def remove_role(self, name: str, *, org: str = DEFAULT_ORG, actor: str = "cli") -> None:
+        with self._write() as session:
+            org_row = self._org(session, org)
+            role = session.scalars(
+                select(_Role).where(_Role.org_id == org_row.id, _Role.name == name)
+            ).first()
+            if role is None:
+                raise NotFoundError(f"no role {name!r} in {org}")
+            session.delete(role)
+            self._append(session, "role_removed", actor, None, None, {"role": name, "org": org})
+
+    def list_roles(self, org: str = DEFAULT_ORG) -> dict[str, frozenset[str]]:
+        """The organisation's custom roles (built-in ones: auth/permissions.py)."""
+        with self._read() as session:
+            return self._custom_roles(session, self._org(session, org).id)
+
+    @staticmethod
+    def _custom_roles(session: Session, org_id: int) -> dict[str, frozenset[str]]:
+        roles = session.scalars(select(_Role).where(_Role.org_id == org_id))
+        return {r.name: frozenset(r.permissions.split()) for r in roles}
+
     # Grants
 
     def add_grant(
         self,
-        user: str,
+        user: str | None,
         role: str,
         *,
+        team: str | None = None,
         device: str | None = None,
         tag: str | None = None,
+        org: str | None = None,
         actor: str = "cli",
     ) -> int:
-        if role not in GRANT_ROLES:
-            raise ConfigError(f"invalid role {role!r} for a grant: one of {', '.join(GRANT_ROLES)}")
+        """Give a user, or every member of a team (of ``org``), a role on a device or
+        on every device with a tag."""
+        if (user is None) == (team is None):
+            raise ConfigError("a grant is for one user or one team")
         if (device is None) == (tag is None):
             raise ConfigError("a grant is on one device or on one tag")
         if tag is not None:
             _tags((tag,))
         with self._write() as session:
-            owner = self._user(session, user)
-            if owner is None:
+            owner = self._user(session, user) if user is not None else None
+            if user is not None and owner is None:
                 raise NotFoundError(f"no user {user!r}")
+            org_id = (
+                owner.org_id if owner is not None else self._org(session, org or DEFAULT_ORG).id
+            )
+            team_row = self._team(session, org_id, team) if team is not None else None
+            if role not in GRANT_ROLES and role not in self._custom_roles(session, org_id):
+                raise ConfigError(
+                    f"invalid role {role!r} for a grant: {', '.join(GRANT_ROLES)} or a custom "
+                    "role of the organisation"
+                )
             if device is not None:
                 target = session.get(_Device, device)
-                if target is None or target.org_id != owner.org_id:
-                    raise NotFoundError(f"no device {device!r} in {user}'s organisation")
-            grant = _Grant(user_id=owner.id, role=role, device=device, tag=tag, created_at=_now())
+                if target is None or target.org_id != org_id:
+                    raise NotFoundError(f"no device {device!r} in that organisation")
+            grant = _Grant(
+                user_id=owner.id if owner is not None else None,
+                team_id=team_row.id if team_row is not None else None,
+                role=role,
+                device=device,
+                tag=tag,
+                created_at=_now(),
+            )
             session.add(grant)
             session.flush()
             self._append(
-                session,
-                "grant_added",
-                actor,
-                device,
-                None,
-                {"id": grant.id, "user": user, "role": role, "tag": tag},
-            )
+                session, "grant_added", actor, device, None,
+                {"id": grant.id, "user": user, "team": team, "role": role, "tag": tag},
+            )  # fmt: skip
             return grant.id
 
     def list_grants(self, user: str | None = None) -> list[Grant]:
-        query = select(_Grant, _User.name).join(_User, _Grant.user_id == _User.id)
-        if user is not None:
-            query = query.where(_User.name == user)
+        """Every grant, or those that apply to ``user`` (their own and their teams')."""
+        query = (
+            select(_Grant, _User.name, _Team.name)
+            .outerjoin(_User, _Grant.user_id == _User.id)
+            .outerjoin(_Team, _Grant.team_id == _Team.id)
+            .order_by(_Grant.id)
+        )
         with self._read() as session:
+            if user is not None:
+                owner = self._user(session, user)
+                if owner is None:
+                    return []
+                teams = select(_TeamMember.team_id).where(_TeamMember.user_id == owner.id)
+                query = query.where((_Grant.user_id == owner.id) | (_Grant.team_id.in_(teams)))
             return [
-                Grant(g.id, name, g.role, g.device, g.tag)
-                for g, name in session.execute(query.order_by(_Grant.id))
+                Grant(g.id, user_name, g.role, g.device, g.tag, team_name)
+                for g, user_name, team_name in session.execute(query)
             ]
 
     def remove_grant(self, grant_id: int, *, actor: str = "cli") -> None:
@@ -546,14 +748,18 @@ class SqlStore:
             row = self._user(session, user)
             if row is None:
                 return None
-            grants = session.scalars(select(_Grant).where(_Grant.user_id == row.id))
-            return Access(
-                user=row.name,
-                org=row.org.name,
-                role=row.role,
-                superadmin=row.superadmin,
-                grants=tuple(Grant(g.id, user, g.role, g.device, g.tag) for g in grants),
-            )
+            org_name, org_id, superadmin, role = row.org.name, row.org_id, row.superadmin, row.role
+        grants = self.list_grants(user)
+        with self._read() as session:
+            custom = self._custom_roles(session, org_id)
+        return Access(
+            user=user,
+            org=org_name,
+            role=role,
+            superadmin=superadmin,
+            grants=tuple(grants),
+            custom_roles=custom,
+        )
 
     def device_key(self, device_id: str) -> bytes | None:
         with self._read() as session:
