@@ -37,10 +37,20 @@ def test_a_database_from_before_migrations_is_upgraded(tmp_path: Path) -> None:
             ),
             {"created": created},
         )
+        # Rows that point at users: tables are copied under them during the upgrade.
+        connection.execute(
+            text(
+                "INSERT INTO api_tokens (user_id, token_hash, label, created_at) "
+                "VALUES (1, :hash, 'cli', :created)"
+            ),
+            {"hash": "a" * 64, "created": created},
+        )
     engine.dispose()
     store = SqlStore.open_data_dir(data)
     assert [u.name for u in store.list_users()] == ["old-admin"]
-    assert current_revision(store._engine) == "0006"
+    assert [t.label for t in store.list_tokens("old-admin")] == ["cli"]
+    assert store.list_users()[0].org == "default"
+    assert current_revision(store._engine) == "0007"
     assert inspect(store._engine).has_table("audit_log")
     store.add_device("dev1")
     assert store.audit_verify().ok

@@ -113,3 +113,30 @@ def test_web_form_asks_for_the_code(setup: Setup) -> None:
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: object, **kwargs: object) -> None:
         return None
+
+
+def test_an_organisation_can_require_two_factor_login(setup: Setup) -> None:
+    env = setup.env
+    data = ["--data-dir", str(env.data_dir)]
+    env.hatchway("org", "add", "secure", *data, prefix=())
+    env.hatchway(
+        "user", "add", "gil", "--org", "secure", "--role", "viewer", "--password-stdin", *data,
+        input=PASSWORD.encode() + b"\n", prefix=(),
+    )  # fmt: skip
+    out = env.hatchway("org", "set", "secure", "--require-totp", *data, prefix=())
+    assert out.stdout.decode().strip() == "two-factor login is required in secure"
+
+    def login(*extra: str) -> tuple[int, str]:
+        result = env.hatchway(
+            "login", setup.url, "--user", "gil", "--password-stdin", "--ca-file",
+            str(env.ca_file), *extra, input=PASSWORD.encode() + b"\n", check=False,
+        )  # fmt: skip
+        return result.returncode, result.stderr.decode()
+
+    status, err = login()
+    assert status == 1 and "requires two-factor login" in err
+    out = env.hatchway("user", "totp", "gil", *data, prefix=()).stdout.decode()
+    secret = re.search(r"secret: (\S+)", out)
+    assert secret
+    env.hatchway("user", "totp", "gil", "--confirm", code(secret.group(1), -30), *data, prefix=())
+    assert login("--otp", code(secret.group(1)))[0] == 0

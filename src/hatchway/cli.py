@@ -393,6 +393,23 @@ def org_add(name: str, data_dir: Path) -> None:
     click.echo(f"organisation {name} created")
 
 
+@org.command("set")
+@click.argument("name")
+@click.option(
+    "--require-totp/--no-require-totp",
+    default=None,
+    help="every user must (or need not) log in with a second factor",
+)
+@data_dir_option
+def org_set(name: str, require_totp: bool | None, data_dir: Path) -> None:
+    """Change an organisation's settings."""
+    store = _store(data_dir)
+    if require_totp is not None:
+        _guard(lambda: store.set_org_require_totp(name, require_totp))
+        state = "required" if require_totp else "optional"
+        click.echo(f"two-factor login is {state} in {name}")
+
+
 @org.command("list")
 @data_dir_option
 def org_list(data_dir: Path) -> None:

@@ -113,11 +113,23 @@ async def check_password(
         user: UserRecord | None = await asyncio.to_thread(
             server.store.authenticate_user, name, password
         )
-    if user is not None and await asyncio.to_thread(server.store.totp_required, user.name):
-        if not otp:
-            raise OTP_REQUIRED  # the password was right; not a failure
-        if not await asyncio.to_thread(server.store.totp_check, user.name, otp[:16]):
-            user = None
+    if user is not None:
+        enabled, required = await asyncio.to_thread(server.store.totp_policy, user.name)
+        if required and not enabled:
+            server.audit(
+                "login_failed", user.name, source=source, details={"via": via, "why": "totp"}
+            )
+            raise ApiError(
+                403,
+                "totp_setup_required",
+                "your organisation requires two-factor login: ask an administrator to set "
+                "it up for you (hatchway user totp)",
+            )
+        if enabled:
+            if not otp:
+                raise OTP_REQUIRED  # the password was right; not a failure
+            if not await asyncio.to_thread(server.store.totp_check, user.name, otp[:16]):
+                user = None
     if user is None:
         server.login_throttle.failed(source)
         server.log_login_failure(name, source)

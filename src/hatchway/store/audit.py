@@ -40,6 +40,7 @@ KINDS = (
     "device_tagged",
     "org_added",
     "org_removed",
+    "org_changed",  # details: org, require_totp
     "team_added",
     "team_removed",
     "team_member_added",

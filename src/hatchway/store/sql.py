@@ -135,6 +135,8 @@ class _Organisation(_Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # Every user of the organisation must log in with a second factor.
+    require_totp: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
 class _Device(_Base):
@@ -514,6 +516,22 @@ class SqlStore:
                 raise AlreadyExistsError(f"organisation {name!r} already exists")
             session.add(_Organisation(name=name, created_at=_now()))
             self._append(session, "org_added", actor, None, None, {"org": name})
+
+    def set_org_require_totp(self, name: str, required: bool, *, actor: str = "cli") -> None:
+        with self._write() as session:
+            self._org(session, name).require_totp = required
+            self._append(
+                session, "org_changed", actor, None, None, {"org": name, "require_totp": required}
+            )
+
+    def totp_policy(self, user: str) -> tuple[bool, bool]:
+        """(the user has two-factor login on, the user's organisation requires it)."""
+        with self._read() as session:
+            row = self._user(session, user)
+            if row is None:
+                return False, False
+            totp_row = session.get(_Totp, row.id)
+            return totp_row is not None and totp_row.enabled, row.org.require_totp
 
     def list_orgs(self) -> list[str]:
         with self._read() as session:
