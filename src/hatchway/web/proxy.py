@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from hatchway.mux.frames import OpenFailure
+from hatchway.mux.frames import OpenFailure, ResetReason
 from hatchway.relay.api import ApiError
 from hatchway.relay.streams import describe_failure
 from hatchway.store.base import ChannelRecord, WebSessionRecord
@@ -46,6 +46,7 @@ from hatchway.web.access import (
     RELAY_COOKIE_PREFIXES,
     RESERVED_PREFIX,
     cookie_values,
+    host_port_suffix,
     path_cookie_name,
     safe_next,
     split_host,
@@ -694,7 +695,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
 
     def _login_needed(self, req: _Request) -> None:
         if req.method in (b"GET", b"HEAD"):
-            relay = f"https://{self.access.domain}{_port_suffix(self.host)}"
+            relay = f"https://{self.access.domain}{host_port_suffix(self.host)}"
             query = urllib.parse.urlencode({"next": req.url.decode("latin-1")})
             location = f"{relay}/open/{self.device}?{query}"
             self._local(
@@ -805,13 +806,8 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
     def _open_expired(self) -> None:
         self._open_timer = None
         if self.channel_state == "opening":
-            self.reset_channel_quietly("open timed out")
+            self.reset_channel(ResetReason.CANCEL, "open timed out")
             self.on_open_failed(OpenFailure.TIMEOUT, "timed out")
-
-    def reset_channel_quietly(self, message: str) -> None:
-        from hatchway.mux.frames import ResetReason
-
-        self.reset_channel(ResetReason.CANCEL, message)
 
     def on_open_ok(self) -> None:
         if self._open_timer is not None:
@@ -960,8 +956,6 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             transport.resume_reading()
 
     def _abort_channel(self, message: str) -> None:
-        from hatchway.mux.frames import ResetReason
-
         self.channel_state = "gone"
         self.reset_channel(ResetReason.CANCEL, message)
 
@@ -1146,12 +1140,6 @@ def clean_set_cookie(value: bytes, prefix: bytes = b"") -> bytes | None:
             part = b" Path=" + prefix + (arg if arg.startswith(b"/") else b"/")
         kept.append(part)
     return b";".join(kept)
-
-
-def _port_suffix(host: str) -> str:
-    from hatchway.web.access import host_port_suffix
-
-    return host_port_suffix(host)
 
 
 def _title(status: int) -> str:
