@@ -33,7 +33,7 @@ from hatchway.relay.tunnels import SUBPROTOCOL, RelayTunnel
 from hatchway.tunnel.endpoint import TUNNEL_MAX_MESSAGE
 from hatchway.web import ui
 from hatchway.web.access import split_host
-from hatchway.web.pages import error_page, http_response
+from hatchway.web.pages import REASONS, error_page, http_response
 from hatchway.web.proxy import WebProxy
 
 if TYPE_CHECKING:
@@ -46,22 +46,6 @@ MAX_BODY = 64 * 1024
 MAX_URL = 8 * 1024
 REQUEST_TIMEOUT = 10.0
 STREAM_MAX_MESSAGE = 1024 * 1024
-
-_STATUS_TEXT = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    414: "URI Too Long",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
 
 
 class _RequestTooLarge(Exception):
@@ -180,7 +164,7 @@ class FrontDoor(asyncio.Protocol):
                 return
             status = self.request.too_large
             if status:
-                self._respond(status, {"error": "too_large", "message": _STATUS_TEXT[status]})
+                self._respond(status, {"error": "too_large", "message": REASONS[status]})
             else:
                 self._respond(400, {"error": "bad_request", "message": "malformed HTTP request"})
             return
@@ -415,7 +399,7 @@ class FrontDoor(asyncio.Protocol):
             return
         payload = json.dumps(body).encode() + b"\n"
         head = (
-            f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}\r\n"
+            f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
             "Content-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\n"
             "Cache-Control: no-store\r\n"

@@ -58,6 +58,30 @@ def describe_failure(reason: int, message: str, device: str, service: str) -> tu
     return status, code, template.format(device=device, service=service, detail=detail)
 
 
+def channel_record(
+    binding: ChannelBinding,
+    user: str,
+    device: str,
+    service: str,
+    source: str,
+    started_at: datetime,
+    outcome: str,
+) -> ChannelRecord:
+    """The audit record of a channel that has just ended."""
+    duration = time.monotonic() - binding.started
+    return ChannelRecord(
+        user=user,
+        device=device,
+        service=service,
+        source=source,
+        started_at=started_at,
+        ended_at=started_at + timedelta(seconds=duration),
+        bytes_up=binding.bytes_to_tunnel,
+        bytes_down=binding.bytes_from_tunnel,
+        outcome=outcome,
+    )
+
+
 def error_response(status: int, code: str, message: str) -> Response:
     body = json.dumps({"error": code, "message": message}).encode() + b"\n"
     headers = Headers(
@@ -237,18 +261,11 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
     # --- audit --------------------------------------------------------------------------
 
     def _record(self) -> None:
-        duration = time.monotonic() - self.started
-        record = ChannelRecord(
-            user=self.user,
-            device=self.device,
-            service=self.service,
-            source=self.peer_address(),
-            started_at=self.started_at,
-            ended_at=self.started_at + timedelta(seconds=duration),
-            bytes_up=self.bytes_to_tunnel,
-            bytes_down=self.bytes_from_tunnel,
-            outcome=self.outcome,
-        )
+        record = channel_record(
+            self, self.user, self.device, self.service, self.peer_address(), self.started_at,
+            self.outcome,
+        )  # fmt: skip
+        duration = (record.ended_at - record.started_at).total_seconds()
         log.info(
             "channel %s user=%s device=%s service=%s from=%s: %s, %d bytes up, %d bytes down, "
             "%.3f s",

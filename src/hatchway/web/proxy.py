@@ -28,15 +28,15 @@ import re
 import time
 import urllib.parse
 from collections import deque
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from hatchway.mux.frames import OpenFailure, ResetReason
 from hatchway.relay.api import ApiError
-from hatchway.relay.streams import describe_failure
-from hatchway.store.base import ChannelRecord, WebSessionRecord
+from hatchway.relay.streams import channel_record, describe_failure
+from hatchway.store.base import WebSessionRecord
 from hatchway.tunnel.endpoint import ChannelBinding
 from hatchway.tunnel.websocket import set_nodelay
 from hatchway.web.access import (
@@ -1089,18 +1089,11 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
     def _record(self) -> None:
         if self.session is None:
             return
-        duration = time.monotonic() - self.started
-        record = ChannelRecord(
-            user=self.session.user.name,
-            device=self.device,
-            service=self.service,
-            source=self.source,
-            started_at=self.started_at,
-            ended_at=self.started_at + timedelta(seconds=duration),
-            bytes_up=self.bytes_to_tunnel,
-            bytes_down=self.bytes_from_tunnel,
-            outcome=self.outcome,
-        )
+        record = channel_record(
+            self, self.session.user.name, self.device, self.service, self.source,
+            self.started_at, self.outcome,
+        )  # fmt: skip
+        duration = (record.ended_at - record.started_at).total_seconds()
         log.info(
             "web channel %s user=%s device=%s service=%s from=%s: %s, %d requests, "
             "%d bytes up, %d bytes down, %.3f s",
