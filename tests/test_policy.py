@@ -68,3 +68,29 @@ def test_admin_commands_enforce_the_policy(env: Env) -> None:
         prefix=(), check=False,
     )  # fmt: skip
     assert out.returncode == 1 and b"not the user name" in out.stderr
+
+
+def test_operators_set_the_policy(env: Env) -> None:
+    data = ["--data-dir", str(env.data_dir)]
+    out = env.hatchway("settings", "list", *data, prefix=()).stdout.decode()
+    assert "password.min_length = 14" in out and "password.reject_common = true" in out
+    env.hatchway("settings", "set", "password.min_length", "20", *data, prefix=())
+    out = env.hatchway(
+        "user", "add", "hal", "--password-stdin", *data, input=b"Vivid-Lantern-482!\n",
+        prefix=(), check=False,
+    )  # fmt: skip
+    assert out.returncode == 1 and b"at least 20 characters" in out.stderr
+    env.hatchway("settings", "set", "password.require_special", "false", *data, prefix=())
+    env.hatchway("settings", "set", "password.min_length", "16", *data, prefix=())
+    env.hatchway(
+        "user", "add", "hal", "--password-stdin", *data, input=b"VividLantern4821x\n", prefix=()
+    )
+    for name, value, message in [
+        ("password.min_length", "4", "from 8 to 128"),
+        ("password.require_upper", "maybe", "true or false"),
+        ("password.colour", "blue", "unknown setting"),
+    ]:
+        out = env.hatchway("settings", "set", name, value, *data, prefix=(), check=False)
+        assert out.returncode == 1 and message.encode() in out.stderr
+    out = env.hatchway("audit", "list", "--kind", "setting_changed", *data, prefix=())
+    assert out.stdout.decode().count("setting_changed") == 3

@@ -375,6 +375,32 @@ def user_passwd(name: str, password_stdin: bool, data_dir: Path) -> None:
     click.echo(f"password of {name} changed")
 
 
+@cli.group()
+def settings() -> None:
+    """Relay settings (offline, against --data-dir): the password policy."""
+
+
+@settings.command("list")
+@data_dir_option
+def settings_list(data_dir: Path) -> None:
+    """Show the password policy in force (defaults included)."""
+    policy = _store(data_dir).password_policy()
+    for name, value in sorted(vars(policy).items()):
+        if name != "max_length" and name != "reject_user_name":
+            click.echo(f"password.{name} = {str(value).lower()}")
+
+
+@settings.command("set")
+@click.argument("name")
+@click.argument("value")
+@data_dir_option
+def settings_set(name: str, value: str, data_dir: Path) -> None:
+    """Change a setting, e.g. `password.min_length 16` or `password.require_special false`."""
+    store = _store(data_dir)
+    _guard(lambda: store.set_setting(name, value))
+    click.echo(f"{name} = {value.lower()}")
+
+
 # --- organisations and grants ------------------------------------------------------------
 
 

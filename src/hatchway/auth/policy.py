@@ -77,3 +77,36 @@ class PasswordPolicy:
 
 
 DEFAULT_POLICY = PasswordPolicy()
+
+#: Settings an operator can change (``hatchway settings set``), and their types.
+POLICY_SETTINGS: dict[str, type] = {
+    "password.min_length": int,
+    "password.require_upper": bool,
+    "password.require_lower": bool,
+    "password.require_digit": bool,
+    "password.require_special": bool,
+    "password.reject_common": bool,
+}
+
+
+def parse_setting(name: str, value: str) -> int | bool:
+    """A policy setting's value from text, checked; ValueError says what is wrong."""
+    kind = POLICY_SETTINGS.get(name)
+    if kind is None:
+        raise ValueError(f"unknown setting {name!r}: one of {', '.join(POLICY_SETTINGS)}")
+    if kind is bool:
+        if value.lower() not in ("true", "false"):
+            raise ValueError(f"{name} is true or false")
+        return value.lower() == "true"
+    if not value.isdigit() or not 8 <= int(value) <= 128:
+        raise ValueError(f"{name} is a number from 8 to 128")
+    return int(value)
+
+
+def policy_from_settings(settings: dict[str, str]) -> PasswordPolicy:
+    fields = {
+        name.removeprefix("password."): parse_setting(name, value)
+        for name, value in settings.items()
+        if name in POLICY_SETTINGS
+    }
+    return PasswordPolicy(**fields)  # type: ignore[arg-type]

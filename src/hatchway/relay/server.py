@@ -122,7 +122,7 @@ class RelayServer:
         if self.store.count_users():
             return None
         password = new_password()
-        while self.store.policy.problems(password, "admin"):
+        while self.store.password_policy().problems(password, "admin"):
             password = new_password()
         self.store.add_user("admin", "owner", password, actor="relay", superadmin=True)
         return password

@@ -41,6 +41,7 @@ KINDS = (
     "org_added",
     "org_removed",
     "org_changed",  # details: org, require_totp
+    "setting_changed",  # details: {name: value}
     "team_added",
     "team_removed",
     "team_member_added",

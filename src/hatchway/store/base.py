@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from hatchway.auth.policy import PasswordPolicy
 from hatchway.store.audit import AuditRecord, VerifyResult
 
 # Organisation-wide roles (auth/permissions.py); "user" means none: grants only.
@@ -121,6 +122,12 @@ class Store(Protocol):
     def locked_until(self, name: str) -> datetime | None: ...
 
     def totp_begin(self, name: str) -> str: ...
+
+    def settings(self) -> dict[str, str]: ...
+
+    def set_setting(self, name: str, value: str, *, actor: str = "cli") -> None: ...
+
+    def password_policy(self) -> PasswordPolicy: ...
 
     def totp_confirm(self, name: str, code: str, *, actor: str = "cli") -> bool: ...
 

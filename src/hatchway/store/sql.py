@@ -64,7 +64,7 @@ from hatchway.auth.permissions import (
     Grant,
     check_permission,
 )
-from hatchway.auth.policy import DEFAULT_POLICY, PasswordPolicy
+from hatchway.auth.policy import PasswordPolicy, parse_setting, policy_from_settings
 from hatchway.auth.tokens import hash_token, new_api_token
 from hatchway.errors import AlreadyExistsError, ConfigError, NotFoundError
 from hatchway.store.audit import (
@@ -125,6 +125,15 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 class _Base(DeclarativeBase):
     pass
+
+
+class _Setting(_Base):
+    """An operator's setting (``hatchway settings``): the password policy, so far."""
+
+    __tablename__ = "settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
 
 
 class _Organisation(_Base):
@@ -402,8 +411,8 @@ _SESSION_PREFIX = {"relay": "hws_", "device": "hwd_", "grant": "hwg_"}
 class SqlStore:
     """The Store protocol on a SQLAlchemy engine."""
 
-    def __init__(self, url: str | URL, *, policy: PasswordPolicy = DEFAULT_POLICY) -> None:
-        self.policy = policy
+    def __init__(self, url: str | URL, *, policy: PasswordPolicy | None = None) -> None:
+        self._policy = policy  # None: the operator's settings, else the default
         #: Web sessions unused this long are over (grants excepted); None: no idle limit.
         self.session_idle: timedelta | None = DEFAULT_SESSION_IDLE
         parsed = make_url(url)
@@ -423,7 +432,7 @@ class SqlStore:
         upgrade(self._engine)
 
     @classmethod
-    def open_data_dir(cls, data_dir: Path, *, policy: PasswordPolicy = DEFAULT_POLICY) -> SqlStore:
+    def open_data_dir(cls, data_dir: Path, *, policy: PasswordPolicy | None = None) -> SqlStore:
         """Open (creating if needed) the SQLite database in ``data_dir``, private to us."""
         if not data_dir.exists():
             data_dir.mkdir(mode=0o700, parents=True)
@@ -498,6 +507,32 @@ class SqlStore:
         with self._read() as session:
             row = session.execute(query).one_or_none()
             return None if row is None else (row[0], tuple(row[1].split()))
+
+    # Settings
+
+    def settings(self) -> dict[str, str]:
+        with self._read() as session:
+            return {row.name: row.value for row in session.scalars(select(_Setting))}
+
+    def set_setting(self, name: str, value: str, *, actor: str = "cli") -> None:
+        try:
+            parse_setting(name, value)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        with self._write() as session:
+            row = session.get(_Setting, name)
+            if row is None:
+                session.add(_Setting(name=name, value=value.lower()))
+            else:
+                row.value = value.lower()
+            self._append(session, "setting_changed", actor, None, None, {name: value.lower()})
+
+    def password_policy(self) -> PasswordPolicy:
+        """The policy every new password must pass: the operator's settings on top of the
+        strict default (a store opened with an explicit policy uses that)."""
+        if self._policy is not None:
+            return self._policy
+        return policy_from_settings(self.settings())
 
     # Organisations
 
@@ -819,7 +854,7 @@ class SqlStore:
         _validate_user_name(name)
         if role not in ROLES:
             raise ConfigError(f"invalid role {role!r}: choose one of {', '.join(ROLES)}")
-        self.policy.check(password, name)
+        self.password_policy().check(password, name)
         password_hash = hash_password(password)
         with self._write() as session:
             if self._user(session, name) is not None:
@@ -865,7 +900,7 @@ class SqlStore:
             return session.scalar(select(func.count()).select_from(_User)) or 0
 
     def set_password(self, name: str, password: str, *, actor: str = "cli") -> None:
-        self.policy.check(password, name)
+        self.password_policy().check(password, name)
         password_hash = hash_password(password)
         with self._write() as session:
             user = self._user(session, name)
