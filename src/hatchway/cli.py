@@ -815,12 +815,19 @@ def devices(as_json: bool) -> None:
     from hatchway.client.relay_api import call
 
     login_ = _login()
-    answer = _guard(
-        lambda: call(
-            login_.server, "GET", "/api/v1/devices", ca_file=login_.ca_file, token=login_.token
-        )
-    )
-    items = answer["devices"]
+    items: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        path = "/api/v1/devices" + (f"?after={after}" if after else "")
+
+        def page(path: str = path) -> Any:
+            return call(login_.server, "GET", path, ca_file=login_.ca_file, token=login_.token)
+
+        answer = _guard(page)
+        items.extend(answer["devices"])
+        after = answer.get("next")
+        if not after:
+            break
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import urllib.parse
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("hatchway.relay.api")
 
 TOKEN_TTL = timedelta(days=30)
+#: Devices per page of ``GET /api/v1/devices`` (``?limit=``, ``?after=ID``).
+DEVICE_PAGE = 1000
+DEVICE_PAGE_MAX = 5000
 #: Logins verified at once (argon2 is deliberately expensive: bound the CPU spent).
 LOGIN_CONCURRENCY = 4
 
@@ -62,7 +66,15 @@ async def handle(
     if path == "/api/v1/devices":
         _method(method, "GET")
         user = await server.authenticate_bearer(request.header("authorization"), "read")
-        return 200, {"devices": server.visible_devices(user)}
+        params = urllib.parse.parse_qs(query)
+        limit_text = (params.get("limit") or [str(DEVICE_PAGE)])[0]
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= DEVICE_PAGE_MAX:
+            raise ApiError(400, "bad_request", f"limit: 1 to {DEVICE_PAGE_MAX}")
+        after = (params.get("after") or [""])[0] or None
+        devices, following = await asyncio.to_thread(
+            server.visible_devices, user, after, int(limit_text)
+        )
+        return 200, {"devices": devices, "next": following}
     if path == "/api/v1/whoami":
         _method(method, "GET")
         user = await server.authenticate_bearer(request.header("authorization"), "read")

@@ -400,26 +400,43 @@ class RelayServer:
             return "https"
         return "http"
 
-    def visible_devices(self, user: UserRecord) -> list[dict[str, Any]]:
+    def visible_devices(
+        self, user: UserRecord, after: str | None = None, limit: int | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The devices ``user`` may see, in id order, from after ``after``: at most
+        ``limit`` of them, and the id to continue after (None: that was all).
+        Reads the store: call it in a worker thread."""
         out: list[dict[str, Any]] = []
-        access = self.store.access(user.name)  # fresh: this runs in a worker thread
+        access = self.store.access(user.name)
         if access is None:
-            return out
-        for record in self.store.list_devices(None if access.superadmin else access.org):
-            if not may_view(access.permissions(record.device_id, record.org, record.tags)):
-                continue
-            entry = self.registry.get(record.device_id)
-            item: dict[str, Any] = {"id": record.device_id, "online": entry is not None}
-            if entry is not None:
-                item.update(
-                    since=entry.since.isoformat(),
-                    address=entry.address,
-                    services=entry.properties.get("services", []),
-                    hostname=entry.properties.get("hostname"),
-                    agent_version=entry.properties.get("agent_version"),
-                )
-            out.append(item)
-        return out
+            return out, None
+        org = None if access.superadmin else access.org
+        batch = 1000 if limit is None else max(limit, 100)
+        cursor = after
+        while limit is None or len(out) < limit:
+            records = self.store.list_devices(org, after=cursor, limit=batch)
+            for record in records:
+                cursor = record.device_id
+                if limit is not None and len(out) >= limit:
+                    return out, out[-1]["id"]
+                if may_view(access.permissions(record.device_id, record.org, record.tags)):
+                    out.append(self._device_item(record.device_id))
+            if len(records) < batch:
+                return out, None
+        return out, (out[-1]["id"] if out else cursor)
+
+    def _device_item(self, device: str) -> dict[str, Any]:
+        entry = self.registry.get(device)
+        item: dict[str, Any] = {"id": device, "online": entry is not None}
+        if entry is not None:
+            item.update(
+                since=entry.since.isoformat(),
+                address=entry.address,
+                services=entry.properties.get("services", []),
+                hostname=entry.properties.get("hostname"),
+                agent_version=entry.properties.get("agent_version"),
+            )
+        return item
 
     def log_login_failure(self, name: str, source: str) -> None:
         log.warning("login failed for %r from %s", name[:64], source)

@@ -819,7 +819,10 @@ class SqlStore:
             device = session.get(_Device, device_id)
             return None if device is None else device.key
 
-    def list_devices(self, org: str | None = None) -> list[DeviceRecord]:
+    def list_devices(
+        self, org: str | None = None, *, after: str | None = None, limit: int | None = None
+    ) -> list[DeviceRecord]:
+        """Devices in id order; ``after`` and ``limit`` page through large fleets."""
         query = (
             select(_Device, _Organisation.name)
             .join(_Organisation, _Device.org_id == _Organisation.id)
@@ -827,6 +830,10 @@ class SqlStore:
         )
         if org is not None:
             query = query.where(_Organisation.name == org)
+        if after is not None:
+            query = query.where(_Device.device_id > after)
+        if limit is not None:
+            query = query.limit(limit)
         with self._read() as session:
             return [
                 DeviceRecord(d.device_id, d.created_at, org_name, tuple(d.tags.split()))

@@ -81,7 +81,7 @@ async def handle(
         if session is None:
             return _redirect("/login")
         user = session[1].user
-        devices = await asyncio.to_thread(server.visible_devices, user)
+        devices, _ = await asyncio.to_thread(server.visible_devices, user, None, 500)
         return http_response(200, devices_page(user.name, devices), head_only=method == "HEAD")
     if path == "/login":
         params = urllib.parse.parse_qs(query)
