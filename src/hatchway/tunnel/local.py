@@ -13,6 +13,18 @@ from hatchway.tunnel.websocket import set_nodelay
 log = logging.getLogger(__name__)
 
 
+def pause_reading(transport: asyncio.Transport | None) -> None:
+    """Stop reading from a (still open) transport; harmless if already paused."""
+    if transport is not None and transport.is_reading():
+        transport.pause_reading()
+
+
+def resume_reading(transport: asyncio.Transport | None) -> None:
+    """Read again from a transport that is still open; harmless if already reading."""
+    if transport is not None and not transport.is_closing() and not transport.is_reading():
+        transport.resume_reading()
+
+
 class TcpBinding(asyncio.Protocol, ChannelBinding):
     """Splices one TCP connection with one channel, backpressure both ways.
 
@@ -85,13 +97,10 @@ class TcpBinding(asyncio.Protocol, ChannelBinding):
             self.transport.write_eof()
 
     def pause_source(self) -> None:
-        if self.transport is not None and self.transport.is_reading():
-            self.transport.pause_reading()
+        pause_reading(self.transport)
 
     def resume_source(self) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing() and not transport.is_reading():
-            transport.resume_reading()
+        resume_reading(self.transport)
 
     def on_reset(self, reason: int, message: str) -> None:
         if self.transport is not None:

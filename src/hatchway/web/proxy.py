@@ -38,6 +38,7 @@ from hatchway.relay.api import ApiError
 from hatchway.relay.streams import channel_record, describe_failure
 from hatchway.store.base import WebSessionRecord
 from hatchway.tunnel.endpoint import ChannelBinding
+from hatchway.tunnel.local import pause_reading, resume_reading
 from hatchway.tunnel.websocket import set_nodelay
 from hatchway.web.access import (
     AUTH_PATH,
@@ -947,13 +948,10 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         self._close()
 
     def pause_source(self) -> None:
-        if self.transport is not None and self.transport.is_reading():
-            self.transport.pause_reading()
+        pause_reading(self.transport)
 
     def resume_source(self) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing() and not transport.is_reading():
-            transport.resume_reading()
+        resume_reading(self.transport)
 
     def _abort_channel(self, message: str) -> None:
         self.channel_state = "gone"
