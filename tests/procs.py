@@ -168,7 +168,7 @@ class Env:
         extra: Sequence[str] = (),
         prefix: Sequence[str] | None = None,
     ) -> tuple[Proc, int, str | None]:
-        """Start the relay; return it, its port and the bootstrap admin password (if new)."""
+        """Start the relay; return it, its port and the admin password (if it was new)."""
         port = port or free_port(host)
         proc = self.spawn(
             "relay",
@@ -185,7 +185,16 @@ class Env:
         )
         proc.wait_output(r"relay started")
         match = re.search(r"password: (\S+)", proc.output())
-        return proc, port, match.group(1) if match else None
+        if match is None:
+            return proc, port, None
+        # The bootstrap password must be changed before first use (test_accounts.py tests
+        # that); the fixtures set a new one as an operator would, offline.
+        password = "Hw." + match.group(1)
+        self.hatchway(
+            "user", "passwd", "admin", "--password-stdin", "--data-dir", str(self.data_dir),
+            input=password.encode() + b"\n", prefix=(),
+        )  # fmt: skip
+        return proc, port, password
 
     def add_device(self, device: str) -> Path:
         out = self.hatchway(

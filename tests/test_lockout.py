@@ -64,6 +64,7 @@ def _login(setup: Setup, user: str, password: str) -> tuple[int, dict[str, objec
     request = urllib.request.Request(
         f"{setup.url}/api/v1/login",
         data=json.dumps({"user": user, "password": password}).encode(),
+        headers={"Content-Type": "application/json"},
         method="POST",
     )
     try:

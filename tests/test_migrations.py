@@ -50,7 +50,7 @@ def test_a_database_from_before_migrations_is_upgraded(tmp_path: Path) -> None:
     assert [u.name for u in store.list_users()] == ["old-admin"]
     assert [t.label for t in store.list_tokens("old-admin")] == ["cli"]
     assert store.list_users()[0].org == "default"
-    assert current_revision(store._engine) == "0008"
+    assert current_revision(store._engine) == "0009"
     assert inspect(store._engine).has_table("audit_log")
     store.add_device("dev1")
     assert store.audit_verify().ok

@@ -27,6 +27,7 @@ import httptools
 from websockets.server import ServerProtocol
 
 from hatchway.relay import api
+from hatchway.relay.api import asgi
 from hatchway.relay.client_tunnels import ClientTunnel
 from hatchway.relay.streams import ClientStream, error_response
 from hatchway.relay.tunnels import SUBPROTOCOL, RelayTunnel
@@ -382,15 +383,32 @@ class FrontDoor(asyncio.Protocol):
 
     async def _api(self, method: str, url: urllib.parse.SplitResult) -> None:
         try:
-            status, body = await api.handle(
-                self.server, method, url.path, url.query, self.request, self.source
-            )
-        except api.ApiError as exc:
-            status, body = exc.status, {"error": exc.code, "message": exc.message}
+            status, headers, payload = await asgi.call(
+                self.server.api_app, method, url.path, url.query, self.request, self.source,
+                self.server.port,
+            )  # fmt: skip
         except Exception:
             log.exception("internal error serving %s %s", method, url.path)
-            status, body = 500, {"error": "internal", "message": "internal error"}
-        self._respond(status, body)
+            self._respond(500, {"error": "internal", "message": "internal error"})
+            return
+        transport = self.transport
+        self._handed_over = True
+        if transport is None or transport.is_closing():
+            return
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}"]
+        for name, value in headers:
+            key = name.decode("latin-1").lower()
+            if key not in ("content-length", "connection", "cache-control"):
+                lines.append(f"{name.decode('latin-1')}: {value.decode('latin-1')}")
+        lines += [
+            f"Content-Length: {len(payload)}",
+            "Cache-Control: no-store",
+            "X-Content-Type-Options: nosniff",
+            "Connection: close",
+        ]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        transport.write(head if method == "HEAD" else head + payload)
+        transport.close()
 
     def _respond(self, status: int, body: object) -> None:
         transport = self.transport

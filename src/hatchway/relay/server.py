@@ -98,6 +98,7 @@ class RelayServer:
         # by the sweep: objects with user_name, token, device, service and revoke().
         self.client_channels: set[Any] = set()
         self._device_cache: dict[str, tuple[Any, float]] = {}
+        self._api_app: Any = None
         if config.tls_cert is not None and config.tls_key is not None:
             self.cert_file, self.key_file = config.tls_cert, config.tls_key
             self.ca_file: Path | None = None
@@ -124,7 +125,9 @@ class RelayServer:
         password = new_password()
         while self.store.password_policy().problems(password, "admin"):
             password = new_password()
-        self.store.add_user("admin", "owner", password, actor="relay", superadmin=True)
+        self.store.add_user(
+            "admin", "owner", password, actor="relay", superadmin=True, must_change_password=True
+        )
         return password
 
     async def start(self) -> None:
@@ -323,6 +326,14 @@ class RelayServer:
         """A token was revoked here: trust no cached token check."""
         self._token_cache.clear()
 
+    def forget_access(self) -> None:
+        """Users, roles or grants changed here: take effect now, not within seconds."""
+        self._access_cache.clear()
+        self._token_cache.clear()
+
+    def forget_device(self, device: str) -> None:
+        self._device_cache.pop(device, None)
+
     # Who may do what (auth/permissions.py), from short-lived caches of the store: a
     # change by an admin takes effect within ACCESS_CACHE_SECONDS, and the sweeps close
     # what it no longer allows.
@@ -420,12 +431,12 @@ class RelayServer:
                 if limit is not None and len(out) >= limit:
                     return out, out[-1]["id"]
                 if may_view(access.permissions(record.device_id, record.org, record.tags)):
-                    out.append(self._device_item(record.device_id))
+                    out.append(self.device_item(record.device_id))
             if len(records) < batch:
                 return out, None
         return out, (out[-1]["id"] if out else cursor)
 
-    def _device_item(self, device: str) -> dict[str, Any]:
+    def device_item(self, device: str) -> dict[str, Any]:
         entry = self.registry.get(device)
         item: dict[str, Any] = {"id": device, "online": entry is not None}
         if entry is not None:
@@ -437,6 +448,19 @@ class RelayServer:
                 agent_version=entry.properties.get("agent_version"),
             )
         return item
+
+    @property
+    def api_app(self) -> Any:
+        """The REST API application (``relay/api/app.py``), made on first use."""
+        if self._api_app is None:
+            from hatchway.relay.api.app import create_app
+
+            self._api_app = create_app(self)
+        return self._api_app
+
+    def authenticate_user(self, name: str, password: str) -> UserRecord | None:
+        """The user if the password is right (worker thread; see ``api.check_password``)."""
+        return self.store.authenticate_user(name, password)
 
     def log_login_failure(self, name: str, source: str) -> None:
         log.warning("login failed for %r from %s", name[:64], source)

@@ -1,7 +1,9 @@
 """The audit log's records and their hash chain (storage-independent).
 
 Every record carries the hash of the one before it: ``hash = SHA-256(prev_hash ||
-canonical JSON of [id, time, kind, actor, device, source, details])``. Editing,
+canonical JSON of [id, time, kind, actor, device, source, details(, org)])``; the
+organisation a record belongs to (what an organisation's auditors may read) is covered
+when it is set, so records written before it existed verify as they were. Editing,
 inserting or deleting a record in the middle breaks the chain at that point, which
 ``verify`` reports. Cutting records off the end, or rewriting the whole chain, is only
 detectable against a head (id and hash) kept elsewhere: ``hatchway audit verify``
@@ -53,6 +55,7 @@ KINDS = (
     "device_removed",
     "user_added",  # details: user, role
     "user_removed",
+    "user_changed",  # details: user, role
     "password_changed",
     "tokens_revoked",
 )
@@ -69,6 +72,8 @@ class AuditRecord:
     details: dict[str, Any]
     prev_hash: str
     hash: str
+    #: The organisation the record is about (None: the relay's own, super-admins only).
+    org: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -79,6 +84,7 @@ class AuditRecord:
             "device": self.device,
             "source": self.source,
             "details": self.details,
+            "org": self.org,
             "prev_hash": self.prev_hash,
             "hash": self.hash,
         }
@@ -111,9 +117,10 @@ def record_hash(
     device: str | None,
     source: str | None,
     details_json: str,
+    org: str | None = None,
 ) -> str:
-    payload = json.dumps(
-        [record_id, format_time(at), kind, actor, device, source, details_json],
-        separators=(",", ":"),
-    )
+    fields: list[Any] = [record_id, format_time(at), kind, actor, device, source, details_json]
+    if org is not None:
+        fields.append(org)
+    payload = json.dumps(fields, separators=(",", ":"))
     return hashlib.sha256((prev_hash + payload).encode()).hexdigest()

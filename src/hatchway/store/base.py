@@ -34,12 +34,18 @@ class UserRecord:
     created_at: datetime
     org: str = "default"
     superadmin: bool = False
+    #: The bootstrap admin must choose a password before anything else.
+    must_change_password: bool = False
+    #: Where the password is checked: ``local`` or ``ldap``.
+    source: str = "local"
 
 
 #: What an API token may be used for: ``read`` (device list, identity), ``connect``
 #: (channels: forward, proxy, ssh), ``web`` (device web UIs: ``hatchway open``),
-#: ``tokens`` (managing the user's own tokens); ``all`` is everything.
-TOKEN_SCOPES = ("all", "read", "connect", "web", "tokens")
+#: ``tokens`` (managing the user's own tokens), ``admin`` (changing users, devices,
+#: grants, organisations and settings through the API, as the user's role allows);
+#: ``all`` is everything.
+TOKEN_SCOPES = ("all", "read", "connect", "web", "tokens", "admin")
 
 
 @dataclass(frozen=True)
@@ -109,13 +115,19 @@ class Store(Protocol):
         self, name: str, role: str, password: str, *, actor: str = "cli"
     ) -> UserRecord: ...
 
-    def list_users(self) -> list[UserRecord]: ...
+    def list_users(
+        self, org: str | None = None, *, after: str | None = None, limit: int | None = None
+    ) -> list[UserRecord]: ...
+
+    def get_user(self, name: str) -> UserRecord | None: ...
 
     def remove_user(self, name: str, *, actor: str = "cli") -> None: ...
 
     def count_users(self) -> int: ...
 
-    def set_password(self, name: str, password: str, *, actor: str = "cli") -> None: ...
+    def set_password(
+        self, name: str, password: str, *, actor: str = "cli", current: str | None = None
+    ) -> None: ...
 
     def authenticate_user(self, name: str, password: str) -> UserRecord | None:
         """None for a wrong password, an unknown user or a locked account alike."""
@@ -231,6 +243,7 @@ class Store(Protocol):
         actor: str | None = None,
         device: str | None = None,
         kind: str | None = None,
+        org: str | None = None,
         after_id: int = 0,
         limit: int = 1000,
     ) -> list[AuditRecord]: ...

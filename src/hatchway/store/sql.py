@@ -66,7 +66,7 @@ from hatchway.auth.permissions import (
 )
 from hatchway.auth.policy import PasswordPolicy, parse_setting, policy_from_settings
 from hatchway.auth.tokens import hash_token, new_api_token
-from hatchway.errors import AlreadyExistsError, ConfigError, NotFoundError
+from hatchway.errors import AlreadyExistsError, AuthenticationError, ConfigError, NotFoundError
 from hatchway.store.audit import (
     GENESIS,
     AuditRecord,
@@ -172,6 +172,10 @@ class _User(_Base):
         ForeignKey("organisations.id"), server_default="1", index=True
     )
     superadmin: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    # Set for the bootstrap admin: no token or session until the password is changed.
+    must_change_password: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    # Where the password is checked: "local" (password_hash) or "ldap" (the directory).
+    source: Mapped[str] = mapped_column(String(16), server_default="local")
     org: Mapped[_Organisation] = relationship(lazy="joined")
 
     def record(self) -> UserRecord:
@@ -181,6 +185,8 @@ class _User(_Base):
             created_at=self.created_at,
             org=self.org.name,
             superadmin=self.superadmin,
+            must_change_password=self.must_change_password,
+            source=self.source,
         )
 
 
@@ -320,6 +326,7 @@ class _AuditEntry(_Base):
     details: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    org: Mapped[str | None] = mapped_column(String(63), index=True)
 
     def record(self) -> AuditRecord:
         return AuditRecord(
@@ -332,6 +339,7 @@ class _AuditEntry(_Base):
             details=json.loads(self.details),
             prev_hash=self.prev_hash,
             hash=self.hash,
+            org=self.org,
         )
 
 
@@ -568,6 +576,10 @@ class SqlStore:
             totp_row = session.get(_Totp, row.id)
             return totp_row is not None and totp_row.enabled, row.org.require_totp
 
+    def org_require_totp(self, name: str) -> bool:
+        with self._read() as session:
+            return bool(self._org(session, name).require_totp)
+
     def list_orgs(self) -> list[str]:
         with self._read() as session:
             return list(session.scalars(select(_Organisation.name).order_by(_Organisation.name)))
@@ -767,15 +779,29 @@ class SqlStore:
             )  # fmt: skip
             return grant.id
 
-    def list_grants(self, user: str | None = None) -> list[Grant]:
-        """Every grant, or those that apply to ``user`` (their own and their teams')."""
+    def list_grants(
+        self,
+        user: str | None = None,
+        *,
+        org: str | None = None,
+        after: int = 0,
+        limit: int | None = None,
+    ) -> list[Grant]:
+        """Every grant, or those that apply to ``user`` (their own and their teams'), or
+        those of ``org``'s users and teams; in id order, paged with ``after``/``limit``."""
         query = (
             select(_Grant, _User.name, _Team.name)
             .outerjoin(_User, _Grant.user_id == _User.id)
             .outerjoin(_Team, _Grant.team_id == _Team.id)
+            .where(_Grant.id > after)
             .order_by(_Grant.id)
         )
+        if limit is not None:
+            query = query.limit(limit)
         with self._read() as session:
+            if org is not None:
+                org_id = self._org(session, org).id
+                query = query.where((_User.org_id == org_id) | (_Team.org_id == org_id))
             if user is not None:
                 owner = self._user(session, user)
                 if owner is None:
@@ -787,9 +813,16 @@ class SqlStore:
                 for g, user_name, team_name in session.execute(query)
             ]
 
-    def remove_grant(self, grant_id: int, *, actor: str = "cli") -> None:
+    def remove_grant(self, grant_id: int, *, org: str | None = None, actor: str = "cli") -> None:
+        """Remove a grant (with ``org``: only one of that organisation's)."""
         with self._write() as session:
             grant = session.get(_Grant, grant_id)
+            if grant is not None and org is not None:
+                owner = session.get(_User, grant.user_id) if grant.user_id else None
+                team = session.get(_Team, grant.team_id) if grant.team_id else None
+                org_id = owner.org_id if owner is not None else team.org_id if team else None
+                if org_id != self._org(session, org).id:
+                    grant = None
             if grant is None:
                 raise NotFoundError(f"no grant {grant_id}")
             session.delete(grant)
@@ -842,9 +875,10 @@ class SqlStore:
 
     def remove_device(self, device_id: str, *, actor: str = "cli") -> None:
         with self._write() as session:
+            org = self._record_org(session, actor, device_id, None)
             if _deleted(session, delete(_Device).where(_Device.device_id == device_id)) == 0:
                 raise NotFoundError(f"no device {device_id!r}")
-            self._append(session, "device_removed", actor, device_id, None, None)
+            self._append(session, "device_removed", actor, device_id, None, None, org)
 
     # Users
 
@@ -857,6 +891,7 @@ class SqlStore:
         actor: str = "cli",
         org: str = DEFAULT_ORG,
         superadmin: bool = False,
+        must_change_password: bool = False,
     ) -> UserRecord:
         _validate_user_name(name)
         if role not in ROLES:
@@ -874,6 +909,8 @@ class SqlStore:
                 created_at=_now(),
                 org_id=org_row.id,
                 superadmin=superadmin,
+                must_change_password=must_change_password,
+                source="local",
             )
             user.org = org_row
             session.add(user)
@@ -887,9 +924,21 @@ class SqlStore:
             )
             return user.record()
 
-    def list_users(self) -> list[UserRecord]:
+    def list_users(
+        self, org: str | None = None, *, after: str | None = None, limit: int | None = None
+    ) -> list[UserRecord]:
+        """Users in name order; ``after`` and ``limit`` page through them."""
+        query = select(_User).order_by(_User.name)
+        if org is not None:
+            query = query.join(_Organisation, _User.org_id == _Organisation.id).where(
+                _Organisation.name == org
+            )
+        if after is not None:
+            query = query.where(_User.name > after)
+        if limit is not None:
+            query = query.limit(limit)
         with self._read() as session:
-            return [u.record() for u in session.scalars(select(_User).order_by(_User.name))]
+            return [u.record() for u in session.scalars(query)]
 
     def remove_user(self, name: str, *, actor: str = "cli") -> None:
         with self._write() as session:
@@ -899,22 +948,54 @@ class SqlStore:
             # Explicit, so tokens and sessions go even on a connection without foreign_keys.
             session.execute(delete(_ApiToken).where(_ApiToken.user_id == user.id))
             session.execute(delete(_WebSession).where(_WebSession.user_id == user.id))
+            org = user.org.name
             session.delete(user)
-            self._append(session, "user_removed", actor, None, None, {"user": name})
+            self._append(session, "user_removed", actor, None, None, {"user": name}, org)
 
     def count_users(self) -> int:
         with self._read() as session:
             return session.scalar(select(func.count()).select_from(_User)) or 0
 
-    def set_password(self, name: str, password: str, *, actor: str = "cli") -> None:
+    def get_user(self, name: str) -> UserRecord | None:
+        with self._read() as session:
+            user = self._user(session, name)
+            return None if user is None else user.record()
+
+    def set_password(
+        self, name: str, password: str, *, actor: str = "cli", current: str | None = None
+    ) -> None:
+        """Set a local user's password (clearing a forced change). With ``current``, the
+        user changes their own: it must be right, and the new one must differ."""
         self.password_policy().check(password, name)
+        if current is not None and current == password:
+            raise ConfigError("the new password must differ from the current one")
         password_hash = hash_password(password)
+        with self._read() as session:
+            user = self._user(session, name)
+            if user is None:
+                raise NotFoundError(f"no user {name!r}")
+            stored = user.password_hash
+            if user.source != "local":
+                raise ConfigError(f"{name}'s password is kept by the directory ({user.source})")
+        if current is not None and not verify_password(stored, current):
+            raise AuthenticationError("the current password is wrong")
         with self._write() as session:
             user = self._user(session, name)
             if user is None:
                 raise NotFoundError(f"no user {name!r}")
             user.password_hash = password_hash
+            user.must_change_password = False
             self._append(session, "password_changed", actor, None, None, {"user": name})
+
+    def set_user_role(self, name: str, role: str, *, actor: str = "cli") -> None:
+        if role not in ROLES:
+            raise ConfigError(f"invalid role {role!r}: choose one of {', '.join(ROLES)}")
+        with self._write() as session:
+            user = self._user(session, name)
+            if user is None:
+                raise NotFoundError(f"no user {name!r}")
+            user.role = role
+            self._append(session, "user_changed", actor, None, None, {"user": name, "role": role})
 
     def authenticate_user(self, name: str, password: str) -> UserRecord | None:
         """The user if the password is right and the account not locked.
@@ -1130,6 +1211,20 @@ class SqlStore:
             )
             return True
 
+    def revoke_token_secret(self, token: str, *, actor: str) -> bool:
+        """Revoke the token given in plain text (log out), and its web sessions."""
+        token_hash = hash_token(token)
+        with self._write() as session:
+            row = session.scalars(
+                select(_ApiToken).where(_ApiToken.token_hash == token_hash)
+            ).one_or_none()
+            if row is None:
+                return False
+            session.execute(delete(_WebSession).where(_WebSession.parent_hash == token_hash))
+            session.delete(row)
+            self._append(session, "token_revoked", actor, None, None, {"id": row.id})
+            return True
+
     def user_for_token(self, token: str) -> UserRecord | None:
         now = _now()
         query = (
@@ -1338,16 +1433,20 @@ class SqlStore:
         with self._write() as session:
             self._append(session, kind, actor, device, source, details)
 
-    @staticmethod
+    @classmethod
     def _append(
+        cls,
         session: Session,
         kind: str,
         actor: str,
         device: str | None,
         source: str | None,
         details: dict[str, Any] | None,
+        org: str | None = None,
     ) -> None:
         """Append one record in the caller's (write) transaction, chained to the last."""
+        if org is None:
+            org = cls._record_org(session, actor, device, details)
         last = session.execute(
             select(_AuditEntry.hash).order_by(_AuditEntry.id.desc()).limit(1)
         ).scalar_one_or_none()
@@ -1365,12 +1464,36 @@ class SqlStore:
             details=details_json,
             prev_hash=last,
             hash="",
+            org=org,
         )
         session.add(entry)
         session.flush()  # assigns the id, which the hash covers
         entry.hash = record_hash(
-            last, entry.id, at, entry.kind, entry.actor, device, entry.source, details_json
+            last, entry.id, at, entry.kind, entry.actor, device, entry.source, details_json, org
         )
+
+    @classmethod
+    def _record_org(
+        cls, session: Session, actor: str, device: str | None, details: dict[str, Any] | None
+    ) -> str | None:
+        """The organisation a record is about: its device's, else the user's it names,
+        else its actor's; None for the relay's own records (settings, unknown names)."""
+        if device is not None:
+            found = session.execute(
+                select(_Organisation.name)
+                .join(_Device, _Device.org_id == _Organisation.id)
+                .where(_Device.device_id == device)
+            ).scalar_one_or_none()
+            if found is not None:
+                return found
+        details = details or {}
+        for name in (details.get("user"), actor):
+            if isinstance(name, str):
+                user = cls._user(session, name)
+                if user is not None:
+                    return user.org.name
+        org = details.get("org")
+        return org if isinstance(org, str) else None
 
     def audit_records(
         self,
@@ -1380,11 +1503,15 @@ class SqlStore:
         actor: str | None = None,
         device: str | None = None,
         kind: str | None = None,
+        org: str | None = None,
         after_id: int = 0,
         limit: int = 1000,
     ) -> list[AuditRecord]:
-        """Records in chain order, filtered; page with ``after_id``."""
+        """Records in chain order, filtered; page with ``after_id``. ``org``: only that
+        organisation's records (what its auditors may read)."""
         query = select(_AuditEntry).where(_AuditEntry.id > after_id)
+        if org is not None:
+            query = query.where(_AuditEntry.org == org)
         if since is not None:
             query = query.where(_AuditEntry.at >= since)
         if until is not None:
@@ -1427,7 +1554,7 @@ class SqlStore:
                         )  # fmt: skip
                     actual = record_hash(
                         row.prev_hash, row.id, row.at, row.kind, row.actor, row.device,
-                        row.source, row.details,
+                        row.source, row.details, row.org,
                     )  # fmt: skip
                     if actual != row.hash:
                         return VerifyResult(

@@ -87,8 +87,17 @@ def error_page(status: int, title: str, message: str) -> bytes:
     )
 
 
-def login_page(next_path: str, error: str | None = None) -> bytes:
+def login_page(next_path: str, error: str | None = None, *, change: bool = False) -> bytes:
+    """The login form; with ``change``, also a new password (required at first login)."""
     notice = f"<p class=err>{html.escape(error)}</p>" if error else ""
+    new_password = (
+        "<label>New password<input name=new_password type=password "
+        "autocomplete=new-password required minlength=14></label>"
+        "<label>New password again<input name=new_password2 type=password "
+        "autocomplete=new-password required minlength=14></label>"
+        if change
+        else ""
+    )
     return page(
         "Log in",
         "<h1>Log in to the relay</h1>"
@@ -97,6 +106,7 @@ def login_page(next_path: str, error: str | None = None) -> bytes:
         "<label>User<input name=user autocomplete=username required autofocus></label>"
         "<label>Password<input name=password type=password autocomplete=current-password "
         "required></label>"
+        f"{new_password}"
         "<label>One-time code (if two-factor login is on)<input name=otp "
         "inputmode=numeric autocomplete=one-time-code pattern=[0-9]{6} maxlength=6></label>"
         "<button>Log in</button></form>",

@@ -164,10 +164,14 @@ async def _login(server: RelayServer, request: HttpRequest, source: str) -> byte
     password = (form.get("password") or [""])[0]
     next_path = safe_next((form.get("next") or ["/"])[0])
     otp = (form.get("otp") or [""])[0] or None
+    new_password = (form.get("new_password") or [""])[0] or None
+    if new_password is not None and new_password != (form.get("new_password2") or [""])[0]:
+        return http_response(400, login_page(next_path, "The new passwords differ.", change=True))
     try:
-        user = await api.check_password(server, name, password, source, "web", otp)
+        user = await api.check_password(server, name, password, source, "web", otp, new_password)
     except api.ApiError as exc:
-        return http_response(exc.status, login_page(next_path, exc.message + "."))
+        change = exc.code in ("password_change_required", "weak_password")
+        return http_response(exc.status, login_page(next_path, exc.message + ".", change=change))
     if user is None:
         return http_response(401, login_page(next_path, "Wrong user name or password."))
     secret = await asyncio.to_thread(

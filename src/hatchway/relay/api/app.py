@@ -1,0 +1,129 @@
+"""The REST API (``/api/v1``): a FastAPI application, called in-process by the front door.
+
+FastAPI validates requests against the models in ``models.py`` and publishes the
+OpenAPI document at ``/api/v1/openapi.json``. The front door has already parsed the
+request (with its limits: head, body, timeouts), so the application is called directly
+through ASGI, without a second HTTP server. Every error, validation included, has the
+body ``{"error": CODE, "message": TEXT}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from hatchway import __version__
+from hatchway.errors import AlreadyExistsError, ConfigError, NotFoundError
+from hatchway.relay.api import accounts, admin, devices, session
+from hatchway.relay.api.core import ApiError
+from hatchway.relay.api.models import ErrorBody
+
+if TYPE_CHECKING:
+    from hatchway.relay.server import RelayServer
+
+log = logging.getLogger("hatchway.relay.api")
+
+PREFIX = "/api/v1"
+OPENAPI_PATH = f"{PREFIX}/openapi.json"
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in (
+        (400, "Invalid request (the message says what)"),
+        (401, "Not logged in, or the token expired"),
+        (403, "Not permitted"),
+        (404, "Not found, or not yours to see"),
+        (409, "Already exists"),
+        (429, "Too many failed logins from this address"),
+    )
+}
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status)
+
+
+def _describe(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(server: RelayServer) -> FastAPI:
+    app = FastAPI(
+        title="Hatchway relay API",
+        version=__version__,
+        description="Devices, users, organisations, roles, grants, tokens and the audit "
+        "log of a Hatchway relay. Authenticate with `Authorization: Bearer TOKEN` (from "
+        "`POST /api/v1/login` or `POST /api/v1/tokens`), or the relay's session cookie "
+        "from its login page.",
+        openapi_url=OPENAPI_PATH,
+        docs_url=None,
+        redoc_url=None,
+        responses=_ERRORS,
+    )
+    app.state.server = server
+    for module in (session, devices, accounts, admin):
+        app.include_router(module.router, prefix=PREFIX)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, "bad_request", _describe(exc))
+
+    @app.exception_handler(NotFoundError)
+    async def not_found(_request: Request, exc: NotFoundError) -> JSONResponse:
+        return _error(404, "not_found", str(exc))
+
+    @app.exception_handler(AlreadyExistsError)
+    async def exists(_request: Request, exc: AlreadyExistsError) -> JSONResponse:
+        return _error(409, "exists", str(exc))
+
+    @app.exception_handler(ConfigError)
+    async def bad(_request: Request, exc: ConfigError) -> JSONResponse:
+        return _error(400, "bad_request", str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return _error(404, "not_found", "no such endpoint")
+        if exc.status_code == 405:
+            return _error(405, "bad_method", "this endpoint does not take that method")
+        return _error(exc.status_code, "http", str(exc.detail))
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+                servers=[{"url": "/"}],
+            )
+            # Validation errors are 400 with the common body, not FastAPI's 422.
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            schema["components"]["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "__Host-hatchway"},
+            }
+            schema["security"] = [{"bearer": []}, {"session": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

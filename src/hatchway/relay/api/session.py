@@ -1,0 +1,149 @@
+"""The caller's own business: health, login and logout, identity, password, API tokens,
+and one-time links into device web UIs."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from fastapi import APIRouter, Request
+
+from hatchway import __version__
+from hatchway.errors import AuthenticationError, ConfigError
+from hatchway.relay.api import models as m
+from hatchway.relay.api.core import TOKEN_TTL, ApiError, check_password
+from hatchway.relay.api.deps import Reader, Relay, TokenOwner, WebUser, run
+from hatchway.store.base import TokenRecord
+
+router = APIRouter(tags=["session"])
+
+
+@router.get("/health", summary="Is the relay up")
+async def health() -> m.Health:
+    return m.Health(status="ok", version=__version__)
+
+
+@router.post(
+    "/login",
+    summary="Log in with a password: returns an API token",
+    description="Throttled per source address; 10 wrong passwords lock the account for "
+    "10 minutes (a locked account answers like a wrong password). `otp_required`: send "
+    "`otp` too. `password_change_required`: send `new_password` too.",
+)
+async def login(body: m.LoginRequest, server: Relay, request: Request) -> m.LoginResponse:
+    source = request.client.host if request.client else "-"
+    user = await check_password(
+        server, body.user, body.password, source, "api", body.otp, body.new_password
+    )
+    if user is None:
+        raise ApiError(401, "invalid_credentials", "wrong user name or password")
+    token = await run(server.store.create_token, user.name, body.label, TOKEN_TTL)
+    return m.LoginResponse(
+        token=token, user=user.name, role=user.role, expires_in=int(TOKEN_TTL.total_seconds())
+    )
+
+
+@router.post("/logout", summary="Revoke the token (or session) this request carries")
+async def logout(caller: Reader, server: Relay) -> m.Done:
+    if caller.via == "session":
+        await server.web.revoke(caller.secret)
+    else:
+        await run(server.store.revoke_token_secret, caller.secret, actor=caller.name)
+        server.forget_tokens()
+    server.audit("logout", caller.name, source=caller.source, details={"via": caller.via})
+    return m.Done()
+
+
+@router.get("/whoami", summary="Who the token belongs to, and what they may do")
+async def whoami(caller: Reader) -> m.WhoAmI:
+    return m.WhoAmI(
+        user=caller.name,
+        role=caller.user.role,
+        org=caller.access.org,
+        superadmin=caller.superadmin,
+        permissions=sorted(caller.org_permissions()),
+    )
+
+
+@router.post(
+    "/password",
+    summary="Change your own password",
+    description="Needs the current password. Other tokens and sessions stay valid.",
+)
+async def change_password(body: m.PasswordChange, caller: TokenOwner, server: Relay) -> m.Done:
+    wait = server.login_throttle.retry_after(caller.source)
+    if wait:
+        raise ApiError(429, "too_many_attempts", f"too many failed attempts: wait {wait} s")
+    try:
+        await run(
+            server.store.set_password, caller.name, body.new_password, actor=caller.name,
+            current=body.password,
+        )  # fmt: skip
+    except AuthenticationError:
+        server.login_throttle.failed(caller.source)
+        raise ApiError(403, "wrong_password", "the current password is wrong") from None
+    except ConfigError as exc:
+        raise ApiError(400, "weak_password", str(exc)) from None
+    return m.Done()
+
+
+TOKEN_MAX_DAYS = 365
+
+
+def _when(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="seconds")
+
+
+def token_info(token: TokenRecord) -> m.TokenInfo:
+    return m.TokenInfo(
+        id=token.id,
+        name=token.label,
+        scopes=list(token.scopes),
+        created_at=_when(token.created_at),
+        expires_at=_when(token.expires_at),
+        last_used_at=_when(token.last_used_at),
+    )
+
+
+@router.get("/tokens", summary="Your API tokens (never the tokens themselves)")
+async def list_tokens(caller: TokenOwner, server: Relay) -> m.TokenList:
+    tokens = await run(server.store.list_tokens, caller.name)
+    return m.TokenList(tokens=[token_info(t) for t in tokens])
+
+
+@router.post("/tokens", summary="Create a named, scoped, expiring token (shown once)")
+async def create_token(body: m.TokenCreate, caller: TokenOwner, server: Relay) -> m.TokenCreated:
+    try:
+        token = await run(
+            server.store.create_token, caller.name, body.name,
+            timedelta(days=body.expires_in_days), tuple(body.scopes),
+        )  # fmt: skip
+    except ConfigError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    created = (await run(server.store.list_tokens, caller.name))[-1]
+    return m.TokenCreated(token=token, **token_info(created).model_dump())
+
+
+@router.delete("/tokens/{token_id}", summary="Revoke one of your tokens")
+async def revoke_token(token_id: int, caller: TokenOwner, server: Relay) -> m.Revoked:
+    if not await run(server.store.revoke_token, caller.name, token_id):
+        raise ApiError(404, "not_found", f"you have no token {token_id}")
+    server.forget_tokens()
+    return m.Revoked(revoked=token_id)
+
+
+@router.post(
+    "/web-sessions",
+    summary="A one-time URL that opens a device's web UI logged in",
+    description="Valid for 60 s, once. `curl -L -c jar -b jar URL` follows it.",
+)
+async def web_session(
+    body: m.WebSessionRequest, caller: WebUser, server: Relay, request: Request
+) -> m.WebSessionResponse:
+    from hatchway.web.access import GRANT_TTL
+    from hatchway.web.ui import grant_url
+
+    url = await grant_url(
+        server, caller.user, body.device, body.service, body.next, caller.secret,
+        request.headers.get("host") or "",
+    )  # fmt: skip
+    return m.WebSessionResponse(url=url, expires_in=int(GRANT_TTL.total_seconds()))
