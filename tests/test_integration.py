@@ -143,7 +143,7 @@ def test_device_admin_commands(env: Env) -> None:
 def test_devices_lists_online_state_and_services(setup: Setup) -> None:
     devices = json.loads(setup.env.hatchway("devices", "--json").stdout)
     dev1, dev3 = devices
-    assert dev3 == {"id": "dev3", "online": False}
+    assert dev3 == {"id": "dev3", "online": False, "org": "default", "tags": []}
     assert dev1["id"] == "dev1" and dev1["online"] is True
     assert dev1["services"] == ["closed", "echo"]
     assert dev1["hostname"] == socket.gethostname()

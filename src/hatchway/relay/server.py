@@ -431,7 +431,9 @@ class RelayServer:
                 if limit is not None and len(out) >= limit:
                     return out, out[-1]["id"]
                 if may_view(access.permissions(record.device_id, record.org, record.tags)):
-                    out.append(self.device_item(record.device_id))
+                    item = self.device_item(record.device_id)
+                    item.update(org=record.org, tags=list(record.tags))
+                    out.append(item)
             if len(records) < batch:
                 return out, None
         return out, (out[-1]["id"] if out else cursor)
