@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=()
-  for pkg in openssh-server openssh-client iptables iproute2 curl procps tinyproxy-bin nginx chromium; do
+  for pkg in openssh-server openssh-client iptables iproute2 curl procps tinyproxy-bin nginx chromium slapd ldap-utils; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then
