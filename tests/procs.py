@@ -167,8 +167,10 @@ class Env:
         host: str = "127.0.0.1",
         extra: Sequence[str] = (),
         prefix: Sequence[str] | None = None,
+        keep_bootstrap: bool = False,
     ) -> tuple[Proc, int, str | None]:
-        """Start the relay; return it, its port and the admin password (if it was new)."""
+        """Start the relay; return it, its port and the admin password (if it was new):
+        a password set offline, unless ``keep_bootstrap`` (the one the relay generated)."""
         port = port or free_port(host)
         proc = self.spawn(
             "relay",
@@ -185,8 +187,8 @@ class Env:
         )
         proc.wait_output(r"relay started")
         match = re.search(r"password: (\S+)", proc.output())
-        if match is None:
-            return proc, port, None
+        if match is None or keep_bootstrap:
+            return proc, port, match.group(1) if match else None
         # The bootstrap password must be changed before first use (test_accounts.py tests
         # that); the fixtures set a new one as an operator would, offline.
         password = "Hw." + match.group(1)

@@ -495,7 +495,7 @@ def test_nobody_hands_out_what_they_do_not_have(world: World) -> None:
         status, answer = world.api("acme-admin", method, path, body)
         assert status == 403, (path, answer)
     status, answer = world.api("acme-admin", "DELETE", "/api/v1/users/acme-admin")
-    assert (status, answer["error"]) == (400, "yourself")
+    assert (status, answer["error"]) == (403, "yourself")
     status, answer = world.api("superadmin", "GET", "/api/v1/users/acme-operator")
     assert answer["role"] == "operator"
 

@@ -594,6 +594,12 @@ class SqlStore:
             )
             if used:
                 raise ConfigError(f"organisation {name!r} still has users or devices")
+            # Its teams (with their grants) and custom roles go with it.
+            teams = select(_Team.id).where(_Team.org_id == org.id)
+            session.execute(delete(_TeamMember).where(_TeamMember.team_id.in_(teams)))
+            session.execute(delete(_Grant).where(_Grant.team_id.in_(teams)))
+            session.execute(delete(_Team).where(_Team.org_id == org.id))
+            session.execute(delete(_Role).where(_Role.org_id == org.id))
             session.delete(org)
             self._append(session, "org_removed", actor, None, None, {"org": name})
 

@@ -56,7 +56,7 @@ async def _target(server: RelayServer, caller: Caller, name: str) -> UserRecord:
 def _not_yourself(caller: Caller, name: str) -> None:
     if name == caller.name:
         raise ApiError(
-            400, "yourself", "not on your own account (change your password with /password)"
+            403, "yourself", "not on your own account (change your password with /password)"
         )
 
 
@@ -140,6 +140,7 @@ async def unlock_user(name: UserName, caller: Admin, server: Relay) -> m.Done:
 
 @router.delete("/users/{name}/tokens", tags=["users"], summary="Revoke every API token of a user")
 async def revoke_user_tokens(name: UserName, caller: Admin, server: Relay) -> m.Revoked:
+    _not_yourself(caller, name)
     await _target(server, caller, name)
     count = await run(server.store.revoke_tokens, name, actor=caller.name)
     server.forget_tokens()
@@ -233,7 +234,7 @@ async def list_grants(
     org: OrgQuery = None,
     user: Annotated[str | None, Query(pattern=m.USER_NAME)] = None,
     limit: Annotated[int, Query(ge=1, le=GRANT_PAGE)] = GRANT_PAGE,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=m.MAX_ID)] = 0,
 ) -> m.GrantList:
     caller.require("users.manage")
     grants = await run(
@@ -275,7 +276,9 @@ async def add_grant(body: m.GrantCreate, caller: Admin, server: Relay) -> m.Gran
     tags=["grants"],
     summary="Remove a grant: channels it allowed close within seconds",
 )
-async def remove_grant(grant_id: int, caller: Admin, server: Relay) -> m.Done:
+async def remove_grant(
+    grant_id: Annotated[int, Path(ge=1, le=m.MAX_ID)], caller: Admin, server: Relay
+) -> m.Done:
     caller.require("users.manage")
     org = None if caller.superadmin else caller.access.org
     await run(server.store.remove_grant, grant_id, org=org, actor=caller.name)

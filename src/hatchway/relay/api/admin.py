@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
+from hatchway.errors import ConfigError
 from hatchway.relay.api import models as m
 from hatchway.relay.api.core import ApiError
 from hatchway.relay.api.deps import Admin, Caller, Reader, Relay, run
@@ -57,7 +58,10 @@ async def update_org(org: Name, body: m.OrgUpdate, caller: Admin, server: Relay)
 )
 async def remove_org(org: Name, caller: Admin, server: Relay) -> m.Done:
     _superadmin(caller)
-    await run(server.store.remove_org, org, actor=caller.name)
+    try:
+        await run(server.store.remove_org, org, actor=caller.name)
+    except ConfigError as exc:
+        raise ApiError(409, "not_empty", str(exc)) from None
     return m.Done()
 
 
@@ -83,8 +87,18 @@ async def set_setting(
     return m.Settings(settings=await run(server.store.settings))
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+ISO_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?(Z|[+-]\d{2}:\d{2})?$"
+
+
+def _time(value: str | None, name: str) -> datetime | None:
+    """An ISO 8601 time; UTC when it names no zone."""
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ApiError(400, "bad_request", f"{name}: not a valid ISO 8601 time") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 @router.get(
@@ -98,19 +112,19 @@ async def audit(
     caller: Reader,
     server: Relay,
     org: Annotated[str | None, Query(pattern=m.NAME, description="super-admins: any")] = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: Annotated[str | None, Query(pattern=ISO_TIME, description="ISO 8601")] = None,
+    until: Annotated[str | None, Query(pattern=ISO_TIME, description="ISO 8601")] = None,
     user: Annotated[str | None, Query(max_length=64, description="the actor")] = None,
     device: Annotated[str | None, Query(max_length=63)] = None,
     kind: Annotated[str | None, Query(max_length=32)] = None,
-    after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    after: Annotated[int, Query(ge=0, le=m.MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=AUDIT_PAGE)] = AUDIT_PAGE,
 ) -> m.AuditList:
     caller.require("audit.read")
-    since, until = _utc(since), _utc(until)
+    start, end = _time(since, "since"), _time(until, "until")
     scope = None if caller.superadmin and org is None else caller.org(org)
     records = await run(
-        server.store.audit_records, since=since, until=until, actor=user, device=device,
+        server.store.audit_records, since=start, until=end, actor=user, device=device,
         kind=kind, org=scope, after_id=after, limit=limit,
     )  # fmt: skip
     following = records[-1].id if len(records) == limit else None

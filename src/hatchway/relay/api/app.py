@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from hatchway import __version__
 from hatchway.errors import AlreadyExistsError, ConfigError, NotFoundError
@@ -95,11 +96,18 @@ def create_app(server: RelayServer) -> FastAPI:
         return _error(400, "bad_request", str(exc))
 
     @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return _error(404, "not_found", "no such endpoint")
         if exc.status_code == 405:
-            return _error(405, "bad_method", "this endpoint does not take that method")
+            # Each method of a path is its own route: list them all (RFC 9110).
+            methods: set[str] = set()
+            for route in app.routes:
+                if route.matches(request.scope)[0] != Match.NONE:
+                    methods |= getattr(route, "methods", None) or set()
+            response = _error(405, "bad_method", "this endpoint does not take that method")
+            response.headers["Allow"] = ", ".join(sorted(methods))
+            return response
         return _error(exc.status_code, "http", str(exc.detail))
 
     def openapi() -> dict[str, Any]:

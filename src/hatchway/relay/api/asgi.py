@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ async def call(
         "http_version": "1.1",
         "method": method,
         "scheme": "https",
-        "path": path,
+        "path": urllib.parse.unquote(path),
         "raw_path": path.encode("latin-1"),
         "query_string": query.encode("latin-1"),
         "root_path": "",

@@ -26,7 +26,6 @@ DeviceId = Annotated[str, Path(pattern=m.DEVICE_ID, max_length=63)]
 
 @router.get(
     "/devices",
-    response_model_exclude_none=True,
     summary="The devices you may see, in id order, a page at a time",
     description="Follow `next` with `?after=` until it is null.",
 )
@@ -55,7 +54,6 @@ async def _device(server: RelayServer, caller: Caller, device: str) -> m.Device:
 
 @router.get(
     "/devices/{device}",
-    response_model_exclude_none=True,
     summary="One device: its state, organisation and tags",
 )
 async def get_device(device: DeviceId, caller: Reader, server: Relay) -> m.Device:
@@ -95,7 +93,6 @@ async def _manageable(server: RelayServer, caller: Caller, device: str) -> None:
 
 @router.patch(
     "/devices/{device}",
-    response_model_exclude_none=True,
     summary="Set a device's tags (grants on tags follow)",
 )
 async def update_device(

@@ -3,22 +3,28 @@ the OpenAPI document's schemas."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: Row ids (grants, tokens, audit records) fit a signed 63-bit integer.
+MAX_ID = 2**62
 DEVICE_ID = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 USER_NAME = r"^[A-Za-z0-9._@-]{1,64}$"
 NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"  # organisations, teams, custom roles
-TAG = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
+TAG = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 SERVICE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 PERMISSION = r"^(devices\.view|devices\.manage|users\.manage|audit\.read|org\.manage|connect:\*|connect:[a-z0-9][a-z0-9_-]{0,31})$"  # noqa: E501
 Role = Literal["owner", "admin", "operator", "viewer", "user"]
+Tag = Annotated[str, Field(pattern=TAG)]
+Permission = Annotated[str, Field(pattern=PERMISSION)]
 Scope = Literal["all", "read", "connect", "web", "tokens", "admin"]
 
 
 class Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields and loose types (``0`` for ``false``) are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ErrorBody(BaseModel):
@@ -115,16 +121,22 @@ class WebSessionResponse(BaseModel):
 # --- devices ----------------------------------------------------------------------------
 
 
+def _absent(value: object) -> bool:
+    return value is None
+
+
 class Device(BaseModel):
+    """What is known of a device: its state fields only while it is online."""
+
     id: str
     online: bool
-    org: str | None = None
-    tags: list[str] | None = None
-    since: str | None = None
-    address: str | None = None
-    services: list[str] | None = None
-    hostname: str | None = None
-    agent_version: str | None = None
+    org: str | None = Field(None, exclude_if=_absent)
+    tags: list[str] | None = Field(None, exclude_if=_absent)
+    since: str | None = Field(None, exclude_if=_absent)
+    address: str | None = Field(None, exclude_if=_absent)
+    services: list[str] | None = Field(None, exclude_if=_absent)
+    hostname: str | None = Field(None, exclude_if=_absent)
+    agent_version: str | None = Field(None, exclude_if=_absent)
 
 
 class DeviceList(BaseModel):
@@ -134,7 +146,7 @@ class DeviceList(BaseModel):
 
 class DeviceCreate(Request):
     id: str = Field(pattern=DEVICE_ID, max_length=63)
-    tags: list[str] = Field(default_factory=list, max_length=16)
+    tags: list[Tag] = Field(default_factory=list, max_length=16)
     org: str | None = Field(None, pattern=NAME, description="super-admins only")
 
 
@@ -144,7 +156,7 @@ class DeviceCreated(BaseModel):
 
 
 class DeviceUpdate(Request):
-    tags: list[str] = Field(max_length=16)
+    tags: list[Tag] = Field(max_length=16)
 
 
 # --- users, teams, roles, grants -----------------------------------------------------------
@@ -207,7 +219,7 @@ class RoleList(BaseModel):
 
 class RoleCreate(Request):
     name: str = Field(pattern=NAME, max_length=32)
-    permissions: list[str] = Field(min_length=1, max_length=32)
+    permissions: list[Permission] = Field(min_length=1, max_length=32)
     org: str | None = Field(None, pattern=NAME)
 
 
@@ -230,7 +242,7 @@ class GrantCreate(Request):
     user: str | None = Field(None, pattern=USER_NAME)
     team: str | None = Field(None, pattern=NAME)
     device: str | None = Field(None, pattern=DEVICE_ID, max_length=63)
-    tag: str | None = Field(None, max_length=32)
+    tag: str | None = Field(None, pattern=TAG)
     org: str | None = Field(None, pattern=NAME, description="the team's (super-admins only)")
 
 

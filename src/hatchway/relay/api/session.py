@@ -4,8 +4,9 @@ and one-time links into device web UIs."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 
 from hatchway import __version__
 from hatchway.errors import AuthenticationError, ConfigError
@@ -17,13 +18,17 @@ from hatchway.store.base import TokenRecord
 router = APIRouter(tags=["session"])
 
 
-@router.get("/health", summary="Is the relay up")
+PUBLIC: dict[str, Any] = {"security": []}  # no authentication (the OpenAPI document says so)
+
+
+@router.get("/health", summary="Is the relay up", openapi_extra=PUBLIC)
 async def health() -> m.Health:
     return m.Health(status="ok", version=__version__)
 
 
 @router.post(
     "/login",
+    openapi_extra=PUBLIC,
     summary="Log in with a password: returns an API token",
     description="Throttled per source address; 10 wrong passwords lock the account for "
     "10 minutes (a locked account answers like a wrong password). `otp_required`: send "
@@ -124,7 +129,9 @@ async def create_token(body: m.TokenCreate, caller: TokenOwner, server: Relay) -
 
 
 @router.delete("/tokens/{token_id}", summary="Revoke one of your tokens")
-async def revoke_token(token_id: int, caller: TokenOwner, server: Relay) -> m.Revoked:
+async def revoke_token(
+    token_id: Annotated[int, Path(ge=1, le=m.MAX_ID)], caller: TokenOwner, server: Relay
+) -> m.Revoked:
     if not await run(server.store.revoke_token, caller.name, token_id):
         raise ApiError(404, "not_found", f"you have no token {token_id}")
     server.forget_tokens()
