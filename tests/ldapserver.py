@@ -15,6 +15,10 @@ The directory (suffix ``dc=example,dc=org``):
   (carol), and posixGroup ``staff`` (memberUid alice), for the default group filter's
   memberUid branch.
 
+``Slapd.modify()`` changes the directory as its root DN (``ADMIN_DN``), as an operator
+would; ``Slapd.stop()`` and ``Slapd.start()`` take it away and bring it back on the same
+ports with the same data.
+
 Its TLS certificate is for ``localhost`` only (no IP address), signed by a CA made for
 the run (``Slapd.ca_file``): ``ldaps://localhost:PORT`` verifies, ``ldaps://127.0.0.1:PORT``
 fails the host name check.
@@ -48,6 +52,7 @@ from tests.procs import free_port, wait_for
 SLAPD = "/usr/sbin/slapd"
 SLAPADD = "/usr/sbin/slapadd"
 LDAPSEARCH = "/usr/bin/ldapsearch"
+LDAPMODIFY = "/usr/bin/ldapmodify"
 BASE = "dc=example,dc=org"
 ADMIN_DN = f"cn=admin,{BASE}"
 ADMIN_PASSWORD = "Admin-Test-Passw0rd"
@@ -72,10 +77,29 @@ class Slapd:
     ca_file: str  # the CA that signed the server's certificate
     root: Path
     popen: subprocess.Popen[bytes]
+    listen: str  # slapd's -h: both URLs
 
     @property
     def log(self) -> str:
         return (self.root / "slapd.log").read_text(errors="replace")
+
+    def start(self) -> None:
+        """Start it again after ``stop()``: same ports, same data."""
+        assert self.popen.poll() is not None, "slapd is running"
+        self.popen = _spawn(self.root, self.listen)
+        wait_ready(self)
+
+    def modify(self, ldif: str) -> None:
+        """Apply LDIF changes as the root DN: entries without a ``changetype`` are added."""
+        result = subprocess.run(
+            [LDAPMODIFY, "-a", "-x", "-H", self.url, "-D", ADMIN_DN, "-w", ADMIN_PASSWORD],
+            input=ldif.encode(),
+            capture_output=True,
+            env={**os.environ, "LDAPNOINIT": "1"},
+            timeout=10,
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"ldapmodify failed ({result.returncode}):\n{result.stderr!r}")
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -90,7 +114,7 @@ class Slapd:
 @contextmanager
 def running_slapd() -> Iterator[Slapd]:
     """Start a slapd with the test directory; stop it and delete its files on exit."""
-    for tool in (SLAPD, SLAPADD, LDAPSEARCH):
+    for tool in (SLAPD, SLAPADD, LDAPSEARCH, LDAPMODIFY):
         if not os.access(tool, os.X_OK):
             pytest.skip(f"{tool} is missing (apt-get install slapd ldap-utils)")
     root = Path(tempfile.mkdtemp(prefix="hatchway-slapd-"))
@@ -102,15 +126,8 @@ def running_slapd() -> Iterator[Slapd]:
         run([SLAPADD, "-q", "-f", str(conf), "-l", str(root / "data.ldif")])
         port, tls_port = free_port(), free_port()
         url, ldaps_url = f"ldap://127.0.0.1:{port}", f"ldaps://localhost:{tls_port}"
-        with (root / "slapd.log").open("wb") as log:
-            popen = subprocess.Popen(
-                [SLAPD, "-d", "0", "-f", str(conf), "-h", f"{url}/ ldaps://127.0.0.1:{tls_port}/"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
-        server = Slapd(url, ldaps_url, BASE, str(ca_file), root, popen)
+        listen = f"{url}/ ldaps://127.0.0.1:{tls_port}/"
+        server = Slapd(url, ldaps_url, BASE, str(ca_file), root, _spawn(root, listen), listen)
         wait_ready(server)
         yield server
     finally:
@@ -123,6 +140,18 @@ def running_slapd() -> Iterator[Slapd]:
 def slapd() -> Iterator[Slapd]:
     with running_slapd() as server:
         yield server
+
+
+def _spawn(root: Path, listen: str) -> subprocess.Popen[bytes]:
+    assert (root / "slapd.conf").is_file()
+    with (root / "slapd.log").open("ab") as log:
+        return subprocess.Popen(
+            [SLAPD, "-d", "0", "-f", str(root / "slapd.conf"), "-h", listen],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
 
 
 def wait_ready(server: Slapd, timeout: float = 15.0) -> None:
@@ -183,11 +212,7 @@ def directory_ldif() -> str:
         f"dn: ou=people,{BASE}\nobjectClass: organizationalUnit\nou: people",
         f"dn: {GROUP_BASE}\nobjectClass: organizationalUnit\nou: groups",
     ]
-    for user, password in PASSWORDS.items():
-        entries.append(
-            f"dn: {USER_DN.format(user=user)}\nobjectClass: inetOrgPerson\nuid: {user}\n"
-            f"cn: {user.title()}\nsn: {user.title()}\nuserPassword: {ssha(password)}"
-        )
+    entries.extend(user_ldif(user, password) for user, password in PASSWORDS.items())
     for group, member in _GROUPS_OF_NAMES.items():
         entries.append(
             f"dn: cn={group},{GROUP_BASE}\nobjectClass: groupOfNames\ncn: {group}\n"
@@ -198,6 +223,14 @@ def directory_ldif() -> str:
         "memberUid: alice"
     )
     return "\n\n".join(entries) + "\n"
+
+
+def user_ldif(user: str, password: str) -> str:
+    """The entry of a person in ``ou=people`` (for ``slapadd``, or ``changetype: add``)."""
+    return (
+        f"dn: {USER_DN.format(user=user)}\nobjectClass: inetOrgPerson\nuid: {user}\n"
+        f"cn: {user.title()}\nsn: {user.title()}\nuserPassword: {ssha(password)}"
+    )
 
 
 def ssha(password: str) -> str:

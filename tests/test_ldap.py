@@ -19,6 +19,7 @@ from hatchway.auth.ldap import (
     LdapConfig,
     LdapUnavailable,
     LdapUser,
+    check_setting,
     ldap_authenticate,
 )
 from hatchway.errors import ConfigError
@@ -396,6 +397,11 @@ def test_from_settings_everything(tmp_path: Path) -> None:
         ({"ldap.timeout": "-1"}, "positive"),
         ({"ldap.timeout": "nan"}, "positive"),
         ({"ldap.timeout": "inf"}, "positive"),
+        ({"ldap.timeout": "60.5"}, "at most 60"),
+        ({"ldap.ca_file": "ca.pem"}, "absolute path"),
+        ({"ldap.group_filter": "(memberUid={user}"}, "not a valid LDAP filter"),
+        ({"ldap.group_filter": "memberUid={user}"}, "not a valid LDAP filter"),
+        ({"ldap.group_filter": "(a={user})(b={dn})"}, "not a valid LDAP filter"),
         ({"ldap.ca_file": "/nonexistent/ca.pem"}, "no such file"),
         ({"ldap.startls": "true"}, "unknown LDAP settings: ldap.startls"),
     ],
@@ -415,6 +421,65 @@ def test_every_organisation_role_can_be_mapped() -> None:
 def test_direct_construction_is_checked_too() -> None:
     with pytest.raises(ConfigError, match="unknown role"):
         LdapConfig(**{**config_fields(), "roles": (("support", "root"),)})
+
+
+# Each setting on its own, as `hatchway settings set` checks it.
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "stored"),
+    [
+        ("ldap.url", " ldaps://LDAP.example.org:636 ", "ldaps://LDAP.example.org:636"),
+        ("ldap.user_dn", "uid={user},OU=People,dc=example,dc=org", None),
+        ("ldap.group_base", "ou=Groups,dc=example,dc=org", None),
+        ("ldap.group_filter", "(&(objectClass=posixGroup)(memberUid={user}))", None),
+        ("ldap.roles", "Support=admin, partners=operator", None),
+        ("ldap.org", "acme", None),
+        ("ldap.starttls", "TRUE", "true"),
+        ("ldap.starttls", "False", "false"),
+        ("ldap.timeout", "2.5", None),
+        ("ldap.timeout", "60", None),
+    ],
+)
+def test_check_setting_keeps_or_normalises(name: str, value: str, stored: str | None) -> None:
+    assert check_setting(name, value) == (value if stored is None else stored)
+
+
+def test_check_setting_ca_file(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not parsed here\n")
+    assert check_setting("ldap.ca_file", f" {ca} ") == str(ca)
+
+
+@pytest.mark.parametrize("name", list(LdapConfig.__dataclass_fields__))
+def test_check_setting_empty_unsets(name: str) -> None:
+    assert check_setting(f"ldap.{name}", "  ") == ""
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("ldap.startls", "true", "unknown LDAP setting 'ldap.startls'"),
+        ("ldap.bind_password", "secret", "unknown LDAP setting"),
+        ("ldap.url", "http://ldap.example.org", "ldap://"),
+        ("ldap.user_dn", "uid=alice,dc=example,dc=org", "{user}"),
+        ("ldap.user_dn", "{user}", "not a valid DN"),
+        ("ldap.group_base", "not a dn", "not a valid DN"),
+        ("ldap.group_filter", "(member={member})", "{dn} and {user}"),
+        ("ldap.group_filter", "(member={dn}", "not a valid LDAP filter"),
+        ("ldap.roles", "support=superuser", "unknown role 'superuser'"),
+        ("ldap.roles", "support", "GROUP=ROLE"),
+        ("ldap.starttls", "yes", "true or false"),
+        ("ldap.ca_file", "/nonexistent/ca.pem", "no such file"),
+        ("ldap.ca_file", "ca.pem", "absolute path"),
+        ("ldap.timeout", "soon", "number of seconds"),
+        ("ldap.timeout", "0", "positive"),
+        ("ldap.timeout", "3600", "at most 60"),
+    ],
+)
+def test_check_setting_errors(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        check_setting(name, value)
 
 
 def config_fields() -> dict[str, Any]:

@@ -437,7 +437,7 @@ def org_set(name: str, require_totp: bool | None, data_dir: Path | None) -> None
     else:
         guard(lambda: store.set_org_require_totp(name, require_totp))
     state = "required" if require_totp else "optional"
-    click.echo(f"organisation {name}: two-factor login {state}")
+    click.echo(f"two-factor login is {state} in {name}")
 
 
 @org.command("list")

@@ -23,6 +23,10 @@ Decisions worth knowing, mostly about ldap3's defaults:
 - The group search runs on the user's own connection, with the user's own read rights:
   no service account, no stored directory password.
 
+The configuration lives in the relay's settings (``ldap.*``, ``docs/LDAP.md``):
+``check_setting`` checks one key as it is set, ``LdapConfig.from_settings`` the whole
+when it is used (``RelayServer.authenticate_user``).
+
 Only a wrong password or an unknown user gives ``None``; anything else that goes wrong
 with the directory raises ``LdapUnavailable`` (including the KeyError, IndexError... that
 ldap3's decoder raises on a reply that is not LDAP), so that callers can tell "refused"
@@ -35,6 +39,7 @@ import math
 import re
 import ssl
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -42,6 +47,7 @@ from urllib.parse import urlsplit
 from ldap3 import NONE, SIMPLE, SUBTREE, Connection, Server, Tls
 from ldap3.core.exceptions import LDAPException
 from ldap3.core.results import RESULT_INVALID_CREDENTIALS, RESULT_SUCCESS
+from ldap3.operation.search import parse_filter
 from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import escape_rdn, parse_dn
 
@@ -51,6 +57,8 @@ from hatchway.errors import ConfigError, HatchwayError
 #: Roles a directory group can give (``user`` means no role: leave the group unmapped).
 LDAP_ROLES = tuple(role for role in USER_ROLES if role != "user")
 DEFAULT_GROUP_FILTER = "(|(member={dn})(uniqueMember={dn})(memberUid={user}))"
+#: The longest ldap.timeout: a login waits up to about this long per network step.
+MAX_TIMEOUT = 60.0
 _USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _SETTINGS = (
     "ldap.url",
@@ -85,40 +93,17 @@ class LdapConfig:
 
     def __post_init__(self) -> None:
         _parse_url(self.url)
-        if _template_fields(self.user_dn, "ldap.user_dn") != {"user"}:
-            raise ConfigError(
-                f"ldap.user_dn must contain {{user}} (and no other field): {self.user_dn!r}"
-            )
-        if not self.group_base:
-            raise ConfigError("ldap.group_base is empty")
-        for key, dn in (
-            ("ldap.user_dn", self.user_dn.format(user="x")),
-            ("ldap.group_base", self.group_base),
-        ):
-            try:
-                parse_dn(dn)
-            except LDAPException as exc:
-                raise ConfigError(f"{key} is not a valid DN: {dn!r} ({exc})") from exc
-        if not _template_fields(self.group_filter, "ldap.group_filter") <= {"dn", "user"}:
-            raise ConfigError(
-                f"ldap.group_filter may only use {{dn}} and {{user}}: {self.group_filter!r}"
-            )
-        for group, role in self.roles:
-            if not group:
-                raise ConfigError("ldap.roles: empty group name")
-            if role not in LDAP_ROLES:
-                known = ", ".join(LDAP_ROLES)
-                raise ConfigError(
-                    f"ldap.roles: unknown role {role!r} for {group!r} (one of {known})"
-                )
+        _check_user_dn(self.user_dn)
+        _check_dn("ldap.group_base", self.group_base)
+        _check_group_filter(self.group_filter)
+        _check_role_pairs(self.roles)
         if not self.org:
             raise ConfigError("ldap.org is empty")
         if self.starttls and self.url.lower().startswith("ldaps:"):
             raise ConfigError("ldap.starttls is for ldap:// URLs (ldaps:// is TLS from the start)")
-        if self.ca_file is not None and not Path(self.ca_file).is_file():
-            raise ConfigError(f"ldap.ca_file: no such file: {self.ca_file}")
-        if not (math.isfinite(self.timeout) and self.timeout > 0):
-            raise ConfigError(f"ldap.timeout must be a positive number of seconds: {self.timeout}")
+        if self.ca_file is not None:
+            _check_ca_file(self.ca_file)
+        _check_timeout_range(self.timeout)
 
     @classmethod
     def from_settings(cls, settings: dict[str, str]) -> LdapConfig | None:
@@ -174,6 +159,22 @@ class LdapUser:
 
 class LdapUnavailable(HatchwayError):
     """The directory could not be reached or answered an error (not a wrong password)."""
+
+
+def check_setting(name: str, value: str) -> str:
+    """``value`` as it should be stored for the setting ``name``; ``""`` unsets it.
+
+    Each key is checked on its own, so that they can be set in any order (``ldap.url``
+    first, say); whether they make a complete configuration together is checked when it
+    is used (``LdapConfig.from_settings``). Values are stripped; ``ldap.starttls`` is
+    stored as ``true``/``false``. Raises ``ConfigError`` for an unknown ``ldap.*`` key
+    or a bad value.
+    """
+    check = _SETTING_CHECKS.get(name)
+    if check is None:
+        raise ConfigError(f"unknown LDAP setting {name!r} (known: {', '.join(_SETTINGS)})")
+    value = value.strip()
+    return check(value) if value else ""
 
 
 def ldap_authenticate(config: LdapConfig, user: str, password: str) -> LdapUser | None:
@@ -338,6 +339,98 @@ def _template_fields(template: str, key: str) -> set[str]:
         raise ConfigError(f"{key} is not a valid template: {template!r} ({exc})") from exc
 
 
+def _check_user_dn(template: str) -> str:
+    if _template_fields(template, "ldap.user_dn") != {"user"}:
+        raise ConfigError(f"ldap.user_dn must contain {{user}} (and no other field): {template!r}")
+    _check_dn("ldap.user_dn", template.format(user="x"))
+    return template
+
+
+def _check_dn(key: str, dn: str) -> str:
+    if not dn:
+        raise ConfigError(f"{key} is empty")
+    try:
+        parse_dn(dn)
+    except LDAPException as exc:
+        raise ConfigError(f"{key} is not a valid DN: {dn!r} ({exc})") from exc
+    return dn
+
+
+def _check_group_filter(template: str) -> str:
+    """Only ``{dn}`` and ``{user}``, and a valid filter once they are filled in (a
+    mistake here would otherwise show as an error from the directory at every login)."""
+    if not _template_fields(template, "ldap.group_filter") <= {"dn", "user"}:
+        raise ConfigError(f"ldap.group_filter may only use {{dn}} and {{user}}: {template!r}")
+    example = template.format(dn=escape_filter_chars("uid=x,dc=example,dc=org"), user="x")
+    try:
+        parse_filter(example, None, False, False, None, False)  # type: ignore[no-untyped-call]
+    except Exception as exc:  # LDAPInvalidFilterError, and whatever else ldap3 raises
+        raise ConfigError(f"ldap.group_filter is not a valid LDAP filter: {template!r}") from exc
+    return template
+
+
+def _check_roles(value: str) -> str:
+    _parse_roles(value)
+    return value
+
+
+def _check_role_pairs(roles: tuple[tuple[str, str], ...]) -> None:
+    for group, role in roles:
+        if not group:
+            raise ConfigError("ldap.roles: empty group name")
+        if role not in LDAP_ROLES:
+            known = ", ".join(LDAP_ROLES)
+            raise ConfigError(f"ldap.roles: unknown role {role!r} for {group!r} (one of {known})")
+
+
+def _check_ca_file(path: str) -> str:
+    # Absolute: the relay, not the shell that set it, opens the file.
+    if not Path(path).is_absolute():
+        raise ConfigError(f"ldap.ca_file must be an absolute path: {path}")
+    if not Path(path).is_file():
+        raise ConfigError(f"ldap.ca_file: no such file: {path}")
+    return path
+
+
+def _check_timeout(value: str) -> str:
+    _check_timeout_range(_parse_timeout(value))
+    return value
+
+
+def _check_timeout_range(timeout: float) -> None:
+    # Bounded: a login waits for the directory while holding one of the few login slots.
+    if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+        raise ConfigError(
+            f"ldap.timeout must be a positive number of seconds, at most {MAX_TIMEOUT:g}: {timeout}"
+        )
+
+
+def _check_org(value: str) -> str:
+    return value  # not empty (check_setting); that it exists is the store's business
+
+
+def _check_url(url: str) -> str:
+    _parse_url(url)
+    return url
+
+
+def _check_starttls(value: str) -> str:
+    return "true" if _parse_bool("ldap.starttls", value) else "false"
+
+
+_SETTING_CHECKS: dict[str, Callable[[str], str]] = {
+    "ldap.url": _check_url,
+    "ldap.user_dn": _check_user_dn,
+    "ldap.group_base": lambda dn: _check_dn("ldap.group_base", dn),
+    "ldap.group_filter": _check_group_filter,
+    "ldap.roles": _check_roles,
+    "ldap.org": _check_org,
+    "ldap.starttls": _check_starttls,
+    "ldap.ca_file": _check_ca_file,
+    "ldap.timeout": _check_timeout,
+}
+
+
 def _parse_roles(value: str) -> tuple[tuple[str, str], ...]:
     """``"support=admin,partners=operator"`` -> ``(("support", "admin"), ...)``."""
     roles: list[tuple[str, str]] = []
@@ -348,6 +441,7 @@ def _parse_roles(value: str) -> tuple[tuple[str, str], ...]:
         if not sep:
             raise ConfigError(f"ldap.roles: expected GROUP=ROLE, got {item.strip()!r}")
         roles.append((group.strip(), role.strip()))
+    _check_role_pairs(tuple(roles))
     return tuple(roles)
 
 

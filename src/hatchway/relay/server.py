@@ -8,6 +8,7 @@ import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ from typing import Any, cast
 from hatchway import __version__
 from hatchway.agent.config import SERVICE_NAME_RE
 from hatchway.auth.device import DEVICE_ID_RE
+from hatchway.auth.ldap import LdapConfig, LdapUnavailable, ldap_authenticate
 from hatchway.auth.passwords import new_password
 from hatchway.auth.permissions import ROLE_PERMISSIONS, Access, may_connect, may_view
 from hatchway.auth.throttle import LoginThrottle
-from hatchway.errors import ConfigError
+from hatchway.errors import ConfigError, NotFoundError
 from hatchway.mux.frames import GoAwayReason
 from hatchway.mux.session import DEFAULT_MAX_CHANNELS, DEFAULT_WINDOW
 from hatchway.relay.api import UNAUTHORIZED, ApiError
@@ -51,6 +53,8 @@ ACCESS_CACHE_SIZE = 50_000
 #: revoked token or removed user stops working within this many seconds.
 TOKEN_CACHE_SECONDS = 5.0
 TOKEN_CACHE_SIZE = 10_000
+#: The LDAP settings are read again after this long: changes apply without a restart.
+LDAP_CONFIG_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,11 @@ class RelayServer:
         self.login_throttle = LoginThrottle()
         self.started_at = datetime.now(UTC)
         self._offline_since: dict[str, datetime] = {}
+        # The LDAP settings, parsed (ldap_config): trusted until _ldap_expires.
+        self._ldap_lock = threading.Lock()
+        self._ldap_config: LdapConfig | None = None
+        self._ldap_state = ""  # what was logged about them last
+        self._ldap_expires = 0.0
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -461,8 +470,96 @@ class RelayServer:
         return self._api_app
 
     def authenticate_user(self, name: str, password: str) -> UserRecord | None:
-        """The user if the password is right (worker thread; see ``api.check_password``)."""
-        return self.store.authenticate_user(name, password)
+        """The user if the password is right (worker thread; see ``api.check_password``).
+
+        A local user's password is checked by the store, even when a directory user has
+        the same name. Everyone else is checked by the LDAP directory when one is
+        configured (``docs/LDAP.md``); a user it accepts is created or updated with the
+        role their groups give. Without a (valid) LDAP configuration the store answers,
+        which refuses directory users after the same work as for a wrong password.
+
+        A locked directory user is refused without asking the directory: their guesses
+        are not passed on (where they could lock the account in the directory too), and
+        the lockout says "no" whatever the password. An unreachable directory refuses
+        the login without counting it towards the user's lockout.
+        """
+        existing = self.store.get_user(name)
+        if existing is not None and existing.source != "ldap":
+            return self.store.authenticate_user(name, password)
+        config = self.ldap_config()
+        # Directory names are matched without regard to case; Hatchway's are not: only
+        # lower-case names go to the directory, so that "Alice" cannot become a second
+        # account of alice's.
+        if config is None or name != name.lower():
+            return self.store.authenticate_user(name, password)
+        if existing is not None and self.store.locked_until(name) is not None:
+            return None
+        try:
+            found = ldap_authenticate(config, name, password)
+        except LdapUnavailable as exc:
+            log.warning("LDAP directory unreachable or failing, login of %r refused: %s", name, exc)
+            return None
+        if found is None:
+            if existing is not None:
+                self.store.login_failed(name)
+            return None
+        if found.role is None:
+            log.warning(
+                "LDAP user %r is in no group of ldap.roles (groups: %s): login refused",
+                name,
+                ", ".join(found.groups) or "none",
+            )
+            if existing is not None and existing.role != "user":
+                # The directory no longer gives a role: neither do tokens issued before.
+                self._sync_ldap_user(name, "user", config.org, existing)
+            return None
+        user = self._sync_ldap_user(name, found.role, config.org, existing)
+        if user is None:
+            log.warning("LDAP user %r: a local user has that name, login refused", name)
+        return user
+
+    def _sync_ldap_user(
+        self, name: str, role: str, org: str, existing: UserRecord | None
+    ) -> UserRecord | None:
+        try:
+            user = self.store.sync_external_user(name, role, org)
+        except (ConfigError, NotFoundError) as exc:  # e.g. ldap.org's organisation was removed
+            log.error("LDAP user %r could not be stored, login refused: %s", name, exc)
+            return None
+        if user is not None and (existing is None or (existing.role, existing.org) != (role, org)):
+            self.forget_access()
+        return user
+
+    def ldap_config(self) -> LdapConfig | None:
+        """The LDAP configuration in the settings, read again every few seconds; None when
+        LDAP is not configured, or wrongly (logged once per change: fail closed)."""
+        with self._ldap_lock:
+            now = time.monotonic()
+            if now < self._ldap_expires:
+                return self._ldap_config
+            settings = {k: v for k, v in self.store.settings().items() if k.startswith("ldap.")}
+            config: LdapConfig | None = None
+            try:
+                config = LdapConfig.from_settings(settings)
+            except ConfigError as exc:
+                state = f"invalid: {exc}"
+                if state != self._ldap_state:
+                    log.error("LDAP configuration %s; LDAP logins are refused until fixed", state)
+            else:
+                state = repr(config)
+                if state != self._ldap_state and config is not None:
+                    roles = ", ".join(f"{group}={role}" for group, role in config.roles)
+                    log.info(
+                        "LDAP logins: directory %s, organisation %s, roles %s",
+                        config.url,
+                        config.org,
+                        roles or "none (every login is refused)",
+                    )
+                elif state != self._ldap_state and self._ldap_state:
+                    log.info("LDAP logins: off")
+            self._ldap_config, self._ldap_state = config, state
+            self._ldap_expires = now + LDAP_CONFIG_SECONDS
+            return config
 
     def log_login_failure(self, name: str, source: str) -> None:
         log.warning("login failed for %r from %s", name[:64], source)
@@ -522,6 +619,7 @@ async def run_relay(config: RelayConfig, out: Any = sys.stdout) -> None:
         print(f"  password: {password}", file=out)
         ca = f" --ca-file {server.ca_file}" if server.ca_file else ""
         print(f"  log in:   hatchway login {server.url} --user admin{ca}", file=out)
+        print("  It opens no session: the first login asks for a new password.", file=out)
     out.flush()
     log.info("relay started at %s", datetime.now(UTC).isoformat(timespec="seconds"))
     await stop.wait()

@@ -130,10 +130,22 @@ class Store(Protocol):
     ) -> None: ...
 
     def authenticate_user(self, name: str, password: str) -> UserRecord | None:
-        """None for a wrong password, an unknown user or a locked account alike."""
+        """None for a wrong password, an unknown user, a locked account or a user whose
+        password is not kept here (``source`` other than local) alike."""
         ...
 
     def locked_until(self, name: str) -> datetime | None: ...
+
+    def login_failed(self, name: str) -> None:
+        """Count a failed login (a password checked elsewhere) towards the lockout."""
+        ...
+
+    def sync_external_user(
+        self, name: str, role: str, org: str, *, source: str = "ldap", actor: str = "ldap"
+    ) -> UserRecord | None:
+        """Create or update a user whose password a directory has just accepted; None
+        (and no change) if the name belongs to a user of another source."""
+        ...
 
     def totp_begin(self, name: str) -> str: ...
 

@@ -414,6 +414,9 @@ LOCKOUT_FAILURES = 10
 LOCKOUT_TIME = timedelta(minutes=10)
 
 _SESSION_PREFIX = {"relay": "hws_", "device": "hwd_", "grant": "hwg_"}
+#: The password_hash of a user whose password is kept elsewhere (a directory): not an
+#: argon2 hash, so nothing verifies against it.
+_EXTERNAL_PASSWORD = "!external"
 
 
 class SqlStore:
@@ -523,17 +526,33 @@ class SqlStore:
             return {row.name: row.value for row in session.scalars(select(_Setting))}
 
     def set_setting(self, name: str, value: str, *, actor: str = "cli") -> None:
-        try:
-            parse_setting(name, value)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        """Change a setting: a ``password.*`` policy value (stored in lower case), or an
+        ``ldap.*`` one (``auth/ldap.py``: checked on its own, stored as given; an empty
+        value removes it). ``ConfigError`` for an unknown name or a bad value."""
+        if name.startswith("ldap."):
+            from hatchway.auth.ldap import check_setting  # ldap3 only when LDAP is used
+
+            value = check_setting(name, value)
+        else:
+            try:
+                parse_setting(name, value)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            value = value.lower()
         with self._write() as session:
+            if name == "ldap.org" and value:
+                known = session.scalars(select(_Organisation).where(_Organisation.name == value))
+                if known.first() is None:
+                    raise ConfigError(f"ldap.org: no organisation {value!r} (create it first)")
             row = session.get(_Setting, name)
-            if row is None:
-                session.add(_Setting(name=name, value=value.lower()))
+            if not value:
+                if row is not None:
+                    session.delete(row)
+            elif row is None:
+                session.add(_Setting(name=name, value=value))
             else:
-                row.value = value.lower()
-            self._append(session, "setting_changed", actor, None, None, {name: value.lower()})
+                row.value = value
+            self._append(session, "setting_changed", actor, None, None, {name: value})
 
     def password_policy(self) -> PasswordPolicy:
         """The policy every new password must pass: the operator's settings on top of the
@@ -1009,11 +1028,13 @@ class SqlStore:
         ``LOCKOUT_FAILURES`` wrong passwords in a row lock the account for
         ``LOCKOUT_TIME`` (kept in the database, so a restart does not unlock it). A
         locked account answers exactly like a wrong password, after the same work.
+        Only local users: the password of a directory user (``source`` ldap) is checked
+        by the directory (``RelayServer.authenticate_user``), never here.
         """
         now = _now()
         with self._read() as session:
             user = self._user(session, name)
-            if user is None:
+            if user is None or user.source != "local":
                 # Spend the same time as for a wrong password: no user enumeration.
                 verify_password(DUMMY_HASH, password)
                 return None
@@ -1040,6 +1061,71 @@ class SqlStore:
                 if fresh is not None and fresh.password_hash == stored_hash:
                     fresh.password_hash = new_hash
         return record
+
+    def login_failed(self, name: str) -> None:
+        """Count a failed login of ``name`` towards its lockout (nothing for an unknown
+        name): for passwords checked elsewhere, such as by the directory."""
+        with self._read() as session:
+            user = self._user(session, name)
+            user_id = None if user is None else user.id
+        if user_id is not None:
+            self._login_failed(user_id, name)
+
+    def sync_external_user(
+        self, name: str, role: str, org: str, *, source: str = "ldap", actor: str = "ldap"
+    ) -> UserRecord | None:
+        """A directory accepted ``name``'s password: create the user, or bring their role
+        and organisation up to date, and clear their failed-login count.
+
+        The directory decides, so a role or organisation changed by hand is set back. A
+        user of another ``source`` (a local account) is never taken over: ``None``, and
+        nothing changes. Moving to another organisation drops the user's grants and team
+        memberships, which belong to the old one. The stored password hash is not a hash
+        (``verify_password`` is False for it) and ``authenticate_user`` refuses such
+        users anyway.
+        """
+        _validate_user_name(name)
+        if role not in ROLES:
+            raise ConfigError(f"invalid role {role!r}: choose one of {', '.join(ROLES)}")
+        if source == "local":
+            raise ConfigError("sync_external_user is for users whose password is kept elsewhere")
+        with self._write() as session:
+            org_row = self._org(session, org)
+            user = self._user(session, name)
+            if user is None:
+                user = _User(
+                    name=name,
+                    role=role,
+                    password_hash=_EXTERNAL_PASSWORD,
+                    created_at=_now(),
+                    org_id=org_row.id,
+                    source=source,
+                )
+                user.org = org_row
+                session.add(user)
+                self._append(
+                    session, "user_added", actor, None, None,
+                    {"user": name, "role": role, "org": org, "superadmin": False, "source": source},
+                )  # fmt: skip
+                return user.record()
+            if user.source != source:
+                return None
+            session.execute(delete(_LoginState).where(_LoginState.user_id == user.id))
+            if (user.role, user.org_id) == (role, org_row.id):
+                return user.record()
+            details: dict[str, Any] = {"user": name, "role": role}
+            if user.org_id != org_row.id:
+                details["org"] = org
+                details["grants_removed"] = _deleted(
+                    session, delete(_Grant).where(_Grant.user_id == user.id)
+                )
+                details["teams_left"] = _deleted(
+                    session, delete(_TeamMember).where(_TeamMember.user_id == user.id)
+                )
+                user.org_id, user.org = org_row.id, org_row
+            user.role = role
+            self._append(session, "user_changed", actor, None, None, details, org)
+            return user.record()
 
     def _login_failed(self, user_id: int, name: str) -> None:
         now = _now()
