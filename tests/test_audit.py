@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -179,3 +180,22 @@ def test_audit_cli_errors(env: Env) -> None:
         prefix=(), check=False,
     )  # fmt: skip
     assert out.returncode == 1 and b"ISO-8601" in out.stderr
+
+
+def test_channels_still_waiting_to_be_written_are_written_at_shutdown(setup: Setup) -> None:
+    """Finished channels are written in batches; stopping the relay writes the last one."""
+    env = setup.env
+    forward, port = env.start_forward("dev1", "echo")
+    assert roundtrip(port, b"last words") == b"last words"
+    forward.stop()
+    time.sleep(0.1)  # the relay sees the channel end, well within its batching delay
+    setup.relay.stop()
+    store = SqlStore.open_data_dir(env.data_dir)
+    try:
+        channels = store.recent_channels(10)
+        assert [c.service for c in channels if c.device == "dev1"] == ["echo"]
+        assert channels[0].bytes_up == len(b"last words")
+        assert store.audit_records(kind="channel")[-1].org == "default"
+        assert store.audit_verify().ok
+    finally:
+        store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
@@ -53,6 +54,12 @@ ACCESS_CACHE_SIZE = 50_000
 #: revoked token or removed user stops working within this many seconds.
 TOKEN_CACHE_SECONDS = 5.0
 TOKEN_CACHE_SIZE = 10_000
+#: Finished channels are written to the database together, at most this long after
+#: they end (or once this many wait): one transaction for many, and no worker thread
+#: taking the GIL from the event loop after every channel, which delayed the next
+#: channel's open by milliseconds.
+CHANNEL_LOG_DELAY = 0.5
+CHANNEL_LOG_BATCH = 500
 #: The LDAP settings are read again after this long: changes apply without a restart.
 LDAP_CONFIG_SECONDS = 5.0
 
@@ -92,6 +99,10 @@ class RelayServer:
         self.unauthenticated: set[RelayTunnel] = set()
         self._pending: defaultdict[str, int] = defaultdict(int)
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Audit and channel-log writes in flight, and finished channels not yet written.
+        self._writes: set[asyncio.Task[Any]] = set()
+        self._channel_log: list[ChannelRecord] = []
+        self._channel_log_timer: asyncio.TimerHandle | None = None
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._handshaking = 0
@@ -221,6 +232,10 @@ class RelayServer:
             tunnel.abort()
         self.web.stop()
         await asyncio.sleep(0.1)
+        # What the audit log is still waiting for is written before the store closes.
+        self._flush_channel_log()
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=10)
         for task in self._tasks:
             task.cancel()
         self.store.close()
@@ -579,13 +594,36 @@ class RelayServer:
                 self.store.audit, kind, actor, device=device, source=source, details=details
             )
         )
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
         self.track(task)
 
     def record_channel(self, record: ChannelRecord) -> None:
-        task = asyncio.get_running_loop().create_task(
-            asyncio.to_thread(self.store.record_channel, record)
-        )
-        self.track(task)
+        """Log a finished channel: written with others at most ``CHANNEL_LOG_DELAY`` later."""
+        if record.org is None:
+            cached = self._device_cache.get(record.device)
+            if cached is not None and cached[0] is not None:
+                record = dataclasses.replace(record, org=cached[0][0])
+        self._channel_log.append(record)
+        if len(self._channel_log) >= CHANNEL_LOG_BATCH:
+            self._flush_channel_log()
+        elif self._channel_log_timer is None:
+            self._channel_log_timer = asyncio.get_running_loop().call_later(
+                CHANNEL_LOG_DELAY, self._flush_channel_log
+            )
+
+    def _flush_channel_log(self) -> None:
+        if self._channel_log_timer is not None:
+            self._channel_log_timer.cancel()
+            self._channel_log_timer = None
+        batch, self._channel_log = self._channel_log, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self.store.record_channels, batch)
+            )
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+            self.track(task)
 
 
 def _remember_sni(ssl_object: Any, server_name: str | None, _ctx: ssl.SSLContext) -> None:

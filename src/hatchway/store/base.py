@@ -8,6 +8,7 @@ All datetimes are timezone-aware UTC.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -73,6 +74,8 @@ class ChannelRecord:
     bytes_up: int
     bytes_down: int
     outcome: str
+    #: The device's organisation, when the caller knows it (saves a lookup).
+    org: str | None = None
 
 
 #: Kinds of web session: a login to the relay's own pages, a login to one device's
@@ -232,6 +235,10 @@ class Store(Protocol):
 
     def record_channel(self, rec: ChannelRecord) -> None:
         """Store a finished channel (and append it to the audit log)."""
+        ...
+
+    def record_channels(self, records: Sequence[ChannelRecord]) -> None:
+        """Store finished channels in one transaction, in order."""
         ...
 
     # The audit log (``store/audit.py``): every change above appends to it in its own

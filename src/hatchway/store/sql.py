@@ -13,7 +13,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1679,35 +1679,41 @@ class SqlStore:
     # Channel log
 
     def record_channel(self, rec: ChannelRecord) -> None:
+        self.record_channels([rec])
+
+    def record_channels(self, records: Sequence[ChannelRecord]) -> None:
+        """Store finished channels, and their audit records, in one transaction."""
         with self._write() as session:
-            session.add(
-                _Channel(
-                    user=rec.user,
-                    device=rec.device,
-                    service=rec.service,
-                    source=rec.source,
-                    started_at=rec.started_at,
-                    ended_at=rec.ended_at,
-                    bytes_up=rec.bytes_up,
-                    bytes_down=rec.bytes_down,
-                    outcome=rec.outcome,
+            for rec in records:
+                session.add(
+                    _Channel(
+                        user=rec.user,
+                        device=rec.device,
+                        service=rec.service,
+                        source=rec.source,
+                        started_at=rec.started_at,
+                        ended_at=rec.ended_at,
+                        bytes_up=rec.bytes_up,
+                        bytes_down=rec.bytes_down,
+                        outcome=rec.outcome,
+                    )
                 )
-            )
-            self._append(
-                session,
-                "channel",
-                rec.user,
-                rec.device,
-                rec.source,
-                {
-                    "service": rec.service,
-                    "started_at": format_time(rec.started_at),
-                    "ended_at": format_time(rec.ended_at),
-                    "bytes_up": rec.bytes_up,
-                    "bytes_down": rec.bytes_down,
-                    "outcome": rec.outcome,
-                },
-            )
+                self._append(
+                    session,
+                    "channel",
+                    rec.user,
+                    rec.device,
+                    rec.source,
+                    {
+                        "service": rec.service,
+                        "started_at": format_time(rec.started_at),
+                        "ended_at": format_time(rec.ended_at),
+                        "bytes_up": rec.bytes_up,
+                        "bytes_down": rec.bytes_down,
+                        "outcome": rec.outcome,
+                    },
+                    rec.org,
+                )
 
     def recent_channels(self, limit: int = 100) -> list[ChannelRecord]:
         query = select(_Channel).order_by(_Channel.ended_at.desc(), _Channel.id.desc()).limit(limit)
