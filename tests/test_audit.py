@@ -199,3 +199,30 @@ def test_channels_still_waiting_to_be_written_are_written_at_shutdown(setup: Set
         assert store.audit_verify().ok
     finally:
         store.close()
+
+
+def test_channels_written_in_a_batch_continue_the_chain(store: SqlStore, tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    batch = [
+        ChannelRecord(f"u{i}", "dev1", "ssh", "192.0.2.7", now, now, i, 2 * i, "closed",
+                      org="default" if i % 2 else None)
+        for i in range(50)
+    ]  # fmt: skip
+    store.record_channels(batch[:3])  # into an empty log: one by one
+    store.add_device("dev1")
+    store.record_channels(batch[3:])  # after existing records: one multi-row insert
+    store.audit("login", "u1")
+    records = store.audit_records()
+    assert [r.actor for r in records if r.kind == "channel"] == [f"u{i}" for i in range(50)]
+    assert [r.id for r in records] == list(range(1, len(records) + 1))
+    # Written once dev1 existed: its organisation, given or looked up.
+    assert {r.org for r in records if r.kind == "channel" and r.actor not in ("u0", "u2")} == {
+        "default"
+    }
+    assert records[-1].kind == "login" and store.audit_verify().ok
+    assert len(store.recent_channels(100)) == 50
+    # An edited record in the batch is still caught.
+    with _db(tmp_path) as db:
+        db.execute("UPDATE audit_log SET actor = 'mallory' WHERE id = 30")
+    result = store.audit_verify()
+    assert not result.ok and result.bad_id == 30

@@ -37,6 +37,7 @@ from sqlalchemy import (
     event,
     false,
     func,
+    insert,
     or_,
     select,
     true,
@@ -1682,38 +1683,63 @@ class SqlStore:
         self.record_channels([rec])
 
     def record_channels(self, records: Sequence[ChannelRecord]) -> None:
-        """Store finished channels, and their audit records, in one transaction."""
+        """Store finished channels, and their audit records, in one transaction: two
+        multi-row inserts, whatever the number of channels."""
+        if not records:
+            return
         with self._write() as session:
-            for rec in records:
-                session.add(
-                    _Channel(
-                        user=rec.user,
-                        device=rec.device,
-                        service=rec.service,
-                        source=rec.source,
-                        started_at=rec.started_at,
-                        ended_at=rec.ended_at,
-                        bytes_up=rec.bytes_up,
-                        bytes_down=rec.bytes_down,
-                        outcome=rec.outcome,
-                    )
-                )
-                self._append(
-                    session,
-                    "channel",
-                    rec.user,
-                    rec.device,
-                    rec.source,
-                    {
-                        "service": rec.service,
-                        "started_at": format_time(rec.started_at),
-                        "ended_at": format_time(rec.ended_at),
-                        "bytes_up": rec.bytes_up,
-                        "bytes_down": rec.bytes_down,
-                        "outcome": rec.outcome,
-                    },
-                    rec.org,
-                )
+            session.execute(
+                insert(_Channel),
+                [
+                    {"user": r.user, "device": r.device, "service": r.service,
+                     "source": r.source, "started_at": r.started_at, "ended_at": r.ended_at,
+                     "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "outcome": r.outcome}
+                    for r in records
+                ],
+            )  # fmt: skip
+            entries = [
+                ("channel", r.user, r.device, r.source,
+                 {"service": r.service, "started_at": format_time(r.started_at),
+                  "ended_at": format_time(r.ended_at), "bytes_up": r.bytes_up,
+                  "bytes_down": r.bytes_down, "outcome": r.outcome}, r.org)
+                for r in records
+            ]  # fmt: skip
+            self._append_many(session, entries)
+
+    def _append_many(
+        self,
+        session: Session,
+        entries: Sequence[tuple[str, str, str | None, str | None, dict[str, Any], str | None]],
+    ) -> None:
+        """Append records (kind, actor, device, source, details, org) in the caller's write
+        transaction with one multi-row insert. The ids follow the last record's, and the
+        hashes are computed here: the transaction holds the database's write lock (SQLite
+        refuses to write from a snapshot another writer has moved past), so nothing can
+        come in between. An empty log (a new one, or all pruned) takes the slow path."""
+        last = session.execute(
+            select(_AuditEntry.id, _AuditEntry.hash).order_by(_AuditEntry.id.desc()).limit(1)
+        ).first()
+        if last is None:
+            for kind, actor, device, source, details, org in entries:
+                self._append(session, kind, actor, device, source, details, org)
+            return
+        next_id, prev = last[0] + 1, last[1]
+        rows = []
+        for kind, actor, device, source, details, org in entries:
+            if org is None:
+                org = self._record_org(session, actor, device, details)
+            at = _now()
+            details_json = canonical_details(details)
+            kind, actor = kind[:32], actor[:64]
+            source = None if source is None else source[:255]
+            digest = record_hash(prev, next_id, at, kind, actor, device, source, details_json, org)
+            rows.append(
+                {"id": next_id, "at": at, "kind": kind, "actor": actor, "device": device,
+                 "source": source, "details": details_json, "prev_hash": prev,
+                 "hash": digest, "org": org}
+            )  # fmt: skip
+            next_id, prev = next_id + 1, digest
+        session.execute(insert(_AuditEntry), rows)
 
     def recent_channels(self, limit: int = 100) -> list[ChannelRecord]:
         query = select(_Channel).order_by(_Channel.ended_at.desc(), _Channel.id.desc()).limit(limit)
