@@ -215,3 +215,39 @@ def test_admin_commands_need_a_login_or_a_data_dir(env: Env, tmp_path: Path) -> 
     result = _as(env, "nobody", "user", "list")
     assert result.returncode == 1
     assert b"not logged in to a relay" in result.stderr and b"--data-dir" in result.stderr
+
+
+def test_the_relay_session_works_for_the_api_from_the_relay_s_own_pages(env: Env) -> None:
+    """The relay's pages may call the API with their session cookie; another site's page
+    cannot make changes with it (Origin), and a form post is not JSON."""
+    _, port, password = env.start_relay()
+    assert password is not None
+    url = f"https://127.0.0.1:{port}"
+    api = Api(url, env.ca_file)
+    form = urllib.parse.urlencode({"user": "admin", "password": password}).encode()
+    status, headers, _ = api.raw(
+        "POST", "/login", form,
+        {"Origin": url, "Content-Type": "application/x-www-form-urlencoded"},
+    )  # fmt: skip
+    assert status == 303
+    cookie = headers["Set-Cookie"].split(";")[0]
+    status, _, body = api.raw("GET", "/api/v1/whoami", headers={"Cookie": cookie})
+    assert status == 200 and json.loads(body)["user"] == "admin"
+    token = json.dumps({"name": "from-the-page"}).encode()
+    json_type = {"Content-Type": "application/json", "Cookie": cookie}
+    status, _, body = api.raw("POST", "/api/v1/tokens", token, json_type)
+    assert (status, json.loads(body)["error"]) == (403, "cross_site")
+    status, _, body = api.raw(
+        "POST", "/api/v1/tokens", token, {**json_type, "Origin": "https://evil.example"}
+    )
+    assert (status, json.loads(body)["error"]) == (403, "cross_site")
+    status, _, body = api.raw(
+        "POST", "/api/v1/tokens", b"name=x",
+        {"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie, "Origin": url},
+    )  # fmt: skip
+    assert status == 400
+    status, _, body = api.raw("POST", "/api/v1/tokens", token, {**json_type, "Origin": url})
+    assert status == 200 and json.loads(body)["name"] == "from-the-page"
+    # Without the cookie, nothing.
+    status, _, body = api.raw("GET", "/api/v1/whoami")
+    assert (status, json.loads(body)["error"]) == (401, "unauthorized")
