@@ -53,9 +53,10 @@ def _page(status: int, title: str, message: str) -> bytes:
 
 
 async def relay_session(
-    server: RelayServer, request: HttpRequest
+    server: RelayServer, cookie_header: str | None
 ) -> tuple[str, WebSessionRecord] | None:
-    for secret in cookie_values(request.header("cookie"), RELAY_COOKIE)[:4]:
+    """The live relay session named by a ``Cookie`` header (its secret and record)."""
+    for secret in cookie_values(cookie_header, RELAY_COOKIE)[:4]:
         known, record = server.web.cached(secret)
         if not known:
             record = await server.web.load(secret, "relay")
@@ -74,7 +75,7 @@ def _same_origin(request: HttpRequest) -> bool:
 async def handle(
     server: RelayServer, method: str, path: str, query: str, request: HttpRequest, source: str
 ) -> bytes:
-    session = await relay_session(server, request)
+    session = await relay_session(server, request.header("cookie"))
     if path == "/":
         if method not in ("GET", "HEAD"):
             return _page(405, "Method not allowed", "Use GET.")

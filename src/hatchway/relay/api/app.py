@@ -83,17 +83,19 @@ def create_app(server: RelayServer) -> FastAPI:
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(400, "bad_request", _describe(exc))
 
-    @app.exception_handler(NotFoundError)
-    async def not_found(_request: Request, exc: NotFoundError) -> JSONResponse:
-        return _error(404, "not_found", str(exc))
+    # The store's errors, as the API answers them.
+    for error, status, code in (
+        (NotFoundError, 404, "not_found"),
+        (AlreadyExistsError, 409, "exists"),
+        (ConfigError, 400, "bad_request"),
+    ):
 
-    @app.exception_handler(AlreadyExistsError)
-    async def exists(_request: Request, exc: AlreadyExistsError) -> JSONResponse:
-        return _error(409, "exists", str(exc))
+        async def store_error(
+            _request: Request, exc: Exception, status: int = status, code: str = code
+        ) -> JSONResponse:
+            return _error(status, code, str(exc))
 
-    @app.exception_handler(ConfigError)
-    async def bad(_request: Request, exc: ConfigError) -> JSONResponse:
-        return _error(400, "bad_request", str(exc))
+        app.add_exception_handler(error, store_error)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

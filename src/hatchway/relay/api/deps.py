@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from hatchway.auth.permissions import ROLE_PERMISSIONS, Access
 from hatchway.relay.api.core import UNAUTHORIZED, ApiError
 from hatchway.store.base import UserRecord
-from hatchway.web.access import RELAY_COOKIE, cookie_values
+from hatchway.web.ui import relay_session
 
 if TYPE_CHECKING:
     from hatchway.relay.server import RelayServer
@@ -96,15 +96,7 @@ async def authenticate(request: Request, scope: str) -> Caller:
     else:
         # The relay's own pages (a browser with the session cookie). Changes must come
         # from the relay's origin: a cookie alone is no proof of intent (CSRF).
-        session = None
-        for value in cookie_values(request.headers.get("cookie"), RELAY_COOKIE)[:4]:
-            known, record = server.web.cached(value)
-            if not known:
-                record = await server.web.load(value, "relay")
-            if record is not None:
-                server.web.used(record.session_id)
-                session = (value, record)
-                break
+        session = await relay_session(server, request.headers.get("cookie"))
         if session is None:
             raise UNAUTHORIZED
         if request.method not in ("GET", "HEAD") and not _origin_ok(request):
