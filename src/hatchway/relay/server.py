@@ -103,6 +103,7 @@ class RelayServer:
         self._writes: set[asyncio.Task[Any]] = set()
         self._channel_log: list[ChannelRecord] = []
         self._channel_log_timer: asyncio.TimerHandle | None = None
+        self._channel_log_write: asyncio.Task[Any] | None = None
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._handshaking = 0
@@ -234,8 +235,10 @@ class RelayServer:
         await asyncio.sleep(0.1)
         # What the audit log is still waiting for is written before the store closes.
         self._flush_channel_log()
-        if self._writes:
-            await asyncio.wait(set(self._writes), timeout=10)
+        deadline = time.monotonic() + 10
+        while self._writes and time.monotonic() < deadline:
+            # A channel-log write that ends starts the next one with what waited.
+            await asyncio.wait(set(self._writes), timeout=deadline - time.monotonic())
         for task in self._tasks:
             task.cancel()
         self.store.close()
@@ -613,17 +616,29 @@ class RelayServer:
             )
 
     def _flush_channel_log(self) -> None:
+        """Write what waits, unless a write is under way: then its end writes the rest.
+        One write at a time, so a slow database makes batches larger, not writes more."""
         if self._channel_log_timer is not None:
             self._channel_log_timer.cancel()
             self._channel_log_timer = None
+        if self._channel_log_write is not None or not self._channel_log:
+            return
         batch, self._channel_log = self._channel_log, []
-        if batch:
-            task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self.store.record_channels, batch)
-            )
-            self._writes.add(task)
-            task.add_done_callback(self._writes.discard)
-            self.track(task)
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(self.store.record_channels, batch)
+        )
+        self._channel_log_write = task
+        self._writes.add(task)
+        task.add_done_callback(self._channel_log_written)
+        self.track(task)
+
+    def _channel_log_written(self, task: asyncio.Task[Any]) -> None:
+        self._writes.discard(task)
+        self._channel_log_write = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("writing finished channels to the database failed: %s", task.exception())
+        if self._channel_log:
+            self._flush_channel_log()
 
 
 def _remember_sni(ssl_object: Any, server_name: str | None, _ctx: ssl.SSLContext) -> None:
