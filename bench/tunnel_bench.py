@@ -52,7 +52,7 @@ if str(REPO) not in sys.path:
 
 from tests.procs import Env, Proc, free_port, rss_kib  # noqa: E402
 
-TOOLS = ("direct", "hatchway", "hatchway-mux", "ssh", "websocat")
+TOOLS = ("direct", "hatchway", "hatchway-streams", "ssh", "websocat")
 SECTIONS = ("bulk", "latency", "memory")
 #: (label, iperf3 parallel streams, reverse)
 BULK_MODES = (("1 stream", 1, False), ("1 stream -R", 1, True), ("10 streams", 10, False))
@@ -354,7 +354,7 @@ class Bench:
         starters: dict[str, Callable[[], Tool]] = {
             "direct": self._start_direct,
             "hatchway": lambda: self._start_hatchway(loop),
-            "hatchway-mux": lambda: self._start_hatchway_mux(loop),
+            "hatchway-streams": lambda: self._start_hatchway_streams(loop),
             "ssh": self._start_ssh,
             "websocat": self._start_websocat,
         }
@@ -418,16 +418,16 @@ class Bench:
         ]
         return tool
 
-    def _start_hatchway_mux(self, loop: str) -> Tool:
-        """``hatchway forward --mux`` on the same relay and agent as the hatchway row."""
+    def _start_hatchway_streams(self, loop: str) -> Tool:
+        """``hatchway forward --no-mux`` (a TLS WebSocket per connection) on the same relay
+        and agent as the hatchway row."""
         if not self.hatchway:
             self._start_hatchway(loop)
         env = self.hatchway["env"]
-        fwd_iperf, iperf_port = env.start_forward("dev1", "iperf", extra=["--mux"])
-        _, banner_port = env.start_forward("dev1", "banner", extra=["--mux"])
-        tool = Tool(
-            "hatchway-mux", f"hatchway forward --mux (relay --loop {loop})", iperf_port, banner_port
-        )
+        fwd_iperf, iperf_port = env.start_forward("dev1", "iperf", extra=["--no-mux"])
+        _, banner_port = env.start_forward("dev1", "banner", extra=["--no-mux"])
+        label = f"hatchway forward --no-mux (relay --loop {loop})"
+        tool = Tool("hatchway-streams", label, iperf_port, banner_port)
         tool.cpu = [
             ("relay", self.hatchway["relay"].popen.pid),
             ("agent", self.hatchway["agent"].popen.pid),
@@ -700,24 +700,7 @@ class Bench:
         hw = self.hatchway
         duration = self.args.seconds + 2
         targets = [("relay", hw["relay"]), ("agent", hw["agent"]), ("forward", hw["forwards"][0])]
-        spies = []
-        for name, proc in targets:
-            out = self.root / f"profile-{name}.txt"
-            cmd = [py_spy, "record", "-p", str(proc.popen.pid), "-d", str(duration)]
-            cmd += [
-                "-r",
-                "100",
-                "--function",
-                "--idle",
-                "--threads",
-                "--nonblocking",
-                "-f",
-                "raw",
-                "-o",
-                str(out),
-            ]
-            spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            spies.append((name, spy, out))
+        spies = start_spies(py_spy, [(n, p.popen.pid) for n, p in targets], duration, self.root)
         time.sleep(1.0)
         try:
             bps = run_iperf(self.tools["hatchway"].iperf_port, self.args.seconds, 1, False)
@@ -726,18 +709,7 @@ class Bench:
             )
         except BenchError as exc:
             self.profile.append(f"bulk under py-spy failed: {exc}")
-        for name, spy, out in spies:
-            try:
-                _, err = spy.communicate(timeout=duration + 30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.communicate()
-                self.profile.append(f"py-spy on the {name} did not finish")
-                continue
-            if spy.returncode != 0 or not out.exists():
-                self.profile.append(f"py-spy on the {name} failed: {err.decode()[-300:]}")
-                continue
-            self.profile.append(summarize_profile(name, out))
+        self.profile += collect_spies(spies, duration)
 
     def run_memory(self) -> None:
         args = self.args
@@ -1057,6 +1029,42 @@ def measure_relay_open(
             out["first"].append((t3 - t2) * 1000)
             out["total"].append((t3 - t0) * 1000)
     return out
+
+
+def start_spies(
+    py_spy: str, targets: Sequence[tuple[str, int]], duration: int, root: Path
+) -> list[tuple[str, subprocess.Popen[bytes], Path]]:
+    """Attach ``py-spy record`` (raw output, 100 Hz, non-blocking) to each (name, pid)."""
+    spies = []
+    for name, pid in targets:
+        out = root / f"profile-{name}.txt"
+        cmd = [py_spy, "record", "-p", str(pid), "-d", str(duration), "-r", "100"]
+        cmd += ["--function", "--idle", "--threads", "-f", "raw", "-o", str(out)]
+        # --native (C frames: libssl, syscalls) pauses the target for each sample.
+        cmd += ["--native"] if os.environ.get("BENCH_PY_SPY_NATIVE") else ["--nonblocking"]
+        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        spies.append((name, spy, out))
+    return spies
+
+
+def collect_spies(
+    spies: Sequence[tuple[str, subprocess.Popen[bytes], Path]], duration: int
+) -> list[str]:
+    """Wait for the spies of ``start_spies``; one summary (or error line) per target."""
+    lines = []
+    for name, spy, out in spies:
+        try:
+            _, err = spy.communicate(timeout=duration + 30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.communicate()
+            lines.append(f"py-spy on the {name} did not finish")
+            continue
+        if spy.returncode != 0 or not out.exists():
+            lines.append(f"py-spy on the {name} failed: {err.decode()[-300:]}")
+            continue
+        lines.append(summarize_profile(name, out))
+    return lines
 
 
 def summarize_profile(name: str, raw: Path, top: int = 10) -> str:

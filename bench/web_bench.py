@@ -396,6 +396,29 @@ class WebBench(tb.Bench):
         result.others = max(0.0, busy - sum(result.cpu.values()))
         return result
 
+    def run_profile(self) -> None:
+        """One extra small-GET run through hatchway with py-spy on the relay and agent."""
+        py_spy = tb.tool_path("py-spy")
+        row = self.rows.get("hatchway")
+        if py_spy is None:
+            self.profile.append("py-spy is not installed: pip install py-spy")
+            return
+        if row is None or row.error is not None or self.relay is None or self.agent is None:
+            return
+        duration = self.args.seconds + 2
+        targets = [("relay", self.relay.popen.pid), ("agent", self.agent.popen.pid)]
+        spies = tb.start_spies(py_spy, targets, duration, self.root)
+        time.sleep(1.0)
+        try:
+            result = self._wrk_once(row, "/index.html", 50)
+            self.profile.append(
+                f"small GET through hatchway under py-spy (100 Hz, --nonblocking): "
+                f"{result.rps:.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms"
+            )
+        except tb.BenchError as exc:
+            self.profile.append(f"small GET under py-spy failed: {exc}")
+        self.profile += tb.collect_spies(spies, duration)
+
     def run_memory(self) -> None:
         """The relay's and agent's RSS idle, then with ``--clients`` keep-alive clients."""
         if self.relay is None or self.agent is None:
@@ -479,6 +502,8 @@ class WebBench(tb.Bench):
                 for (name, key), results in self.results.items()
             )
             log("\nAll runs (req/s):\n" + "\n".join(per_run))
+        if self.profile:
+            log("\n## Profile\n\n" + "\n\n".join(self.profile))
         if self.failures:
             log("\n## Failures\n" + "\n".join(f"- {failure}" for failure in self.failures))
 
@@ -715,6 +740,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--clients", type=int, default=1000, help="keep-alive clients for the memory figure"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="one extra small-GET run with py-spy on the relay and agent (pip install py-spy)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     names = {n.strip() for item in args.only for n in item.split(",") if n.strip()}
@@ -755,6 +785,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.clients:
             bench.run_memory()
         bench.run_load()
+        if args.profile:
+            bench.run_profile()
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: reporting what was measured, stopping every process", flush=True)

@@ -10,6 +10,9 @@ import sys
 
 
 def main() -> None:
+    from hatchway import allocator
+
+    allocator.tune()
     argv = sys.argv[1:]
     if argv[:1] == ["agent"]:
         from hatchway.agent.main import main as agent_main

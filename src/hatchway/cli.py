@@ -387,10 +387,12 @@ def open_(device_id: str, service: str | None, next_path: str, print_url: bool) 
 )
 @click.option("--bind", default="127.0.0.1", show_default=True, help="local address")
 @click.option(
-    "--mux",
-    is_flag=True,
-    help="carry every connection on one multiplexed tunnel to the relay: opens in ~2 ms "
-    "instead of ~5 ms (no TLS handshake each), at some cost in bulk throughput",
+    "--mux/--no-mux",
+    default=True,
+    show_default=True,
+    help="carry every connection on one multiplexed tunnel to the relay (a new connection "
+    "costs one round trip, no TLS handshake); --no-mux opens one TLS WebSocket per "
+    "connection instead",
 )
 def forward(device_id: str, service: str, local_port: int, bind: str, mux: bool) -> None:
     """Forward a local port to a device's service."""
