@@ -46,7 +46,7 @@ from hatchway.mux.frames import (
 )
 
 PROTOCOL_VERSION = 1
-DEFAULT_WINDOW = 2 * 1024 * 1024
+DEFAULT_WINDOW = 1024 * 1024
 #: DATA frames are cut to this size when sent: a receiver can only act on a whole frame,
 #: so smaller frames let every hop of the relay path work on a stream at once instead
 #: of storing and forwarding big blocks. Frames up to MAX_PAYLOAD are still accepted.

@@ -41,7 +41,7 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008
 CLOSE_GOING_AWAY = 1001
 #: The tunnel connection's write buffer above which every channel stops reading.
-TUNNEL_HIGH_WATER = 2 * 1024 * 1024
+TUNNEL_HIGH_WATER = 1024 * 1024
 
 
 class ChannelBinding:
