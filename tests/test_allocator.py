@@ -28,3 +28,9 @@ def test_glibc_takes_the_thresholds() -> None:
 def test_the_environment_wins() -> None:
     env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="131072")
     assert run(env) == "False"
+
+
+def test_it_can_be_switched_off() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["HATCHWAY_MALLOPT"] = "0"
+    assert run(env) == "False"

@@ -12,7 +12,8 @@ by about a tenth with less CPU per byte.
 
 Fixing both thresholds (blocks up to 1 MiB come from the heap; up to 4 MiB of free heap
 is kept) costs at most a few MiB of resident memory. The ``MALLOC_*_`` environment
-variables, when set, win; other C libraries are left alone.
+variables, when set, win; ``HATCHWAY_MALLOPT=0`` leaves glibc's defaults; other C
+libraries are left alone.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def tune() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    if os.environ.get("HATCHWAY_MALLOPT", "1") == "0":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
