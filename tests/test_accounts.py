@@ -198,7 +198,16 @@ def test_an_admin_sets_up_a_partner_a_customer_and_a_support_engineer(env: Env) 
         for server in echo.values():
             server.close()
 
-    records = [json.loads(line) for line in boss("audit", "export").splitlines()]
+    def exported() -> list[dict[str, object]]:
+        return [json.loads(line) for line in boss("audit", "export").splitlines()]
+
+    # Finished channels are written in batches (at most CHANNEL_LOG_DELAY later).
+    wait_for(
+        lambda: any(r["kind"] == "channel" and r["actor"] == "engineer" for r in exported()),
+        10,
+        "the last channel in the audit log",
+    )
+    records = exported()
     assert {r["org"] for r in records} == {"acme"}
     kinds = {(r["kind"], r["actor"]) for r in records}
     for expected in (("device_added", "boss"), ("user_added", "boss"), ("grant_added", "boss"),

@@ -256,13 +256,16 @@ def test_device_cookies_cannot_touch_the_relay_session(web: Web, tmp_path: Path)
 def test_keepalive_and_pipelining_in_order(web: Web) -> None:
     cookie = web.cookie(service="direct")
     host = f"dev1.{DOMAIN}:{web.client.port}"
+    # The device's own cookies change from one request to the next (the relay's stay).
     requests = b"".join(
-        f"GET /app/headers?n={n} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n"
+        f"GET /app/headers?n={n} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}"
+        f"{'; n=' + str(n // 2) if n else ''}\r\n"
         f"{'Connection: close' if n == 4 else 'X-N: {n}'}\r\n\r\n".encode()
         for n in range(5)
     )
-    responses = parse_responses(web.client.exchange(requests))
-    assert [json.loads(r.body)["query"] for r in responses] == [f"n={n}" for n in range(5)]
+    seen = [json.loads(r.body) for r in parse_responses(web.client.exchange(requests))]
+    assert [s["query"] for s in seen] == [f"n={n}" for n in range(5)]
+    assert [s.get("cookie") for s in seen] == [None, "n=0", "n=1", "n=1", "n=2"]
     # Sequential requests reuse one connection (one channel, one agent connection).
     with web.client.connect(f"dev1.{DOMAIN}") as tls:
         clients = set()

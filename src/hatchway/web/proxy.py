@@ -184,6 +184,10 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         self.device = device
         self.host = host  # the Host header of the first request, as sent
         self.host_name = split_host(host)
+        self._host_checked: bytes | None = None  # the last Host header that matched
+        # (Cookie headers, their session secrets, what is left for the device): a
+        # keep-alive connection sends the same Cookie headers again and again.
+        self._cookie_memo: tuple[tuple[bytes, ...], list[str], bytes] | None = None
         self.source = source
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -472,9 +476,11 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             self._fail(*req.error)
             return False
         assert req.host is not None or req.version == "1.0"
-        if req.host is not None and split_host(req.host.decode("latin-1")) != self.host_name:
-            self._fail(421, "this connection serves another host")
-            return False
+        if req.host is not None and req.host != self._host_checked:
+            if split_host(req.host.decode("latin-1")) != self.host_name:
+                self._fail(421, "this connection serves another host")
+                return False
+            self._host_checked = req.host
         if self.prefix and not req.unprefixed:  # _start may run again after a wait
             if not req.url.startswith(self.prefix + b"/"):
                 self._elsewhere(req)
@@ -527,9 +533,9 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         else:
             lines.extend(b"%b: %b" % pair for pair in req.headers if pair[0].lower() != b"host")
             lines.append(b"Host: " + upstream.encode("latin-1"))
-        cookies = [c for c in (strip_relay_cookies(v) for v in req.cookies) if c]
+        cookies = self._cookies(req)[2]
         if cookies:
-            lines.append(b"Cookie: " + b"; ".join(cookies))
+            lines.append(b"Cookie: " + cookies)
         lines.append(b"X-Forwarded-For: " + ip.encode())
         lines.append(b"X-Forwarded-Proto: https")
         lines.append(b"X-Forwarded-Host: " + host)
@@ -601,12 +607,23 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
 
     # --- sessions ----------------------------------------------------------------------------
 
+    def _cookies(self, req: _Request) -> tuple[tuple[bytes, ...], list[str], bytes]:
+        """(the request's Cookie headers, the session secrets among them, the Cookie
+        header for the device: the relay's cookies taken out, empty if none is left)."""
+        key = tuple(req.cookies)
+        memo = self._cookie_memo
+        if memo is None or memo[0] != key:
+            secrets = [
+                value
+                for header in key
+                for value in cookie_values(header.decode("latin-1"), self.cookie_name)
+            ]
+            kept = [c for c in (strip_relay_cookies(v) for v in key) if c]
+            memo = self._cookie_memo = (key, secrets, b"; ".join(kept))
+        return memo
+
     def _authorized(self, req: _Request) -> bool:
-        secrets = [
-            value
-            for header in req.cookies
-            for value in cookie_values(header.decode("latin-1"), self.cookie_name)
-        ]
+        secrets = self._cookies(req)[1]
         if self.session_secret is not None and self.session_secret in secrets:
             known, record = self.access.cached(self.session_secret)
             if known and record is not None:
