@@ -14,6 +14,7 @@ import json
 import logging
 import sqlite3
 import ssl
+import threading
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -295,6 +296,43 @@ def test_directory_down_fails_closed(relay: Relay, slapd: Slapd) -> None:
     finally:
         slapd.start()
     assert relay.login("alice", PASSWORDS["alice"], source)[0] == 200
+
+
+def test_a_directory_that_hangs_holds_up_no_local_login(env: Env) -> None:
+    """Directory logins wait on the network in slots and threads of their own: while a
+    directory that accepts connections and never answers holds more of them than there
+    are password slots, the local administrator logs in and the API answers."""
+    proc, port, password = env.start_relay()
+    assert password is not None
+    relay = Relay(env, proc, port)
+    store = relay.store()
+    store.add_org(ORG)
+    store.close()
+    with FakeServer(reply=None).running() as directory:
+        for name, value in ldap_settings(directory.url):
+            relay.offline("settings", "set", name, value)
+        hanging = 12  # more than the password slots and the default thread pool
+        answers: list[tuple[int, Any]] = []
+
+        def directory_login(n: int) -> None:
+            answers.append(relay.login(f"user{n}", "Some-Passw0rd!", new_source()))
+
+        threads = [
+            threading.Thread(target=directory_login, args=(n,), daemon=True) for n in range(hanging)
+        ]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: directory.connections >= 8, 10, "directory logins waiting")
+        token = relay.token("admin", password, new_source())
+        assert relay.whoami(token)["user"] == "admin"
+        assert answers == []  # every directory login was still waiting meanwhile
+        for thread in threads:
+            thread.join(60)
+        assert len(answers) == hanging
+        assert {(status, body["error"]) for status, body in answers} == {
+            (401, "invalid_credentials")
+        }
+    assert "LDAP directory unreachable or failing, login of 'user0' refused" in proc.output()
 
 
 def test_wrong_passwords_lock_a_directory_user(relay: Relay) -> None:

@@ -398,7 +398,7 @@ def _check_timeout(value: str) -> str:
 
 
 def _check_timeout_range(timeout: float) -> None:
-    # Bounded: a login waits for the directory while holding one of the few login slots.
+    # Bounded: a login waits for the directory while holding one of the directory slots.
     if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
         raise ConfigError(
             f"ldap.timeout must be a positive number of seconds, at most {MAX_TIMEOUT:g}: {timeout}"

@@ -502,13 +502,8 @@ class RelayServer:
         the login without counting it towards the user's lockout.
         """
         existing = self.store.get_user(name)
-        if existing is not None and existing.source != "ldap":
-            return self.store.authenticate_user(name, password)
-        config = self.ldap_config()
-        # Directory names are matched without regard to case; Hatchway's are not: only
-        # lower-case names go to the directory, so that "Alice" cannot become a second
-        # account of alice's.
-        if config is None or name != name.lower():
+        config = self._directory_for(name, existing)
+        if config is None:
             return self.store.authenticate_user(name, password)
         if existing is not None and self.store.locked_until(name) is not None:
             return None
@@ -547,6 +542,24 @@ class RelayServer:
         if user is not None and (existing is None or (existing.role, existing.org) != (role, org)):
             self.forget_access()
         return user
+
+    def uses_directory(self, name: str) -> bool:
+        """Whether ``authenticate_user`` asks the LDAP directory about ``name`` (worker
+        thread): such logins wait on the network, not on the CPU, and are bounded apart
+        (``api.check_password``)."""
+        return self._directory_for(name, self.store.get_user(name)) is not None
+
+    def _directory_for(self, name: str, existing: UserRecord | None) -> LdapConfig | None:
+        """The LDAP configuration to check ``name`` against; None: the store checks it."""
+        if existing is not None and existing.source != "ldap":
+            return None  # a local account, even if the directory has the same name
+        config = self.ldap_config()
+        # Directory names are matched without regard to case; Hatchway's are not: only
+        # lower-case names go to the directory, so that "Alice" cannot become a second
+        # account of alice's.
+        if config is None or name != name.lower():
+            return None
+        return config
 
     def ldap_config(self) -> LdapConfig | None:
         """The LDAP configuration in the settings, read again every few seconds; None when

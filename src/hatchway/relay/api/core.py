@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,11 @@ log = logging.getLogger("hatchway.relay.api")
 TOKEN_TTL = timedelta(days=30)
 #: Logins verified at once (argon2 is deliberately expensive: bound the CPU spent).
 LOGIN_CONCURRENCY = 4
+#: Directory (LDAP) logins checked at once. They wait on the network, each in a thread of
+#: their own: a directory that hangs holds neither the password slots (a local
+#: administrator can still log in and fix the settings) nor the threads that the relay's
+#: other work runs in. Each waits at most a few times ``ldap.timeout``.
+DIRECTORY_LOGIN_CONCURRENCY = 8
 
 
 class ApiError(Exception):
@@ -41,6 +47,8 @@ PASSWORD_CHANGE_REQUIRED = ApiError(
 )
 
 _login_slots: asyncio.Semaphore | None = None
+_directory_slots: asyncio.Semaphore | None = None
+_directory_threads: ThreadPoolExecutor | None = None
 
 
 async def check_password(
@@ -59,7 +67,7 @@ async def check_password(
     password (the bootstrap admin) gets ``password_change_required`` until the request
     carries an acceptable ``new_password``, which is then set.
     """
-    global _login_slots
+    global _login_slots, _directory_slots, _directory_threads
     wait = server.login_throttle.retry_after(source)
     if wait:
         log.warning("login from %s refused: too many failed logins", source)
@@ -73,10 +81,21 @@ async def check_password(
         server.log_login_failure(name, source)
         server.audit("login_failed", name[:64] or "-", source=source, details={"via": via})
         return None
-    if _login_slots is None:
+    if _login_slots is None or _directory_slots is None or _directory_threads is None:
         _login_slots = asyncio.Semaphore(LOGIN_CONCURRENCY)
-    async with _login_slots:
-        user: UserRecord | None = await asyncio.to_thread(server.authenticate_user, name, password)
+        _directory_slots = asyncio.Semaphore(DIRECTORY_LOGIN_CONCURRENCY)
+        _directory_threads = ThreadPoolExecutor(
+            DIRECTORY_LOGIN_CONCURRENCY, thread_name_prefix="hatchway-ldap"
+        )
+    user: UserRecord | None
+    if await asyncio.to_thread(server.uses_directory, name):
+        async with _directory_slots:
+            user = await asyncio.get_running_loop().run_in_executor(
+                _directory_threads, server.authenticate_user, name, password
+            )
+    else:
+        async with _login_slots:
+            user = await asyncio.to_thread(server.authenticate_user, name, password)
     if user is not None:
         enabled, required = await asyncio.to_thread(server.store.totp_policy, user.name)
         if required and not enabled:
