@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,24 @@ def test_bob_is_an_operator(relay: Relay) -> None:
     assert (body["user"], body["role"]) == ("bob", "operator")
     whoami = relay.whoami(body["token"])
     assert (whoami["role"], whoami["org"]) == ("operator", ORG)
+
+
+def test_a_directory_users_tokens_are_short_lived(relay: Relay) -> None:
+    """The relay cannot ask the directory whether a user still exists: a directory
+    user's API tokens expire after ldap.token_hours (12 by default), a local user's do
+    not change."""
+    status, body = relay.login("bob", PASSWORDS["bob"], new_source())
+    assert status == 200 and body["expires_in"] == 12 * 3600
+    status, created = relay.call(
+        "POST", "/api/v1/tokens", {"name": "ci", "expires_in_days": 30}, token=body["token"]
+    )
+    assert status == 200, created
+    lifetime = datetime.fromisoformat(created["expires_at"]) - datetime.fromisoformat(
+        created["created_at"]
+    )
+    assert timedelta(hours=11, minutes=59) < lifetime <= timedelta(hours=12)
+    status, body = relay.login("dave", LOCAL_PASSWORD, new_source())
+    assert status == 200 and body["expires_in"] == 30 * 24 * 3600
 
 
 @pytest.mark.parametrize(
@@ -509,6 +528,9 @@ def test_ldap_settings(store: SqlStore) -> None:
         ("ldap.starttls", "yes", "true or false"),
         ("ldap.ca_file", "/nonexistent/ca.pem", "no such file"),
         ("ldap.timeout", "600", "at most 60"),
+        ("ldap.token_hours", "0", "from 1 to 720"),
+        ("ldap.token_hours", "721", "from 1 to 720"),
+        ("ldap.token_hours", "1.5", "whole number of hours"),
         ("colour", "blue", "unknown setting"),
     ]:
         with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):

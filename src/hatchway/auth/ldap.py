@@ -41,6 +41,7 @@ import ssl
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -59,6 +60,9 @@ LDAP_ROLES = tuple(role for role in USER_ROLES if role != "user")
 DEFAULT_GROUP_FILTER = "(|(member={dn})(uniqueMember={dn})(memberUid={user}))"
 #: The longest ldap.timeout: a login waits up to about this long per network step.
 MAX_TIMEOUT = 60.0
+#: Default and longest lifetime of a directory user's API tokens (``ldap.token_hours``).
+DEFAULT_TOKEN_HOURS = 12
+MAX_TOKEN_HOURS = 24 * 30
 _USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _SETTINGS = (
     "ldap.url",
@@ -70,6 +74,7 @@ _SETTINGS = (
     "ldap.starttls",
     "ldap.ca_file",
     "ldap.timeout",
+    "ldap.token_hours",
 )
 
 
@@ -90,6 +95,14 @@ class LdapConfig:
     starttls: bool = False
     ca_file: str | None = None  # verify the server (ldaps/StartTLS) against it; else system CAs
     timeout: float = 5.0
+    # A directory user's API tokens last at most this long: the relay cannot ask the
+    # directory whether they still exist, so a user removed there loses access when the
+    # token expires (docs/LDAP.md).
+    token_hours: int = DEFAULT_TOKEN_HOURS
+
+    @property
+    def token_ttl(self) -> timedelta:
+        return timedelta(hours=self.token_hours)
 
     def __post_init__(self) -> None:
         _parse_url(self.url)
@@ -104,6 +117,7 @@ class LdapConfig:
         if self.ca_file is not None:
             _check_ca_file(self.ca_file)
         _check_timeout_range(self.timeout)
+        _check_token_hours_range(self.token_hours)
 
     @classmethod
     def from_settings(cls, settings: dict[str, str]) -> LdapConfig | None:
@@ -111,8 +125,8 @@ class LdapConfig:
 
         Keys: ldap.url, ldap.user_dn, ldap.group_base, ldap.group_filter, ldap.roles
         ("support=admin,partners=operator"), ldap.org, ldap.starttls ("true"/"false"),
-        ldap.ca_file, ldap.timeout. Other keys are ignored, except unknown ``ldap.*``
-        ones (a misspelt option would otherwise be silently dropped).
+        ldap.ca_file, ldap.timeout, ldap.token_hours. Other keys are ignored, except
+        unknown ``ldap.*`` ones (a misspelt option would otherwise be silently dropped).
         """
         url = settings.get("ldap.url", "").strip()
         if not url:
@@ -145,6 +159,7 @@ class LdapConfig:
             starttls=_parse_bool("ldap.starttls", get("ldap.starttls") or "false"),
             ca_file=get("ldap.ca_file"),
             timeout=_parse_timeout(get("ldap.timeout") or "5"),
+            token_hours=_parse_token_hours(get("ldap.token_hours") or str(DEFAULT_TOKEN_HOURS)),
         )
 
 
@@ -405,6 +420,25 @@ def _check_timeout_range(timeout: float) -> None:
         )
 
 
+def _check_token_hours(value: str) -> str:
+    _check_token_hours_range(_parse_token_hours(value))
+    return value
+
+
+def _check_token_hours_range(hours: int) -> None:
+    if not 1 <= hours <= MAX_TOKEN_HOURS:
+        raise ConfigError(
+            f"ldap.token_hours must be a whole number of hours from 1 to {MAX_TOKEN_HOURS}: {hours}"
+        )
+
+
+def _parse_token_hours(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"ldap.token_hours must be a whole number of hours: {value!r}") from None
+
+
 def _check_org(value: str) -> str:
     return value  # not empty (check_setting); that it exists is the store's business
 
@@ -428,6 +462,7 @@ _SETTING_CHECKS: dict[str, Callable[[str], str]] = {
     "ldap.starttls": _check_starttls,
     "ldap.ca_file": _check_ca_file,
     "ldap.timeout": _check_timeout,
+    "ldap.token_hours": _check_token_hours,
 }
 
 

@@ -20,7 +20,12 @@ from typing import Any, cast
 from hatchway import __version__
 from hatchway.agent.config import SERVICE_NAME_RE
 from hatchway.auth.device import DEVICE_ID_RE
-from hatchway.auth.ldap import LdapConfig, LdapUnavailable, ldap_authenticate
+from hatchway.auth.ldap import (
+    DEFAULT_TOKEN_HOURS,
+    LdapConfig,
+    LdapUnavailable,
+    ldap_authenticate,
+)
 from hatchway.auth.passwords import new_password
 from hatchway.auth.permissions import ROLE_PERMISSIONS, Access, may_connect, may_view
 from hatchway.auth.throttle import LoginThrottle
@@ -542,6 +547,15 @@ class RelayServer:
         if user is not None and (existing is None or (existing.role, existing.org) != (role, org)):
             self.forget_access()
         return user
+
+    def token_ttl(self, user: UserRecord, wanted: timedelta | None) -> timedelta | None:
+        """The lifetime of an API token for ``user`` who asks for ``wanted`` (None: no
+        expiry): a directory user's is capped at ``ldap.token_hours`` (worker thread)."""
+        if user.source != "ldap":
+            return wanted
+        config = self.ldap_config()
+        cap = config.token_ttl if config is not None else timedelta(hours=DEFAULT_TOKEN_HOURS)
+        return cap if wanted is None else min(wanted, cap)
 
     def uses_directory(self, name: str) -> bool:
         """Whether ``authenticate_user`` asks the LDAP directory about ``name`` (worker

@@ -32,7 +32,8 @@ async def health() -> m.Health:
     summary="Log in with a password: returns an API token",
     description="Throttled per source address; 10 wrong passwords lock the account for "
     "10 minutes (a locked account answers like a wrong password). `otp_required`: send "
-    "`otp` too. `password_change_required`: send `new_password` too.",
+    "`otp` too. `password_change_required`: send `new_password` too. The token lasts "
+    "30 days, a directory (LDAP) user's `ldap.token_hours` (12 by default).",
 )
 async def login(body: m.LoginRequest, server: Relay, request: Request) -> m.LoginResponse:
     source = request.client.host if request.client else "-"
@@ -41,9 +42,10 @@ async def login(body: m.LoginRequest, server: Relay, request: Request) -> m.Logi
     )
     if user is None:
         raise ApiError(401, "invalid_credentials", "wrong user name or password")
-    token = await run(server.store.create_token, user.name, body.label, TOKEN_TTL)
+    ttl = await run(server.token_ttl, user, TOKEN_TTL) or TOKEN_TTL
+    token = await run(server.store.create_token, user.name, body.label, ttl)
     return m.LoginResponse(
-        token=token, user=user.name, role=user.role, expires_in=int(TOKEN_TTL.total_seconds())
+        token=token, user=user.name, role=user.role, expires_in=int(ttl.total_seconds())
     )
 
 
@@ -115,13 +117,18 @@ async def list_tokens(caller: TokenOwner, server: Relay) -> m.TokenList:
     return m.TokenList(tokens=[token_info(t) for t in tokens])
 
 
-@router.post("/tokens", summary="Create a named, scoped, expiring token (shown once)")
+@router.post(
+    "/tokens",
+    summary="Create a named, scoped, expiring token (shown once)",
+    description="A directory (LDAP) user's token lasts at most `ldap.token_hours` "
+    "(12 by default), whatever `expires_in_days` asks: see `expires_at`.",
+)
 async def create_token(body: m.TokenCreate, caller: TokenOwner, server: Relay) -> m.TokenCreated:
+    ttl = await run(server.token_ttl, caller.user, timedelta(days=body.expires_in_days))
     try:
         token = await run(
-            server.store.create_token, caller.name, body.name,
-            timedelta(days=body.expires_in_days), tuple(body.scopes),
-        )  # fmt: skip
+            server.store.create_token, caller.name, body.name, ttl, tuple(body.scopes)
+        )
     except ConfigError as exc:
         raise ApiError(400, "bad_request", str(exc)) from None
     created = (await run(server.store.list_tokens, caller.name))[-1]
