@@ -548,14 +548,14 @@ class RelayServer:
             self.forget_access()
         return user
 
-    def token_ttl(self, user: UserRecord, wanted: timedelta | None) -> timedelta | None:
-        """The lifetime of an API token for ``user`` who asks for ``wanted`` (None: no
-        expiry): a directory user's is capped at ``ldap.token_hours`` (worker thread)."""
+    def token_ttl(self, user: UserRecord, wanted: timedelta) -> timedelta:
+        """The lifetime of an API token for ``user`` who asks for ``wanted``: a directory
+        user's is capped at ``ldap.token_hours`` (worker thread)."""
         if user.source != "ldap":
             return wanted
         config = self.ldap_config()
         cap = config.token_ttl if config is not None else timedelta(hours=DEFAULT_TOKEN_HOURS)
-        return cap if wanted is None else min(wanted, cap)
+        return min(wanted, cap)
 
     def uses_directory(self, name: str) -> bool:
         """Whether ``authenticate_user`` asks the LDAP directory about ``name`` (worker

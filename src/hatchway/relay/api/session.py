@@ -42,7 +42,7 @@ async def login(body: m.LoginRequest, server: Relay, request: Request) -> m.Logi
     )
     if user is None:
         raise ApiError(401, "invalid_credentials", "wrong user name or password")
-    ttl = await run(server.token_ttl, user, TOKEN_TTL) or TOKEN_TTL
+    ttl = await run(server.token_ttl, user, TOKEN_TTL)
     token = await run(server.store.create_token, user.name, body.label, ttl)
     return m.LoginResponse(
         token=token, user=user.name, role=user.role, expires_in=int(ttl.total_seconds())
