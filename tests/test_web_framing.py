@@ -855,3 +855,77 @@ def test_arbitrary_input_fails_the_same_way_however_it_is_split(
     assert outcome(split_at(data, cuts)) == whole
     if whole[1] is None:
         assert whole[0] == data
+
+
+class GeneralPathOnly(ResponseFramer):
+    """The framer without its one-pass fast path for a whole Content-Length response."""
+
+    def _feed_one(self, data: bytes) -> list[bytes | memoryview] | None:
+        return None
+
+
+Trace = list[tuple[object, ...]]
+
+
+def framer_trace(cls: type[ResponseFramer], exchange: Exchange, chunks: list[bytes]) -> Trace:
+    def rewrite(head: ResponseHead) -> bytes | None:
+        # Odd statuses get their head rebuilt from its fields (parsed on demand).
+        return head.serialize() if head.status % 2 else None
+
+    framer = cls(rewrite, max_headers=3)
+    for method, upgrade in exchange.requests:
+        framer.expect(method, upgrade=upgrade)
+    trace: Trace = []
+    for chunk in chunks:
+        try:
+            out = joined(framer.feed(chunk))
+        except ResponseError as exc:
+            trace.append(("error", str(exc), joined(exc.pieces)))
+            return trace
+        except ValueError as exc:  # serialize() refused a head
+            trace.append(("hook", str(exc)))
+            return trace
+        state = (framer.responses, framer.pending, framer.in_message, framer.must_close)
+        trace.append((out, *state, framer.upgraded))
+    return trace
+
+
+@settings(max_examples=400, deadline=None)
+@given(exchanges(), st.data())
+def test_the_fast_path_decides_as_the_general_one(exchange: Exchange, data: st.DataObject) -> None:
+    # One feed per response head, as the relay mostly sees them, and sometimes one
+    # byte of a head spoiled: both paths give the same output, state and errors.
+    stream, starts, pos = exchange.stream, [], 0
+    for head in exchange.heads:
+        pos = stream.index(head, pos)
+        starts.append(pos)
+        pos += len(head)
+    if data.draw(st.booleans()):
+        k = data.draw(st.integers(0, len(starts) - 1))
+        spot = starts[k] + data.draw(st.integers(0, len(exchange.heads[k]) - 1))
+        byte = data.draw(st.sampled_from([b"\r", b"\n", b"\x00", b" ", b":", b"\t", b"x"]))
+        stream = stream[:spot] + byte + stream[spot + 1 :]
+        event("spoiled")
+    chunks = split_at(stream, starts[1:])
+    fast = framer_trace(ResponseFramer, exchange, chunks)
+    event("error" if fast and fast[-1][0] in ("error", "hook") else "clean")
+    assert fast == framer_trace(GeneralPathOnly, exchange, chunks)
+
+
+def test_the_fast_path_takes_the_common_response() -> None:
+    taken: list[bool] = []
+
+    class Watched(ResponseFramer):
+        def _feed_one(self, data: bytes) -> list[bytes | memoryview] | None:
+            result = super()._feed_one(data)
+            taken.append(result is not None)
+            return result
+
+    framer = Watched()
+    for data, requests in ((OK, 1), (OK_HEAD + b"hel", 1), (b"lo", 0), (CHUNKED, 1), (OK + OK, 2)):
+        for _ in range(requests):
+            framer.expect(b"GET")
+        assert joined(framer.feed(data)) == data
+    # Not for the rest of a body, a chunked response or two responses in one feed.
+    assert taken == [True, True, False, False]
+    assert framer.responses == 5 and framer.pending == 0

@@ -1,8 +1,9 @@
 """Response framing for the web proxy: where each upstream response starts and ends.
 
 Each browser connection is pinned to one upstream byte stream. ``ResponseFramer`` reads
-the responses on that stream without decoding them: it parses every head (so a hook can
-rewrite it, and so the body length is known) and scans chunked bodies, but body bytes
+the responses on that stream without decoding them: it checks every head whole, reads
+the fields that decide framing (a hook that rewrites heads gets the others parsed on
+demand) and scans chunked bodies, but body bytes
 go out as slices of the data fed in, byte for byte (no re-chunking). Framing follows
 RFC 9112 §6.3. Sans-I/O: ``expect()`` per request sent upstream, ``feed()`` the bytes
 that come back, write what it returns to the browser.
@@ -20,7 +21,6 @@ import enum
 import re
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import NoReturn
 
 from hatchway.errors import HatchwayError
@@ -43,6 +43,12 @@ _FIELD_LINES = re.compile(
     rb"^([" + _TCHAR + rb"]+):[ \t]*+((?:[^\r\n\x00]*[^\r\n\x00 \t])?)[ \t]*\r?\n",
     re.MULTILINE,
 )
+# A whole head, checked in one pass: what _FIELD_LINES finds line by line, and nothing
+# else. Its fields are found only when something asks for them (``ResponseHead.headers``).
+_WHOLE_HEAD = re.compile(
+    rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n\x00]*+))?\r?\n"
+    rb"(?:[" + _TCHAR + rb"]++:[^\r\n\x00]*+\r?\n)*+\r?\n"
+)
 _FIELD_LINE = re.compile(rb"[" + _TCHAR + rb"]+:[^\r\n\x00]*\r?\n")
 _TOKEN = re.compile(rb"[" + _TCHAR + rb"]+")
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n\x00]*)?\r?\n")
@@ -58,15 +64,52 @@ class ResponseError(HatchwayError):
         self.pieces: list[bytes | memoryview] = []
 
 
-@dataclass(slots=True)
 class ResponseHead:
-    """A parsed response head. ``raw`` is exactly what was received, empty line included."""
+    """A parsed response head. ``raw`` is exactly what was received, empty line included.
 
-    version: bytes
-    status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes]]
-    raw: bytes
+    ``headers`` (name, value) in order, values without surrounding blanks: parsed from
+    ``raw`` on first use (a head that only passes through never needs them), or given.
+    """
+
+    __slots__ = ("_headers", "_lower", "raw", "reason", "status", "version")
+
+    def __init__(
+        self,
+        version: bytes,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]] | None,
+        raw: bytes,
+    ) -> None:
+        self.version = version
+        self.status = status
+        self.reason = reason
+        self._headers = headers
+        self._lower: bytes | None = None
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"ResponseHead({self.version!r}, {self.status}, {self.reason!r}, {self.headers!r})"
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = self._headers
+        if headers is None:
+            # ``raw`` passed _WHOLE_HEAD: every line after the status line is a field.
+            headers = self._headers = _FIELD_LINES.findall(self.raw, self.raw.find(b"\n") + 1)
+        return headers
+
+    @headers.setter
+    def headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self._headers = headers
+
+    @property
+    def lower(self) -> bytes:
+        """``raw`` in lower case (computed once)."""
+        lower = self._lower
+        if lower is None:
+            lower = self._lower = self.raw.lower()
+        return lower
 
     def get(self, name: bytes) -> bytes | None:
         """The value of the first field called ``name`` (any case), or None."""
@@ -111,19 +154,6 @@ class _State(enum.Enum):
     UPGRADED = enum.auto()  # after a 101: raw bytes
     DONE = enum.auto()  # a response that closes the connection has ended
 
-
-_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION = 1, 2, 3
-# The fields that decide framing, in their usual spellings (others are lowercased first).
-_FRAMING_FIELDS = {
-    spelling: kind
-    for name, kind in (
-        ("content-length", _CONTENT_LENGTH),
-        ("transfer-encoding", _TRANSFER_ENCODING),
-        ("connection", _CONNECTION),
-    )
-    for spelling in (name.encode(), name.title().encode())
-}
-_FRAMING_FIELD_SIZES = frozenset(len(kind) for kind in _FRAMING_FIELDS)
 
 _HEAD = _State.HEAD
 _BODY_LENGTH = _State.BODY_LENGTH
@@ -235,6 +265,10 @@ class ResponseFramer:
             raise ResponseError("data fed after the end of the stream")
         if self._state is _UPGRADED:
             return [data] if data else []
+        if self._state is _HEAD and not self._head_buf:
+            fast = self._feed_one(data)
+            if fast is not None:
+                return fast
         out: list[bytes | memoryview] = []
         self._out = out
         self._run = 0
@@ -288,6 +322,75 @@ class ResponseFramer:
         finally:
             self._out = []
         return out
+
+    def _feed_one(self, data: bytes) -> list[bytes | memoryview] | None:
+        """The common case in one pass: ``data`` begins with a whole head of a response
+        to a plain request, framed by one Content-Length, and holds no more than it. None
+        (and nothing changed) for anything else: ``feed`` then takes its general path,
+        which decides the same for what this accepts."""
+        expected = self._expected
+        if not expected or expected[0] != (False, False):
+            return None
+        head_end = data.find(b"\r\n\r\n", 0, self._max_head) + 4
+        if head_end < 4:
+            return None
+        raw = data[:head_end]
+        match = _WHOLE_HEAD.fullmatch(raw)
+        if match is None or raw.count(b"\n") - 2 > self._max_headers:
+            return None
+        status = int(match[2])
+        if status < 200 or status == 204 or status == 304:
+            return None
+        lower = raw.lower()
+        if b"\ntransfer-encoding:" in lower:
+            return None
+        found = lower.find(b"\ncontent-length:")
+        if found < 0 or lower.find(b"\ncontent-length:", found + 16) >= 0:
+            return None
+        value = raw[found + 16 : lower.find(b"\n", found + 16)].strip(b" \t\r")
+        if not value.isdigit() or len(value) > 18:
+            return None
+        length = int(value)
+        if head_end + length < len(data):
+            return None  # more after this response: pipelined
+        keep_alive = close = False
+        found = lower.find(b"\nconnection:")
+        if found >= 0:
+            if lower.find(b"\nconnection:", found + 12) >= 0:
+                return None
+            option = lower[found + 12 : lower.find(b"\n", found + 12)].strip(b" \t\r")
+            if option == b"keep-alive":
+                keep_alive = True
+            elif option == b"close":
+                close = True
+            else:
+                return None
+        version = HTTP_11 if match[1] == b"1" else HTTP_10
+        if version == HTTP_10 and not keep_alive:
+            close = True
+
+        head = ResponseHead(version, status, match[3] or b"", None, raw)
+        head._lower = lower
+        replacement = None
+        if self._rewrite is not None:
+            try:
+                replacement = self._rewrite(head)
+            except Exception as exc:
+                self._error = f"the rewrite hook raised {exc!r}"
+                raise
+        self._must_close = close
+        remaining = head_end + length - len(data)
+        if remaining:
+            self._state = _BODY_LENGTH
+            self._remaining = remaining
+        else:
+            self._complete()
+        if replacement is None:
+            return [data]
+        body = len(data) - head_end
+        if not body:
+            return [replacement]
+        return [replacement, data[head_end:] if body <= _COPY_MAX else memoryview(data)[head_end:]]
 
     def feed_eof(self) -> list[bytes | memoryview]:
         """The upstream closed its side. Raises ResponseError if a response was cut short."""
@@ -385,20 +488,16 @@ class ResponseFramer:
         return head_end
 
     def _parse_head(self, raw: bytes) -> ResponseHead:
-        status_line = _STATUS_LINE.match(raw)
-        if status_line is None:
-            raise _head_error(raw)
-        count = raw.count(b"\n") - 2
-        if count > self._max_headers:
+        if raw.count(b"\n") - 2 > self._max_headers:
             raise ResponseError(f"response head with more than {self._max_headers} fields")
-        headers: list[tuple[bytes, bytes]] = _FIELD_LINES.findall(raw, status_line.end())
-        if len(headers) != count:
+        match = _WHOLE_HEAD.fullmatch(raw)
+        if match is None:
             raise _head_error(raw)
-        version = HTTP_11 if status_line[1] == b"1" else HTTP_10
-        status = int(status_line[2])
+        version = HTTP_11 if match[1] == b"1" else HTTP_10
+        status = int(match[2])
         if status < 100:
-            raise ResponseError(f"invalid status code {status_line[2]!r}")
-        return ResponseHead(version, status, status_line[3] or b"", headers, raw)
+            raise ResponseError(f"invalid status code {match[2]!r}")
+        return ResponseHead(version, status, match[3] or b"", None, raw)
 
     def _start(self, head: ResponseHead) -> None:
         """Decide how the response that ``head`` begins is framed (RFC 9112 §6.3)."""
@@ -412,27 +511,19 @@ class ResponseFramer:
                 self._responses += 1
                 self._state = _UPGRADED
             return  # other 1xx are interim: the final response is still to come
-        lengths: list[bytes] = []
-        codings: list[bytes] = []
+        # Only the fields that decide framing are looked at, found in the lowered head.
+        raw, lower = head.raw, head.lower
+        lengths = _field_values(raw, lower, b"\ncontent-length:")
+        codings = _field_values(raw, lower, b"\ntransfer-encoding:")
         close = upgrade  # not upgraded: what the client sent after its request may not be HTTP
         keep_alive = False
-        for name, value in head.headers:
-            kind = _FRAMING_FIELDS.get(name)
-            if kind is None:
-                if len(name) not in _FRAMING_FIELD_SIZES:
-                    continue
-                kind = _FRAMING_FIELDS.get(name.lower())
-            if kind == _CONTENT_LENGTH:
-                lengths.append(value)
-            elif kind == _TRANSFER_ENCODING:
-                codings.append(value)
-            elif kind == _CONNECTION:
-                for option in value.lower().split(b","):
-                    option = option.strip(b" \t")
-                    if option == b"close":
-                        close = True
-                    elif option == b"keep-alive":
-                        keep_alive = True
+        for value in _field_values(lower, lower, b"\nconnection:"):
+            for option in value.split(b","):
+                option = option.strip(b" \t")
+                if option == b"close":
+                    close = True
+                elif option == b"keep-alive":
+                    keep_alive = True
         http_10 = head.version == HTTP_10
         if http_10 and not keep_alive:
             close = True
@@ -518,6 +609,22 @@ class ResponseFramer:
         elif _FIELD_LINE.fullmatch(line) is None:
             raise ResponseError(f"malformed trailer line {line[:64]!r}")
         return pos
+
+
+def _field_values(raw: bytes, lower: bytes, marker: bytes) -> list[bytes]:
+    """The values (from ``raw``, blanks stripped) of the fields that ``marker``, a
+    newline, a lower-case name and a colon, finds in ``lower``: a head that passed
+    _WHOLE_HEAD has no blank before a colon and no newline inside a value."""
+    found = lower.find(marker)
+    if found < 0:
+        return []
+    values = []
+    while found >= 0:
+        start = found + len(marker)
+        end = lower.find(b"\n", start)
+        values.append(raw[start:end].strip(b" \t\r"))
+        found = lower.find(marker, end)
+    return values
 
 
 def _content_length(values: list[bytes]) -> int:

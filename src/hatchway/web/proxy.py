@@ -1061,7 +1061,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
     def _rewrite_head(self, head: ResponseHead) -> bytes | None:
         """Drop the relay's cookies and ``Domain`` attributes from a device's Set-Cookie;
         point redirects to the device's own name (or to plain http) back at the relay."""
-        lower = head.raw.lower()
+        lower = head.lower
         if b"set-cookie" not in lower and b"location" not in lower:
             return None
         changed = False
