@@ -1,4 +1,5 @@
-"""Events the multiplexer reports to the code that drives it."""
+"""Events the multiplexer reports to the code that drives it (records to read, not to
+change: they are not frozen because that makes each one slower to create)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HelloReceived:
     """The peer's HELLO: a JSON object (version, capabilities, identity...)."""
 
     info: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChannelRequested:
     """The peer asks to open ``channel`` to ``service``: accept or reject it."""
 
@@ -21,21 +22,21 @@ class ChannelRequested:
     service: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChannelOpened:
     """The peer accepted a channel we opened."""
 
     channel: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChannelOpenFailed:
     channel: int
     reason: int
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataReceived:
     """Bytes for ``channel``; report them with ``consumed()`` once delivered."""
 
@@ -43,14 +44,14 @@ class DataReceived:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EofReceived:
     """The peer will send no more data on ``channel`` (TCP half-close)."""
 
     channel: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChannelReset:
     """The channel was aborted by the peer; it is gone."""
 
@@ -59,26 +60,26 @@ class ChannelReset:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChannelClosed:
     """Both directions ended cleanly with EOF; the channel is gone."""
 
     channel: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendWindowAvailable:
     """A channel whose sender was held back by flow control may send again."""
 
     channel: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PongReceived:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GoAwayReceived:
     """The peer is closing the tunnel; no new channels will be accepted."""
 

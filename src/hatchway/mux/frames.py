@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hatchway.errors import RemoteProtocolError
 
@@ -96,12 +96,18 @@ PAYLOAD_LIMITS: dict[int, int] = {
     FrameType.PONG: 8,
     FrameType.GOAWAY: MAX_CONTROL_PAYLOAD,
 }
+# For the parser: each type's member and payload limit in one lookup.
+_LIMITS: dict[int, tuple[FrameType, int]] = {
+    int(ftype): (FrameType(ftype), limit) for ftype, limit in PAYLOAD_LIMITS.items()
+}
+_new_frame = tuple.__new__
 #: Frames that always travel on channel 0.
 SESSION_TYPES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
+    """One frame (immutable; a tuple, so that the parser makes one cheaply)."""
+
     type: FrameType
     channel: int
     payload: bytes = b""
@@ -184,14 +190,17 @@ class FrameParser:
         offset = 0
         end = len(source)
         unpack = HEADER.unpack_from
+        limits = _LIMITS
         while end - offset >= HEADER_SIZE:
             ftype, channel, length = unpack(source, offset)
-            _check_header(ftype, length)
+            known = limits.get(ftype)
+            if known is None or length > known[1]:
+                _check_header(ftype, length)
             stop = offset + HEADER_SIZE + length
             if stop > end:
                 break
             payload = bytes(source[offset + HEADER_SIZE : stop])
-            frames.append(Frame(FrameType(ftype), channel, payload))
+            frames.append(_new_frame(Frame, (known[0], channel, payload)))  # type: ignore[index]
             offset = stop
         if source is buf:
             if offset:

@@ -26,6 +26,7 @@ from typing import Any
 from hatchway.errors import LocalProtocolError, RemoteProtocolError
 from hatchway.mux import events as ev
 from hatchway.mux.frames import (
+    HEADER,
     MAX_CONTROL_PAYLOAD,
     MAX_SERVICE_NAME,
     MAX_WINDOW,
@@ -51,6 +52,7 @@ DEFAULT_WINDOW = 1024 * 1024
 #: so smaller frames let every hop of the relay path work on a stream at once instead
 #: of storing and forwarding big blocks. Frames up to MAX_PAYLOAD are still accepted.
 DATA_CHUNK = 64 * 1024
+_DATA_HEADER = HEADER.pack
 DEFAULT_MAX_CHANNELS = 1024
 
 
@@ -184,6 +186,9 @@ class Multiplexer:
         if n == 0:
             return 0
         ch.send_window -= n
+        if n == total and n <= DATA_CHUNK:  # one frame: the common case
+            self._out += (_DATA_HEADER(FrameType.DATA, channel_id, n), bytes(data))
+            return n
         view = memoryview(data)
         out = self._out
         for start in range(0, n, DATA_CHUNK):

@@ -102,6 +102,7 @@ _DROP = frozenset(
 )
 
 _HEAD, _BODY, _END, _RAW, _EOF = range(5)
+_RESERVED = RESERVED_PREFIX.encode()
 #: ``Authorization: Bearer hwt_...`` and the other secrets the relay hands out.
 _RELAY_TOKEN = re.compile(rb"\s*bearer\s+hw[tsdg]_", re.IGNORECASE)
 
@@ -188,6 +189,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         # (Cookie headers, their session secrets, what is left for the device): a
         # keep-alive connection sends the same Cookie headers again and again.
         self._cookie_memo: tuple[tuple[bytes, ...], list[str], bytes] | None = None
+        self._forwarded_memo: tuple[bytes, bytes] | None = None  # (Host, fields)
         self.source = source
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -487,8 +489,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
                 return False
             req.url = req.url[len(self.prefix) :]
             req.unprefixed = True
-        path = req.url.split(b"?", 1)[0]
-        if path.startswith(RESERVED_PREFIX.encode()):
+        if req.url.startswith(_RESERVED):
             self._relay_path(req)
             return False
         if not self._authorized(req):
@@ -521,34 +522,46 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         return True
 
     def _head(self, req: _Request) -> bytes:
-        ip = self.source
         host = req.host if req.host is not None else self.host.encode("latin-1")
-        forwarded_for = f'"[{ip}]"' if ":" in ip else ip
         lines = [b"%b %b HTTP/%b" % (req.method, req.url, req.version.encode())]
         upstream = self.upstream_host
         if upstream is None:
-            lines.extend(b"%b: %b" % pair for pair in req.headers)
+            lines += [b"%b: %b" % pair for pair in req.headers]
             if req.host is None:
                 lines.append(b"Host: " + host)
         else:
-            lines.extend(b"%b: %b" % pair for pair in req.headers if pair[0].lower() != b"host")
+            lines += [b"%b: %b" % pair for pair in req.headers if pair[0].lower() != b"host"]
             lines.append(b"Host: " + upstream.encode("latin-1"))
         cookies = self._cookies(req)[2]
         if cookies:
             lines.append(b"Cookie: " + cookies)
-        lines.append(b"X-Forwarded-For: " + ip.encode())
-        lines.append(b"X-Forwarded-Proto: https")
-        lines.append(b"X-Forwarded-Host: " + host)
-        lines.append(b'Forwarded: for=%b;proto=https;host="%b"' % (forwarded_for.encode(), host))
+        lines.append(self._forwarded(host))
         if req.upgrade:
-            lines.append(b"Connection: Upgrade")
-            lines.append(b"Upgrade: websocket")
+            lines.append(b"Connection: Upgrade\r\nUpgrade: websocket")
         elif req.chunked:
             lines.append(b"Transfer-Encoding: chunked")
         if req.close and not req.upgrade:
             lines.append(b"Connection: close")
         lines.append(b"\r\n")
         return b"\r\n".join(lines)
+
+    def _forwarded(self, host: bytes) -> bytes:
+        """The X-Forwarded-* and Forwarded fields (one string; the same for every request
+        with this Host on the connection)."""
+        memo = self._forwarded_memo
+        if memo is None or memo[0] != host:
+            ip = self.source
+            forwarded_for = f'"[{ip}]"' if ":" in ip else ip
+            fields = b"\r\n".join(
+                (
+                    b"X-Forwarded-For: " + ip.encode(),
+                    b"X-Forwarded-Proto: https",
+                    b"X-Forwarded-Host: " + host,
+                    b'Forwarded: for=%b;proto=https;host="%b"' % (forwarded_for.encode(), host),
+                )
+            )
+            memo = self._forwarded_memo = (host, fields)
+        return memo[1]
 
     # --- the cache ---------------------------------------------------------------------------
 
