@@ -49,6 +49,8 @@ _WHOLE_HEAD = re.compile(
     rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n\x00]*+))?\r?\n"
     rb"(?:[" + _TCHAR + rb"]++:[^\r\n\x00]*+\r?\n)*+\r?\n"
 )
+# The fields that decide framing, in a lowered head that passed _WHOLE_HEAD.
+_FRAMING_FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection):([^\n]*)")
 _FIELD_LINE = re.compile(rb"[" + _TCHAR + rb"]+:[^\r\n\x00]*\r?\n")
 _TOKEN = re.compile(rb"[" + _TCHAR + rb"]+")
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n\x00]*)?\r?\n")
@@ -342,29 +344,20 @@ class ResponseFramer:
         if status < 200 or status == 204 or status == 304:
             return None
         lower = raw.lower()
-        if b"\ntransfer-encoding:" in lower:
-            return None
-        found = lower.find(b"\ncontent-length:")
-        if found < 0 or lower.find(b"\ncontent-length:", found + 16) >= 0:
-            return None
-        value = raw[found + 16 : lower.find(b"\n", found + 16)].strip(b" \t\r")
-        if not value.isdigit() or len(value) > 18:
-            return None
-        length = int(value)
-        if head_end + length < len(data):
-            return None  # more after this response: pipelined
+        length = -1
         keep_alive = close = False
-        found = lower.find(b"\nconnection:")
-        if found >= 0:
-            if lower.find(b"\nconnection:", found + 12) >= 0:
-                return None
-            option = lower[found + 12 : lower.find(b"\n", found + 12)].strip(b" \t\r")
-            if option == b"keep-alive":
+        for name, value in _FRAMING_FIELDS.findall(lower):
+            value = value.strip(b" \t\r")
+            if name == b"content-length" and length < 0 and value.isdigit() and len(value) < 19:
+                length = int(value)
+            elif name == b"connection" and not (keep_alive or close) and value == b"keep-alive":
                 keep_alive = True
-            elif option == b"close":
+            elif name == b"connection" and not (keep_alive or close) and value == b"close":
                 close = True
-            else:
+            else:  # Transfer-Encoding, a second field, a list of options...
                 return None
+        if length < 0 or head_end + length < len(data):
+            return None  # no length, or more after this response (pipelined)
         version = HTTP_11 if match[1] == b"1" else HTTP_10
         if version == HTTP_10 and not keep_alive:
             close = True

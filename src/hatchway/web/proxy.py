@@ -101,6 +101,16 @@ _DROP = frozenset(
     }
 )
 
+# How on_headers_complete treats a request field (by its lower-case name): absent, pass
+# it on; _KEEP, read it and pass it on; _DROPPED, read it (or not) and drop it.
+_KEEP, _DROPPED = "keep", "drop"
+_REQUEST_FIELDS = {
+    **{name: _DROPPED for name in _DROP},
+    b"host": _KEEP,
+    b"content-length": _KEEP,
+    b"authorization": _KEEP,
+}
+
 _HEAD, _BODY, _END, _RAW, _EOF = range(5)
 _RESERVED = RESERVED_PREFIX.encode()
 #: ``Authorization: Bearer hwt_...`` and the other secrets the relay hands out.
@@ -335,12 +345,21 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         hosts = 0
         for name, value in req.headers:
             lname = name.lower()
-            if lname == b"host":
-                hosts += 1
-                req.host = value
+            kind = _REQUEST_FIELDS.get(lname)
+            if kind is None:
+                keep.append((name, value))
+            elif kind is _KEEP:  # a field the relay reads and passes on
+                if lname == b"host":
+                    hosts += 1
+                    req.host = value
+                elif lname == b"content-length":
+                    content_length = value
+                    req.has_length = value.strip() != b"0"
+                elif _RELAY_TOKEN.match(value):  # authorization
+                    continue  # the relay's own bearer tokens never reach a device
+                keep.append((name, value))
             elif lname == b"cookie":
                 req.cookies.append(value)
-                continue
             elif lname == b"connection":
                 connection_tokens.update(t.strip().lower() for t in value.split(b","))
             elif lname == b"transfer-encoding":
@@ -349,13 +368,6 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
                 req.chunked = True
             elif lname == b"upgrade":
                 req.upgrade = value.strip().lower() == b"websocket"
-            elif lname == b"content-length":
-                content_length = value
-                req.has_length = value.strip() != b"0"
-            elif lname == b"authorization" and _RELAY_TOKEN.match(value):
-                continue  # the relay's own bearer tokens never reach a device
-            if lname not in _DROP:
-                keep.append((name, value))
         if connection_tokens:
             keep = [(n, v) for n, v in keep if n.lower() not in connection_tokens]
         req.headers = keep
@@ -896,20 +908,21 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
                 self._partial_response = True
             self._bad_response(str(exc))
             return
-        transport = self.transport
+        framer, transport = self.framer, self.transport
+        in_message = framer.in_message
         if pieces and transport is not None and not transport.is_closing():
             transport.writelines(pieces)
-            self._partial_response = self.framer.in_message
+            self._partial_response = in_message
             if self._capture is not None:
                 self._collect(pieces)
-        if self.framer.upgraded:
+        if framer.upgraded:
             if self.outcome == "open":
                 self.outcome = "upgraded"
             if not self.raw:
                 self.raw = True
                 self._pump()
             return
-        if not self.framer.in_message and not self.framer.pending:
+        if not in_message and not framer.pending:
             self._partial_response = False
             self._idle()
 
