@@ -195,12 +195,12 @@ class FrameParser:
             ftype, channel, length = unpack(source, offset)
             known = limits.get(ftype)
             if known is None or length > known[1]:
-                _check_header(ftype, length)
+                raise _header_error(ftype, length)
             stop = offset + HEADER_SIZE + length
             if stop > end:
                 break
             payload = bytes(source[offset + HEADER_SIZE : stop])
-            frames.append(_new_frame(Frame, (known[0], channel, payload)))  # type: ignore[index]
+            frames.append(_new_frame(Frame, (known[0], channel, payload)))
             offset = stop
         if source is buf:
             if offset:
@@ -210,11 +210,11 @@ class FrameParser:
         return frames
 
 
-def _check_header(ftype: int, length: int) -> None:
+def _header_error(ftype: int, length: int) -> RemoteProtocolError:
+    """What is wrong with a header the parser refused."""
     limit = PAYLOAD_LIMITS.get(ftype)
     if limit is None:
-        raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
-    if length > limit:
-        raise RemoteProtocolError(
-            f"{FrameType(ftype).name} frame of {length} bytes exceeds the limit of {limit}"
-        )
+        return RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
+    return RemoteProtocolError(
+        f"{FrameType(ftype).name} frame of {length} bytes exceeds the limit of {limit}"
+    )

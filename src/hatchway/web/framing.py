@@ -505,18 +505,23 @@ class ResponseFramer:
                 self._state = _UPGRADED
             return  # other 1xx are interim: the final response is still to come
         # Only the fields that decide framing are looked at, found in the lowered head.
-        raw, lower = head.raw, head.lower
-        lengths = _field_values(raw, lower, b"\ncontent-length:")
-        codings = _field_values(raw, lower, b"\ntransfer-encoding:")
+        lengths: list[bytes] = []
+        codings: list[bytes] = []
         close = upgrade  # not upgraded: what the client sent after its request may not be HTTP
         keep_alive = False
-        for value in _field_values(lower, lower, b"\nconnection:"):
-            for option in value.split(b","):
-                option = option.strip(b" \t")
-                if option == b"close":
-                    close = True
-                elif option == b"keep-alive":
-                    keep_alive = True
+        for name, value in _FRAMING_FIELDS.findall(head.lower):
+            value = value.strip(b" \t\r")
+            if name == b"content-length":
+                lengths.append(value)
+            elif name == b"transfer-encoding":
+                codings.append(value)
+            else:
+                for option in value.split(b","):
+                    option = option.strip(b" \t")
+                    if option == b"close":
+                        close = True
+                    elif option == b"keep-alive":
+                        keep_alive = True
         http_10 = head.version == HTTP_10
         if http_10 and not keep_alive:
             close = True
@@ -602,22 +607,6 @@ class ResponseFramer:
         elif _FIELD_LINE.fullmatch(line) is None:
             raise ResponseError(f"malformed trailer line {line[:64]!r}")
         return pos
-
-
-def _field_values(raw: bytes, lower: bytes, marker: bytes) -> list[bytes]:
-    """The values (from ``raw``, blanks stripped) of the fields that ``marker``, a
-    newline, a lower-case name and a colon, finds in ``lower``: a head that passed
-    _WHOLE_HEAD has no blank before a colon and no newline inside a value."""
-    found = lower.find(marker)
-    if found < 0:
-        return []
-    values = []
-    while found >= 0:
-        start = found + len(marker)
-        end = lower.find(b"\n", start)
-        values.append(raw[start:end].strip(b" \t\r"))
-        found = lower.find(marker, end)
-    return values
 
 
 def _content_length(values: list[bytes]) -> int:
