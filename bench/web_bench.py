@@ -370,24 +370,39 @@ class WebBench(tb.Bench):
                     except tb.BenchError as exc:
                         self.fail(f"{row.name} {label} run {run}", str(exc))
                         continue
-                    self.results.setdefault((row.name, key), []).append(result)
-                    log(
-                        f"[{label}] run {run}/{args.runs} {row.label:<30} {result.rps:9.0f} req/s"
-                        f"  p50 {result.p50_ms:7.3f} ms  p99 {result.p99_ms:7.3f} ms  "
-                        + (error_text(result, row.sizes.get(path)) or "no errors")
-                        + "  CPU s "
-                        + " ".join(f"{name} {s:.1f}" for name, s in result.cpu.items())
-                    )
-                    time.sleep(0.5)
+                    self._record(row, key, label, path, run, result)
+                for level in args.sweep_levels:
+                    key, label = f"c{level}", f"small GET -c{level}"
+                    try:
+                        result = self._wrk_once(row, "/index.html", level, args.sweep_seconds)
+                    except tb.BenchError as exc:
+                        self.fail(f"{row.name} {label} run {run}", str(exc))
+                        continue
+                    self._record(row, key, label, "/index.html", run, result)
         if self.relay is not None and self.agent is not None:
             self.rss_after_load = rss_of(
                 {"relay": self.relay.popen.pid, "agent": self.agent.popen.pid}
             )
 
-    def _wrk_once(self, row: Row, path: str, connections: int) -> WrkResult:
+    def _record(
+        self, row: Row, key: str, label: str, path: str, run: int, result: WrkResult
+    ) -> None:
+        self.results.setdefault((row.name, key), []).append(result)
+        log(
+            f"[{label}] run {run}/{self.args.runs} {row.label:<30} {result.rps:9.0f} req/s"
+            f"  p50 {result.p50_ms:7.3f} ms  p99 {result.p99_ms:7.3f} ms  "
+            + (error_text(result, row.sizes.get(path)) or "no errors")
+            + "  CPU s "
+            + " ".join(f"{name} {s:.1f}" for name, s in result.cpu.items())
+        )
+        time.sleep(0.5)
+
+    def _wrk_once(
+        self, row: Row, path: str, connections: int, seconds: int | None = None
+    ) -> WrkResult:
         cpu0 = {name: tb.tree_cpu_seconds(pid) for name, pid in row.cpu}
         busy0, wrk0, t0 = machine_busy_seconds(), children_cpu_seconds(), time.monotonic()
-        text = run_wrk(row.base + path, row.headers, connections, self.args.seconds)
+        text = run_wrk(row.base + path, row.headers, connections, seconds or self.args.seconds)
         wall, busy = time.monotonic() - t0, machine_busy_seconds() - busy0
         result = parse_wrk(text)
         result.cpu = {name: tb.tree_cpu_seconds(pid) - cpu0[name] for name, pid in row.cpu}
@@ -493,6 +508,7 @@ class WebBench(tb.Bench):
                 rows,
             )
         )
+        self._report_sweep()
         self._report_cpu()
         self._report_memory()
         self._report_logs()
@@ -506,6 +522,43 @@ class WebBench(tb.Bench):
             log("\n## Profile\n\n" + "\n\n".join(self.profile))
         if self.failures:
             log("\n## Failures\n" + "\n".join(f"- {failure}" for failure in self.failures))
+
+    def _report_sweep(self) -> None:
+        """The small GET at each --sweep level and at -c50: rate and p99 (medians)."""
+        args = self.args
+        levels = [*args.sweep_levels, 50]
+        if not args.sweep_levels or not self.results:
+            return
+        bound = args.p99_bound
+        rows = []
+        for row in self.rows.values():
+            if row.error is not None:
+                continue
+            cells, best = [row.label], None
+            for level in levels:
+                key = "small" if level == 50 else f"c{level}"
+                rps, p99 = self._median(row.name, key, "rps"), self._median(row.name, key, "p99_ms")
+                if rps is None or p99 is None:
+                    cells.append("-")
+                    continue
+                cells.append(f"{rps:.0f} / {p99:.2f}")
+                if p99 < bound and (best is None or rps > best[0]):
+                    best = (rps, level, p99)
+            cells.append(
+                "none" if best is None else f"{best[0]:.0f} (-c{best[1]}, p99 {best[2]:.2f} ms)"
+            )
+            rows.append(cells)
+        log(
+            "\nSmall GET by connections (wrk -t1 -cN, closed loop: each connection sends its "
+            "next request when the answer is in; req/s / p99 ms, medians; -c50 is the table "
+            "above):\n"
+        )
+        log(
+            tb.markdown_table(
+                ["row", *(f"-c{level}" for level in levels), f"most req/s with p99 < {bound:g} ms"],
+                rows,
+            )
+        )
 
     def _median(self, name: str, key: str, attr: str) -> float | None:
         results = self.results.get((name, key))
@@ -745,6 +798,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="one extra small-GET run with py-spy on the relay and agent (pip install py-spy)",
     )
+    parser.add_argument(
+        "--sweep",
+        default="10,20,30,40",
+        metavar="N,...",
+        help="also run the small GET at these wrk -c connections (every row, every run; "
+        "default 10,20,30,40; 'none' skips it): the rate each sustains and its p99",
+    )
+    parser.add_argument(
+        "--sweep-seconds", type=int, default=5, help="wrk -d of each sweep test (default 5)"
+    )
+    parser.add_argument(
+        "--p99-bound",
+        type=float,
+        default=3.0,
+        metavar="MS",
+        help="the sweep reports the highest rate whose p99 stays under this (default 3 ms)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     names = {n.strip() for item in args.only for n in item.split(",") if n.strip()}
@@ -752,8 +822,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
     args.rows = [r for r in ROWS if r in names or r == "direct"] if names else list(ROWS)
-    if args.seconds < 1 or args.runs < 1 or args.clients < 0:
-        parser.error("--seconds and --runs must be positive")
+    if args.seconds < 1 or args.runs < 1 or args.clients < 0 or args.sweep_seconds < 1:
+        parser.error("--seconds, --sweep-seconds and --runs must be positive")
+    try:
+        levels = [] if args.sweep == "none" else [int(n) for n in args.sweep.split(",") if n]
+    except ValueError:
+        parser.error(f"--sweep: not a list of numbers: {args.sweep!r}")
+    if any(not 1 <= n <= 1000 for n in levels):
+        parser.error("--sweep: connections must be between 1 and 1000")
+    args.sweep_levels = sorted(set(levels) - {50})  # -c50 is the main small GET test
     return args
 
 
