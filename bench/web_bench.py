@@ -6,8 +6,8 @@ Run by hand from the repository root with the project's venv::
     .venv/bin/python bench/web_bench.py --seconds 5
 
 One nginx (one worker) serves a 615-byte page and a 1 MiB file on loopback. Every row
-runs ``wrk -t1 -c50 -d{seconds}s --latency`` for each of them and ``wrk -t1 -c1`` for
-the small page, against:
+runs ``wrk -t1 -c50 -d{seconds}s --latency`` for each of them, ``wrk -t1 -c1`` for the
+small page, and the small page at the ``--sweep`` connection counts, against:
 
 - ``direct``: nginx itself;
 - ``hatchway``: the relay's HTTPS virtual host ``dev1.relay.localhost`` with a device
@@ -55,10 +55,12 @@ from tests.webclient import DOMAIN, WebClient, set_cookie_value
 from tests.webstack import static_files
 
 ROWS = ("direct", "hatchway", "ssh", "websocat")
+#: wrk -c of the main tests (PERFORMANCE.md's method); --sweep adds other counts.
+CONNECTIONS = 50
 #: (key, label, path, wrk connections)
 TESTS = (
-    ("small", "small GET", "/index.html", 50),
-    ("big", "1 MiB GET", "/big.bin", 50),
+    ("small", "small GET", "/index.html", CONNECTIONS),
+    ("big", "1 MiB GET", "/big.bin", CONNECTIONS),
     ("one", "small GET, 1 connection", "/index.html", 1),
 )
 SMALL_PAGE_SIZE = 615  # nginx's own welcome page, as in /work/shared/PERFORMANCE.md
@@ -425,7 +427,7 @@ class WebBench(tb.Bench):
         spies = tb.start_spies(py_spy, targets, duration, self.root)
         time.sleep(1.0)
         try:
-            result = self._wrk_once(row, "/index.html", 50)
+            result = self._wrk_once(row, "/index.html", CONNECTIONS)
             self.profile.append(
                 f"small GET through hatchway under py-spy (100 Hz, --nonblocking): "
                 f"{result.rps:.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms"
@@ -524,9 +526,9 @@ class WebBench(tb.Bench):
             log("\n## Failures\n" + "\n".join(f"- {failure}" for failure in self.failures))
 
     def _report_sweep(self) -> None:
-        """The small GET at each --sweep level and at -c50: rate and p99 (medians)."""
+        """The small GET at each --sweep level and in the main test: rate, p99 (medians)."""
         args = self.args
-        levels = [*args.sweep_levels, 50]
+        levels = [*args.sweep_levels, CONNECTIONS]
         if not args.sweep_levels or not self.results:
             return
         bound = args.p99_bound
@@ -536,7 +538,7 @@ class WebBench(tb.Bench):
                 continue
             cells, best = [row.label], None
             for level in levels:
-                key = "small" if level == 50 else f"c{level}"
+                key = "small" if level == CONNECTIONS else f"c{level}"
                 rps, p99 = self._median(row.name, key, "rps"), self._median(row.name, key, "p99_ms")
                 if rps is None or p99 is None:
                     cells.append("-")
@@ -830,7 +832,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--sweep: not a list of numbers: {args.sweep!r}")
     if any(not 1 <= n <= 1000 for n in levels):
         parser.error("--sweep: connections must be between 1 and 1000")
-    args.sweep_levels = sorted(set(levels) - {50})  # -c50 is the main small GET test
+    args.sweep_levels = sorted(set(levels) - {CONNECTIONS})  # the main small GET test
     return args
 
 

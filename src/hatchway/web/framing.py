@@ -364,13 +364,7 @@ class ResponseFramer:
 
         head = ResponseHead(version, status, match[3] or b"", None, raw)
         head._lower = lower
-        replacement = None
-        if self._rewrite is not None:
-            try:
-                replacement = self._rewrite(head)
-            except Exception as exc:
-                self._error = f"the rewrite hook raised {exc!r}"
-                raise
+        replacement = self._rewritten(head)
         self._must_close = close
         remaining = head_end + length - len(data)
         if remaining:
@@ -467,18 +461,22 @@ class ResponseFramer:
 
         head = self._parse_head(raw)
         self._start(head)
-        replacement = None
-        if self._rewrite is not None:
-            try:
-                replacement = self._rewrite(head)
-            except Exception as exc:
-                self._error = f"the rewrite hook raised {exc!r}"
-                raise
+        replacement = self._rewritten(head)
         if replacement is not None or held:
             self._flush(data, pos)
             self._out.append(raw if replacement is None else replacement)
             self._run = head_end
         return head_end
+
+    def _rewritten(self, head: ResponseHead) -> bytes | None:
+        """What the rewrite hook puts in place of ``head`` (None: keep it)."""
+        if self._rewrite is None:
+            return None
+        try:
+            return self._rewrite(head)
+        except Exception as exc:
+            self._error = f"the rewrite hook raised {exc!r}"
+            raise
 
     def _parse_head(self, raw: bytes) -> ResponseHead:
         if raw.count(b"\n") - 2 > self._max_headers:
