@@ -552,8 +552,8 @@ class WebBench(tb.Bench):
             rows.append(cells)
         log(
             "\nSmall GET by connections (wrk -t1 -cN, closed loop: each connection sends its "
-            "next request when the answer is in; req/s / p99 ms, medians; -c50 is the table "
-            "above):\n"
+            f"next request when the answer is in; req/s / p99 ms, medians; -c{CONNECTIONS} is "
+            "the table above):\n"
         )
         log(
             tb.markdown_table(
