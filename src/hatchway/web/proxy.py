@@ -326,9 +326,11 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             raise ValueError("URI too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        req = cast(_Request, self._req)
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > MAX_HEADER_BYTES or len(req.headers) >= MAX_HEADERS:
+        req = self._req
+        assert req is not None  # on_message_begin made it
+        size = self._header_bytes + len(name) + len(value) + 4
+        self._header_bytes = size
+        if size > MAX_HEADER_BYTES or len(req.headers) >= MAX_HEADERS:
             req.error = (431, "the request headers are too large")
             raise ValueError("headers too large")
         req.headers.append((name, value))
@@ -368,7 +370,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
                 req.chunked = True
             elif lname == b"upgrade":
                 req.upgrade = value.strip().lower() == b"websocket"
-        if connection_tokens:
+        if connection_tokens - _DROP:  # "keep-alive" names a field dropped anyway
             keep = [(n, v) for n, v in keep if n.lower() not in connection_tokens]
         req.headers = keep
         if req.version not in ("1.0", "1.1"):
@@ -538,11 +540,11 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         lines = [b"%b %b HTTP/%b" % (req.method, req.url, req.version.encode())]
         upstream = self.upstream_host
         if upstream is None:
-            lines += [b"%b: %b" % pair for pair in req.headers]
+            lines += map(b": ".join, req.headers)
             if req.host is None:
                 lines.append(b"Host: " + host)
         else:
-            lines += [b"%b: %b" % pair for pair in req.headers if pair[0].lower() != b"host"]
+            lines += [b": ".join(pair) for pair in req.headers if pair[0].lower() != b"host"]
             lines.append(b"Host: " + upstream.encode("latin-1"))
         cookies = self._cookies(req)[2]
         if cookies:
