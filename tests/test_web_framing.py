@@ -929,3 +929,54 @@ def test_the_fast_path_takes_the_common_response() -> None:
     # Not for the rest of a body, a chunked response or two responses in one feed.
     assert taken == [True, True, False, False]
     assert framer.responses == 5 and framer.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "upgrade", "data"),
+    [
+        (b"GET", False, b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"),
+        (b"GET", False, b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"),
+        (b"HEAD", False, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+        (b"GET", True, b"HTTP/1.1 101 Switching\r\nUpgrade: websocket\r\n\r\nraw"),
+        (
+            b"GET",
+            False,
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+        ),
+        (
+            b"GET",
+            False,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ),
+        (b"GET", False, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi"),
+        (b"GET", False, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi"),
+        (b"GET", False, b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nhi"),
+        (b"GET", False, b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi"),
+        (
+            b"GET",
+            False,
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: Keep-Alive\r\n\r\nhi",
+        ),
+        (
+            b"GET",
+            False,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, close\r\n\r\nhi",
+        ),
+        (b"GET", False, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"),
+        (b"GET", False, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiHTTP/1.1 200 OK\r\n"),
+        (b"GET", False, b"HTTP/1.1 200 OK\r\nX: a\rb\r\nContent-Length: 2\r\n\r\nhi"),
+        (b"GET", False, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n folded\r\n\r\nhi"),
+        (
+            b"GET",
+            False,
+            b"HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nContent-Length: 0\r\n\r\n",
+        ),
+    ],
+)
+def test_the_fast_path_leaves_the_rest_to_the_general_one(
+    method: bytes, upgrade: bool, data: bytes
+) -> None:
+    exchange = Exchange(requests=[(method, upgrade), (b"GET", False)])
+    assert framer_trace(ResponseFramer, exchange, [data]) == framer_trace(
+        GeneralPathOnly, exchange, [data]
+    )
