@@ -18,7 +18,6 @@ from typing import TypeVar
 
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
-from websockets.http11 import Response
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
@@ -168,12 +167,12 @@ async def open_websocket(
             raise ConnectError(f"TLS handshake with the relay failed: {exc.reason}") from exc
         except OSError as exc:
             raise ConnectError(f"cannot reach {wsuri.host}:{wsuri.port}: {exc}") from exc
+        assert endpoint.handshake is not None  # a client endpoint
         try:
             response = await endpoint.handshake
         except BaseException:
             endpoint.abort()
             raise
-        assert isinstance(response, Response)
         if ws.handshake_exc is not None:
             endpoint.abort()
             raise ConnectError(

@@ -64,8 +64,10 @@ class WebSocketEndpoint(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._lost = False
         self._peer = "?"
-        self.handshake: asyncio.Future[Request | Response] = (
-            asyncio.get_running_loop().create_future()
+        # A client waits for the handshake's response; a server gets the request in
+        # on_handshake and keeps nothing of it (a relay holds many tunnels).
+        self.handshake: asyncio.Future[Response] | None = (
+            asyncio.get_running_loop().create_future() if isinstance(ws, ClientProtocol) else None
         )
 
     # --- hooks ------------------------------------------------------------------------
@@ -118,8 +120,9 @@ class WebSocketEndpoint(asyncio.Protocol):
                 elif opcode is Opcode.CLOSE:
                     self.on_close_frame()
             else:
-                if not self.handshake.done():
-                    self.handshake.set_result(event)
+                handshake = self.handshake
+                if handshake is not None and not handshake.done():
+                    handshake.set_result(cast(Response, event))
                 self.on_handshake(event)
         self._after_receive()
 
@@ -135,9 +138,10 @@ class WebSocketEndpoint(asyncio.Protocol):
             self._close_timer.cancel()
         if self.ws.state is not CLOSED:
             self.ws.receive_eof()
-        if not self.handshake.done():
-            self.handshake.set_exception(ConnectionError("connection closed during the handshake"))
-            self.handshake.exception()  # mark retrieved: nobody may be waiting
+        handshake = self.handshake
+        if handshake is not None and not handshake.done():
+            handshake.set_exception(ConnectionError("connection closed during the handshake"))
+            handshake.exception()  # mark retrieved: nobody may be waiting
         self.on_connection_lost(exc)
 
     def pause_writing(self) -> None:
