@@ -253,6 +253,30 @@ def test_device_cookies_cannot_touch_the_relay_session(web: Web, tmp_path: Path)
     assert f"\t.{DOMAIN}\t" not in jar.read_text()  # nothing was set for the parent domain
 
 
+def test_a_device_session_is_no_relay_login(web: Web) -> None:
+    """A device session (one user, one device: what a one-time link hands out) sent as
+    the relay's own cookie opens nothing: not the relay's pages, not its API, even
+    right after the relay checked it for the device."""
+    cookie = web.cookie()
+    assert web.client.request("GET", "/static/style.css", cookie=cookie).status == 200
+    as_relay = f"{RELAY_COOKIE}={cookie.partition('=')[2]}"
+    home = web.client.request("GET", "/", device=None, cookie=as_relay)
+    assert home.status == 303 and home.header("location").startswith("/login"), home
+    opened = web.client.request("GET", "/open/dev1", device=None, cookie=as_relay)
+    assert opened.status == 303 and opened.header("location").startswith("/login"), opened
+    token = web.client.request(
+        "POST",
+        "/api/v1/tokens",
+        device=None,
+        cookie=as_relay,
+        headers={"Origin": web.client.origin(), "Content-Type": "application/json"},
+        body=json.dumps({"name": "x", "scopes": ["all"]}).encode(),
+    )
+    assert token.status == 401 and b"hwt_" not in token.body, token
+    # The device session itself still works.
+    assert web.client.request("GET", "/static/style.css", cookie=cookie).status == 200
+
+
 def test_keepalive_and_pipelining_in_order(web: Web) -> None:
     cookie = web.cookie(service="direct")
     host = f"dev1.{DOMAIN}:{web.client.port}"

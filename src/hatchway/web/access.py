@@ -124,8 +124,9 @@ class WebAccess:
         self.server = server
         self.domain = server.config.domain.lower().rstrip(".")
         pages.configure(self.domain)
-        # secret -> (session or None, trusted until)
-        self._cache: dict[str, tuple[WebSessionRecord | None, float]] = {}
+        # (kind, secret) -> (session or None, trusted until): a secret found as one kind of
+        # session is never taken for another (a device session is not a relay login).
+        self._cache: dict[tuple[str, str], tuple[WebSessionRecord | None, float]] = {}
         self.proxies: set[WebProxy] = set()
         self.caches: dict[str, ResponseCache] = {}
         # Sessions used since the last sweep, and when each was last written as used.
@@ -192,9 +193,10 @@ class WebAccess:
 
     # --- sessions -------------------------------------------------------------------------
 
-    def cached(self, secret: str) -> tuple[bool, WebSessionRecord | None]:
-        """(known, session): a cache hit answers without touching the store."""
-        hit = self._cache.get(secret)
+    def cached(self, secret: str, kind: str) -> tuple[bool, WebSessionRecord | None]:
+        """(known, session of this kind): a cache hit answers without touching the
+        store."""
+        hit = self._cache.get((kind, secret))
         if hit is not None and hit[1] > time.monotonic():
             return True, hit[0]
         return False, None
@@ -205,7 +207,7 @@ class WebAccess:
         record = await asyncio.to_thread(self.server.store.web_session, secret, kind)
         if len(self._cache) >= SESSION_CACHE_SIZE:
             self._cache.clear()
-        self._cache[secret] = (record, time.monotonic() + SESSION_CACHE_SECONDS)
+        self._cache[kind, secret] = (record, time.monotonic() + SESSION_CACHE_SECONDS)
         return record
 
     def used(self, session_id: str) -> None:
@@ -229,9 +231,6 @@ class WebAccess:
         for session_id in due:
             self._touched[session_id] = now
         await asyncio.to_thread(self.server.store.touch_web_sessions, due)
-
-    def forget(self, secret: str) -> None:
-        self._cache.pop(secret, None)
 
     async def revoke(self, secret: str) -> None:
         """Log out: end the session and those derived from it, and close their
@@ -288,11 +287,11 @@ class WebAccess:
                     or record.device is None
                     or not self.server.permits(record.user, record.device, record.service or "http")
                 ):
-                    self._cache[secret] = (None, until)
+                    self._cache["device", secret] = (None, until)
                     for proxy in proxies:
                         proxy.revoked()
                 else:
-                    self._cache[secret] = (record, until)
+                    self._cache["device", secret] = (record, until)
         finally:
             self._sweeping = False
 

@@ -652,7 +652,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
     def _authorized(self, req: _Request) -> bool:
         secrets = self._cookies(req)[1]
         if self.session_secret is not None and self.session_secret in secrets:
-            known, record = self.access.cached(self.session_secret)
+            known, record = self.access.cached(self.session_secret, "device")
             if known and record is not None:
                 return True
             if known:  # revoked
@@ -669,10 +669,10 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             self.blocked = "closing"
             return False
         for secret in secrets:
-            known, record = self.access.cached(secret)
+            known, record = self.access.cached(secret, "device")
             if known and record is not None and self._accept_session(secret, record):
                 return True
-        if any(not self.access.cached(s)[0] for s in secrets[:4]):
+        if any(not self.access.cached(s, "device")[0] for s in secrets[:4]):
             self._block(self._check_sessions(secrets[:4], req))
             return False
         self._login_needed(req)

@@ -57,10 +57,10 @@ async def relay_session(
 ) -> tuple[str, WebSessionRecord] | None:
     """The live relay session named by a ``Cookie`` header (its secret and record)."""
     for secret in cookie_values(cookie_header, RELAY_COOKIE)[:4]:
-        known, record = server.web.cached(secret)
+        known, record = server.web.cached(secret, "relay")
         if not known:
             record = await server.web.load(secret, "relay")
-        if record is not None:
+        if record is not None and record.kind == "relay":
             server.web.used(record.session_id)
             return secret, record
     return None
