@@ -201,7 +201,7 @@ def test_final_chunked_coding_means_chunked(codings: list[bytes]) -> None:
     assert framer.responses == 2 and not framer.must_close
 
 
-@pytest.mark.parametrize("codings", [[b"gzip"], [b"chunked, gzip"], [b"chunked", b"identity"]])
+@pytest.mark.parametrize("codings", [[b"gzip"], [b"gzip, deflate"], [b"gzip", b"identity"]])
 def test_other_final_coding_means_body_delimited_by_close(codings: list[bytes]) -> None:
     fields = b"".join(b"Transfer-Encoding: %s\r\n" % value for value in codings)
     data = b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n2\r\nhi\r\n0\r\n\r\n" + OK
@@ -210,6 +210,29 @@ def test_other_final_coding_means_body_delimited_by_close(codings: list[bytes]) 
     assert framer.must_close and framer.in_message and framer.responses == 0
     framer.feed_eof()
     assert framer.responses == 1 and framer.pending == 1
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [
+        [b"chunked, gzip"],
+        [b"chunked", b"identity"],
+        [b"Chunked, identity"],
+        [b"chunked, chunked"],
+        [b"chunked", b"chunked"],
+        [b"gzip, chunked;x=1"],
+    ],
+)
+def test_chunked_anywhere_but_once_at_the_end_is_refused(codings: list[bytes]) -> None:
+    """RFC 9112 reads these bodies to the close, browsers as chunked (Chromium looks for
+    the token anywhere): the device could end a response where the browser does not and
+    slip the next one past the head rewriting. Refused, as nginx does."""
+    fields = b"".join(b"Transfer-Encoding: %s\r\n" % value for value in codings)
+    data = b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n5\r\nhello\r\n0\r\n\r\n" + OK
+    framer = framer_for(b"GET", b"GET")
+    with pytest.raises(ResponseError, match="final transfer coding") as caught:
+        framer.feed(data)
+    assert caught.value.pieces == []
 
 
 def test_chunked_in_http_10_is_framed_but_closes() -> None:

@@ -530,8 +530,13 @@ class ResponseFramer:
         elif codings:
             if lengths:
                 raise ResponseError("response with both Transfer-Encoding and Content-Length")
-            final = [c for c in b",".join(codings).split(b",") if c.strip(b" \t")]
-            chunked = bool(final) and final[-1].strip(b" \t").lower() == b"chunked"
+            final = [c.strip(b" \t") for c in b",".join(codings).lower().split(b",")]
+            final = [c for c in final if c]
+            chunked = bool(final) and final[-1] == b"chunked"
+            if sum(b"chunked" in c for c in final) != chunked:
+                # "chunked, identity", "chunked" twice: browsers read these as chunked
+                # while RFC 9112 reads to the close; either way the two would disagree.
+                raise ResponseError("chunked is not the one final transfer coding")
             state = _CHUNK_SIZE if chunked else _BODY_CLOSE
             # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
             close = close or http_10 or not chunked
