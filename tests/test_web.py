@@ -502,6 +502,38 @@ def test_websocket_upgrade_is_spliced_and_closed_on_revocation(web: Web) -> None
     assert "access revoked" in web.relay.output()
 
 
+def test_bytes_after_an_upgrade_request_wait_for_the_devices_101(web: Web) -> None:
+    host = f"dev1.{DOMAIN}"
+
+    def upgrade(path: str, cookie: str) -> bytes:
+        return (
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n"
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        ).encode()
+
+    # Refused (the record service answers 200): what followed never reaches the device.
+    cookie = web.cookie(service="record")
+    web.recorder.take()
+    smuggled = f"GET /admin HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n".encode()
+    raw = web.client.exchange(upgrade("/ws", cookie) + smuggled)
+    assert [r.status for r in parse_responses(raw)] == [200]
+    received = web.recorder.take()
+    assert b"GET /ws " in received and b"/admin" not in received
+    # Accepted: the same early bytes (here a WebSocket frame) go through after the 101.
+    cookie = web.cookie(service="direct")
+    key = b"\x01\x02\x03\x04"
+    frame = b"\x81\x82" + key + bytes(c ^ key[i % 4] for i, c in enumerate(b"hi"))
+    with web.client.connect(host) as sock:
+        sock.sendall(upgrade("/app/ws", cookie) + frame)
+        data = b""
+        while not data.endswith(b"\x81\x02hi"):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 101 ")
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 
@@ -548,6 +580,24 @@ def test_sni_must_agree_with_host(web: Web) -> None:
     first, second = parse_responses(raw)
     assert first.status == 200 and second.status == 421
     assert web.recorder.take().count(b"GET / HTTP/1.1") == 1
+
+
+def test_a_host_with_more_than_a_name_and_port_is_refused_on_a_kept_connection(
+    web: Web,
+) -> None:
+    """The Host of every request on a connection is checked, not only the first: what
+    follows its port would land in the Forwarded field sent to the device."""
+    cookie = web.cookie(service="record")
+    web.recorder.take()
+    host = f"dev1.{DOMAIN}"
+    raw = web.client.exchange(
+        f"GET /a HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n"
+        f'GET /b HTTP/1.1\r\nHost: {host}:1",for=6.6.6.6\r\nCookie: {cookie}\r\n\r\n'.encode()
+    )
+    first, second = parse_responses(raw)
+    assert first.status == 200 and second.status == 400
+    received = web.recorder.take()
+    assert b"GET /a " in received and b"GET /b " not in received and b"6.6.6.6" not in received
 
 
 def test_request_head_timeout(web: Web) -> None:

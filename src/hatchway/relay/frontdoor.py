@@ -33,7 +33,7 @@ from hatchway.relay.streams import ClientStream, error_response
 from hatchway.relay.tunnels import SUBPROTOCOL, RelayTunnel
 from hatchway.tunnel.endpoint import TUNNEL_MAX_MESSAGE
 from hatchway.web import ui
-from hatchway.web.access import split_host
+from hatchway.web.access import split_host, valid_host
 from hatchway.web.pages import REASONS, error_page, http_response
 from hatchway.web.proxy import WebProxy
 
@@ -192,6 +192,9 @@ class FrontDoor(asyncio.Protocol):
     def _head_complete(self, request: HttpRequest) -> None:
         """Route by Host (and SNI, which must agree): a device's subdomain is proxied."""
         host = request.header("host") or ""
+        if host and not valid_host(host):
+            self._respond_page(400, "Bad request", "The Host header is not a host name.")
+            raise _HandOff
         sni = self.sni()
         web = self.server.web
         try:

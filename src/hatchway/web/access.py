@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -54,6 +55,18 @@ SESSION_CACHE_SECONDS = 5.0
 SESSION_CACHE_SIZE = 50_000
 #: How often open connections are re-checked (revocation) and timed out.
 SWEEP_INTERVAL = 2.0
+
+
+#: A Host value the relay serves: a DNS name or an IP literal, and a numeric port.
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9.])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)
+
+
+def valid_host(host: str) -> bool:
+    """Whether a Host header value is a name (or address) and an optional port, nothing
+    else: it ends up in redirects and in the forwarding fields sent to devices."""
+    return _HOST.fullmatch(host) is not None
 
 
 def split_host(host: str) -> str:

@@ -52,6 +52,7 @@ from hatchway.web.access import (
     safe_next,
     split_host,
     strip_relay_cookies,
+    valid_host,
 )
 from hatchway.web.cache import ResponseCache, request_may_use_cache
 from hatchway.web.framing import ResponseError, ResponseFramer, ResponseHead
@@ -110,6 +111,9 @@ _REQUEST_FIELDS = {
     b"content-length": _KEEP,
     b"authorization": _KEEP,
 }
+
+#: Fields a Connection header may not name (RFC 9110 §7.6.1: they are for every hop).
+_FRAMING_NAMES = frozenset({b"content-length", b"host"})
 
 _HEAD, _BODY, _END, _RAW, _EOF = range(5)
 _RESERVED = RESERVED_PREFIX.encode()
@@ -252,6 +256,8 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             return
         if self._upgrading:
             self._queue(_RAW, data)
+            if self.queued > MAX_QUEUED and self.transport is not None:
+                self.transport.pause_reading()
             self._pump()
             return
         if self.stopped:
@@ -383,6 +389,10 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             req.error = (400, "only origin-form request targets are accepted")
         elif req.chunked and req.version == "1.0":
             req.error = (400, "chunked transfer coding is not allowed in HTTP/1.0")
+        elif connection_tokens & _FRAMING_NAMES:
+            # Dropping them as hop-by-hop would leave a body without its length (or a
+            # request without its Host) for the device: a request smuggled in the body.
+            req.error = (400, "Connection may not name Content-Length or Host")
         req.close = b"close" in connection_tokens or (
             req.version == "1.0" and b"keep-alive" not in connection_tokens
         )
@@ -447,6 +457,10 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
     def _pump(self) -> None:
         events = self.events
         while events and self.blocked is None and self._pending_local is None:
+            if events[0][0] == _RAW and not self.raw:
+                # What follows an upgrade request waits for the device's 101: a device
+                # that refuses the upgrade must not read it as more requests.
+                break
             kind, item = events.popleft()
             if kind == _HEAD:
                 req = cast(_Request, item)
@@ -493,7 +507,11 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             return False
         assert req.host is not None or req.version == "1.0"
         if req.host is not None and req.host != self._host_checked:
-            if split_host(req.host.decode("latin-1")) != self.host_name:
+            host = req.host.decode("latin-1")
+            if not valid_host(host):
+                self._fail(400, "the Host header is not a host name")
+                return False
+            if split_host(host) != self.host_name:
                 self._fail(421, "this connection serves another host")
                 return False
             self._host_checked = req.host
