@@ -732,6 +732,33 @@ def test_cache_keeps_away_from_private_cookies_and_honours_vary(web: Web) -> Non
         assert _device_hits(web, path) == expected_hits, lang
 
 
+def test_cache_varies_on_the_cookies_the_device_sees(web: Web) -> None:
+    """``Vary: Cookie``: each Cookie header the device would get has its own entry (the
+    relay's own cookies, taken out before forwarding, do not count)."""
+    cookie = web.cookie()
+    path = "/cached-vary-cookie/style.css"
+    for theme, expected_hits in (("dark", 1), ("light", 2), ("dark", 2), (None, 3)):
+        sent = f"{cookie}; theme={theme}" if theme else cookie
+        resp = web.client.request("GET", path, cookie=sent)
+        assert resp.status == 200 and resp.body == static_files()["style.css"]
+        assert _device_hits(web, path) == expected_hits, theme
+    # Another device session of the same browser state: the same entry.
+    assert web.client.request("GET", path, cookie=web.cookie()).status == 200
+    assert _device_hits(web, path) == 3
+
+
+def test_a_response_the_cache_cannot_read_does_not_break_the_tunnel(web: Web) -> None:
+    cookie = web.cookie()
+    path = "/cached-odd-expires/style.css"
+    dropped = web.relay.output().count("device dev1 disconnected")
+    for hits in (1, 2):  # not stored (already expired), each time from the device
+        resp = web.client.request("GET", path, cookie=cookie)
+        assert resp.status == 200 and resp.body == static_files()["style.css"]
+        assert _device_hits(web, path) == hits
+    assert web.relay.output().count("device dev1 disconnected") == dropped
+    assert web.client.request("GET", "/static/style.css", cookie=cookie).status == 200
+
+
 @pytest.mark.slow
 def test_request_body_timeout(web: Web) -> None:
     cookie = web.cookie(service="direct")

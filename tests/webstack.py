@@ -252,6 +252,18 @@ http {{
             add_header Vary Accept-Language;
         }}
 
+        location /cached-vary-cookie/ {{
+            alias {static}/;
+            expires 1h;
+            add_header Vary Cookie;
+        }}
+
+        # An Expires that is no HTTP-date (a zone of -0000): "already expired".
+        location /cached-odd-expires/ {{
+            alias {static}/;
+            add_header Expires "Mon, 30 Nov 2026 07:43:46 -0000";
+        }}
+
         location /cached-cookie/ {{
             alias {static}/;
             expires 1h;

@@ -201,11 +201,13 @@ def _expires_lifetime(head: ResponseHead) -> float | None:
     expires, date = head.get(b"expires"), head.get(b"date")
     if expires is None:
         return None
+    if date is None:
+        return None
     try:
         end = parsedate_to_datetime(expires.decode("latin-1"))
-        start = parsedate_to_datetime(date.decode("latin-1")) if date else None
+        start = parsedate_to_datetime(date.decode("latin-1"))
+        return (end - start).total_seconds()
     except (TypeError, ValueError):
-        return 0.0  # an invalid Expires means "already expired"
-    if start is None:
-        return None
-    return (end - start).total_seconds()
+        # Not an HTTP-date (say "-0000", a date without a zone: it cannot be compared
+        # with one in GMT): an invalid Expires means "already expired".
+        return 0.0

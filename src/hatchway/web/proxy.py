@@ -601,7 +601,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         """Answer from the device's cache if nothing from the device is on its way."""
         if self.framer.pending or self.framer.in_message or self.transport is None:
             return False
-        entry = cache.lookup(self.service, req.url, req.headers)
+        entry = cache.lookup(self.service, req.url, self._cache_fields(req))
         if entry is None:
             return False
         self.transport.write(entry.render(time.monotonic(), head_only=req.method == b"HEAD"))
@@ -613,9 +613,15 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             self._close()
         return True
 
+    def _cache_fields(self, req: _Request) -> list[tuple[bytes, bytes]]:
+        """The request's fields as the device sees them, for ``Vary``: with the Cookie
+        header it is sent (the relay's cookies taken out)."""
+        cookies = self._cookies(req)[2]
+        return [*req.headers, (b"Cookie", cookies)] if cookies else req.headers
+
     def _start_capture(self, req: _Request, head: ResponseHead, out: bytes | None) -> bytes | None:
         cache = self.access.cache_for(self.device)
-        decision = cache.storable(req.headers, head) if cache is not None else None
+        decision = cache.storable(self._cache_fields(req), head) if cache is not None else None
         if decision is None:
             return out
         marker = out if out is not None else head.serialize()
@@ -927,6 +933,10 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
                 self.transport.writelines(exc.pieces)
                 self._partial_response = True
             self._bad_response(str(exc))
+            return
+        except Exception as exc:  # a fault of the relay's own (the head rewriting, the cache)
+            log.exception("web: %s/%s: failed on a response", self.device, self.service)
+            self._bad_response(f"the relay could not pass it on ({type(exc).__name__})")
             return
         framer, transport = self.framer, self.transport
         in_message = framer.in_message
