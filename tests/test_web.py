@@ -23,7 +23,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.procs import Env
+from tests.procs import Env, rss_kib
 from tests.webapp import download_sha256
 from tests.webclient import DOMAIN, parse_responses, read_all, set_cookie_value
 from tests.webenv import DEVICE_COOKIE, RELAY_COOKIE, Web, web
@@ -598,6 +598,27 @@ def test_a_host_with_more_than_a_name_and_port_is_refused_on_a_kept_connection(
     assert first.status == 200 and second.status == 400
     received = web.recorder.take()
     assert b"GET /a " in received and b"GET /b " not in received and b"6.6.6.6" not in received
+
+
+def test_pipelined_heads_stop_the_reading_while_the_channel_opens(web: Web) -> None:
+    """Request heads waiting for the channel count towards what the relay holds for a
+    connection: past it, the relay stops reading (the client's sends block)."""
+    cookie = web.cookie(service="hang")
+    host = f"dev1.{DOMAIN}"
+    relay_before = rss_kib(web.relay.popen.pid)
+    block = f"GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() * 1000
+    sent = 0
+    with web.client.connect(host, timeout=20) as tls:
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n".encode())
+        tls.settimeout(2)
+        deadline = time.monotonic() + 8  # the channel waits up to 15 s for the device
+        with pytest.raises(TimeoutError):
+            while time.monotonic() < deadline:
+                tls.sendall(block)
+                sent += len(block)
+        grown = rss_kib(web.relay.popen.pid) - relay_before
+    # Socket buffers take a few MiB; 8 s of unchecked heads were hundreds.
+    assert sent < 24 << 20 and grown < 64 << 10, (sent, grown)
 
 
 def test_request_head_timeout(web: Web) -> None:

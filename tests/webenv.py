@@ -3,7 +3,8 @@ dev1 in front of a real web stack, and a byte recorder; dev2 exists but stays of
 
 Services of dev1: ``http`` (nginx: static files, /app/ proxied to uvicorn), ``direct``
 (uvicorn itself), ``record`` (a TCP server that keeps every byte it receives and
-answers every request head 200) and ``closed`` (a port nobody listens on).
+answers every request head 200), ``closed`` (a port nobody listens on) and ``hang`` (a
+listener that never accepts: the channel stays opening).
 Use the ``web`` fixture (module scope): ``from tests.webenv import web``.
 """
 
@@ -73,6 +74,30 @@ class Recorder:
         self.sock.close()
 
 
+class Blackhole:
+    """A listening socket that never accepts, its backlog full: a connection to it
+    neither succeeds nor fails until the connecting side gives up."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect(("127.0.0.1", self.port))
+            except BlockingIOError:
+                pass
+            self.fillers.append(filler)
+
+    def close(self) -> None:
+        for sock in [self.sock, *self.fillers]:
+            sock.close()
+
+
 @dataclass
 class Web:
     env: Env
@@ -82,6 +107,7 @@ class Web:
     relay_url: str
     password: str
     recorder: Recorder
+    blackhole: Blackhole
 
     def grant_url(self, device: str = "dev1", *args: str) -> str:
         out = self.env.hatchway("open", device, "--print-url", *args)
@@ -117,6 +143,7 @@ def start_web_env(root: Path, extra: list[str]) -> Iterator[Web]:
     env = Env(root)
     stack = start_web_stack(root)
     recorder = Recorder()
+    blackhole = Blackhole()
     try:
         relay, port, password = env.start_relay(
             extra=["--domain", DOMAIN, "--web-max-body", str(300 << 20), *extra]
@@ -134,6 +161,7 @@ def start_web_env(root: Path, extra: list[str]) -> Iterator[Web]:
                 f"direct=127.0.0.1:{stack.app_port}",
                 f"record=127.0.0.1:{recorder.port}",
                 f"closed=127.0.0.1:{free_port()}",
+                f"hang=127.0.0.1:{blackhole.port}",
                 f"https=tls://127.0.0.1:{stack.nginx.tls_port}?ca={stack.nginx.device_ca}"
                 "&name=camera.local&host=camera.local",
                 f"https-unverified=tls://127.0.0.1:{stack.nginx.tls_port}?host=camera.local",
@@ -143,8 +171,10 @@ def start_web_env(root: Path, extra: list[str]) -> Iterator[Web]:
         )
         relay.wait_output(r"device dev1 connected")
         env.login(url, "admin", password)
-        yield Web(env, stack, WebClient(port, env.ca_file), relay, url, password, recorder)
+        client = WebClient(port, env.ca_file)
+        yield Web(env, stack, client, relay, url, password, recorder, blackhole)
     finally:
         env.stop_all()
         stack.close()
         recorder.close()
+        blackhole.close()

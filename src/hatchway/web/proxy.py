@@ -78,6 +78,8 @@ OPEN_TIMEOUT = 15.0
 #: Parsed request data waiting (while a session is checked or the channel opens)
 #: beyond which the connection stops reading.
 MAX_QUEUED = 256 * 1024
+#: What a queued request head is counted as beyond its bytes (the objects that hold it).
+HEAD_OVERHEAD = 1024
 
 #: Never forwarded: hop-by-hop (RFC 9110 §7.6.1), proxy credentials, and forwarding
 #: headers the relay sets itself. Cookie and Host are rebuilt.
@@ -136,6 +138,7 @@ class _Request:
         "headers",
         "host",
         "method",
+        "size",
         "unprefixed",
         "upgrade",
         "url",
@@ -156,6 +159,7 @@ class _Request:
         self.body_bytes = 0
         self.has_length = False
         self.unprefixed = False
+        self.size = 0  # what it holds while queued (counted in WebProxy.queued)
 
 
 class _Capture:
@@ -412,6 +416,9 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             req.error = (413, "the request body is too large")
         self._in_body = True
         self._last_head = req
+        # Heads waiting (for a session check, the channel) count towards what stops
+        # reading: a client pipelining heads must not grow the relay's memory.
+        req.size = HEAD_OVERHEAD + self._header_bytes + len(req.url)
         self._queue(_HEAD, req)
 
     def on_body(self, body: bytes) -> None:
@@ -448,7 +455,9 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             self._queue(_RAW, rest)
 
     def _queue(self, kind: int, item: object) -> None:
-        if kind in (_BODY, _RAW):
+        if kind == _HEAD:
+            self.queued += cast(_Request, item).size
+        elif kind in (_BODY, _RAW):
             self.queued += len(cast(bytes, item))
         self.events.append((kind, item))
 
@@ -468,6 +477,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
                     if self.blocked is not None:
                         events.appendleft((kind, item))
                     return
+                self.queued -= req.size
             elif kind == _BODY:
                 data = cast(bytes, item)
                 self.queued -= len(data)
