@@ -103,6 +103,16 @@ def test_absolute_paths_in_device_pages_follow_the_referer(web_path: Web) -> Non
     first, second = parse_responses(raw)
     assert second.status == 307 and second.header("location") == "/login"
     assert client.request("GET", "/d/dev1", device=None).header("location") == "/d/dev1/"
+    # A target that would read as another origin in a Location stays a path here.
+    for target in ("//evil.example/x", "/\\evil.example/x"):
+        raw = client.exchange(
+            f"GET /d/dev1/static/app.js HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n"
+            f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(),
+            device=None,
+        )
+        second = parse_responses(raw)[1]
+        assert second.status == 307, target
+        assert second.header("location") == f"https://{host}{target}"
 
 
 def test_subdomains_are_not_served(web_path: Web) -> None:

@@ -15,6 +15,7 @@ REASONS = {
     204: "No Content",
     302: "Found",
     303: "See Other",
+    307: "Temporary Redirect",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",

@@ -761,6 +761,9 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             location = (self.prefix + req.url).decode("latin-1")
         else:
             location = req.url.decode("latin-1")
+        if location.startswith(("//", "/\\")):
+            # A path here, never another origin (a Location of //evil.example/x would be).
+            location = f"https://{self.host}{location}"
         self._local(http_response(307, b"", headers=[("Location", location)]))
 
     def _referred_here(self, req: _Request) -> bool:
