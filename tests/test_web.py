@@ -253,6 +253,16 @@ def test_device_cookies_cannot_touch_the_relay_session(web: Web, tmp_path: Path)
     assert f"\t.{DOMAIN}\t" not in jar.read_text()  # nothing was set for the parent domain
 
 
+def test_a_device_cannot_make_the_browser_clear_the_relays_cookies(web: Web) -> None:
+    """Clear-Site-Data would clear every cookie of the site, the relay's included: a
+    device page could log its user out. The relay drops it."""
+    cookie = web.cookie()
+    resp = web.client.request("GET", "/clear-site-data/style.css", cookie=cookie)
+    assert resp.status == 200 and resp.body == static_files()["style.css"]
+    assert resp.header("clear-site-data") is None
+    assert resp.header("content-type") == "text/css"  # the rest of the head is kept
+
+
 def test_a_device_session_is_no_relay_login(web: Web) -> None:
     """A device session (one user, one device: what a one-time link hands out) sent as
     the relay's own cookie opens nothing: not the relay's pages, not its API, even

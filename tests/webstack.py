@@ -264,6 +264,12 @@ http {{
             add_header Expires "Mon, 30 Nov 2026 07:43:46 -0000";
         }}
 
+        # A device page that asks the browser to clear the site's cookies.
+        location /clear-site-data/ {{
+            alias {static}/;
+            add_header Clear-Site-Data '"cookies", "storage"';
+        }}
+
         location /cached-cookie/ {{
             alias {static}/;
             expires 1h;

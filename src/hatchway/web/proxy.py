@@ -1128,10 +1128,11 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         return out
 
     def _rewrite_head(self, head: ResponseHead) -> bytes | None:
-        """Drop the relay's cookies and ``Domain`` attributes from a device's Set-Cookie;
-        point redirects to the device's own name (or to plain http) back at the relay."""
+        """Drop the relay's cookies and ``Domain`` attributes from a device's Set-Cookie,
+        and its Clear-Site-Data; point redirects to the device's own name (or to plain
+        http) back at the relay."""
         lower = head.lower
-        if b"set-cookie" not in lower and b"location" not in lower:
+        if b"set-cookie" not in lower and b"location" not in lower and b"clear-site" not in lower:
             return None
         changed = False
         headers: list[tuple[bytes, bytes]] = []
@@ -1147,6 +1148,10 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
                 fixed = self._rewrite_location(value)
                 changed = changed or fixed != value
                 value = fixed
+            elif lname == b"clear-site-data":
+                # It would clear the relay's cookies too (the same site): logged out.
+                changed = True
+                continue
             headers.append((name, value))
         if not changed:
             return None
