@@ -71,6 +71,15 @@ def test_open_next_path_and_service(web: Web, tmp_path: Path) -> None:
     assert "next=%2F&" in url + "&" or url.endswith("next=%2F")
 
 
+def test_a_next_path_beyond_latin_1_goes_on_percent_encoded(web: Web) -> None:
+    for given in ("/caf\u00e9/\u20ac?q=\u00fc", "/caf%C3%A9/%E2%82%AC?q=%C3%BC"):
+        link = urllib.parse.urlsplit(web.grant_url("dev1", "--path", given))
+        resp = web.client.request("GET", f"{link.path}?{link.query}")
+        assert resp.status == 303, resp
+        assert resp.header("location") == "/caf%C3%A9/%E2%82%AC?q=%C3%BC"
+        assert set_cookie_value(resp, DEVICE_COOKIE)
+
+
 def test_without_a_session_get_goes_to_login_and_post_is_refused(web: Web) -> None:
     resp = web.client.request("GET", "/static/style.css?v=2")
     assert resp.status == 303

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import re
 import time
+import urllib.parse
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -127,9 +128,11 @@ def safe_next(path: str | None) -> str:
     """A local path to go on to after a login: never another site."""
     if not path or not path.startswith("/") or path.startswith(("//", "/\\")):
         return "/"
-    if any(ord(c) < 0x21 or c == "\\" for c in path):
+    if any(ord(c) < 0x21 or c in "\\\x7f" for c in path):
         return "/"
-    return path[:2048]
+    # Non-ASCII (a path with "é", a link made by hand) goes on percent-encoded: it ends
+    # up in a Location header.
+    return "".join(c if ord(c) < 0x80 else urllib.parse.quote(c) for c in path[:2048])
 
 
 class WebAccess:

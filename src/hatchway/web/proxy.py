@@ -799,9 +799,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         params = urllib.parse.parse_qs(url.query)
         grant = (params.get("grant") or [""])[0]
         next_path = safe_next((params.get("next") or ["/"])[0])
-        self.blocked = "session"
-        task = asyncio.get_running_loop().create_task(self._exchange(grant, next_path))
-        self.server.track(task)
+        self._block(self._exchange(grant, next_path))
 
     async def _exchange(self, grant: str, next_path: str) -> None:
         store = self.server.store
