@@ -332,6 +332,33 @@ def test_http10_client(web: Web) -> None:
     assert resp.status == 200 and resp.body == static_files()["style.css"]
 
 
+def test_http10_keep_alive_client(web: Web) -> None:
+    cookie = web.cookie()
+    host = f"dev1.{DOMAIN}"
+    raw = web.client.exchange(
+        f"GET /static/style.css HTTP/1.0\r\nHost: {host}\r\nCookie: {cookie}\r\n"
+        "Connection: keep-alive\r\n\r\n"
+        f"GET /static/app.js HTTP/1.0\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n".encode()
+    )
+    first, second = parse_responses(raw)
+    assert first.status == 200 and first.body == static_files()["style.css"]
+    assert second.status == 200 and second.body == static_files()["app.js"]
+
+
+def test_a_body_that_goes_bad_after_its_head_went_out_is_cut_off_at_once(web: Web) -> None:
+    """The device has the head and waits for the rest of the body: the channel goes and
+    the client gets its 400 now, not a timeout later."""
+    cookie = web.cookie(service="direct")
+    head = (
+        f"POST /app/upload HTTP/1.1\r\nHost: dev1.{DOMAIN}\r\nCookie: {cookie}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    )
+    started = time.monotonic()
+    raw = web.client.exchange([head.encode(), b"zz\r\nbad\r\n"], pause=1.0, timeout=40)
+    assert _status(raw) == 400
+    assert time.monotonic() - started < 10
+
+
 def test_expect_100_continue(web: Web) -> None:
     cookie = web.cookie(service="direct")
     body = b"z" * 100_000

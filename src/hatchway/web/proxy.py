@@ -138,6 +138,7 @@ class _Request:
         "headers",
         "host",
         "method",
+        "sent",
         "size",
         "unprefixed",
         "upgrade",
@@ -160,6 +161,7 @@ class _Request:
         self.has_length = False
         self.unprefixed = False
         self.size = 0  # what it holds while queued (counted in WebProxy.queued)
+        self.sent = False  # its head went to the device
 
 
 class _Capture:
@@ -276,10 +278,17 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
                 self.stopped = True
                 return
             req = self._req
-            if req is not None and req.error is not None:
-                self._fail(*req.error)
+            status, message = (
+                req.error
+                if req is not None and req.error is not None
+                else (400, f"malformed HTTP request: {exc}")
+            )
+            if req is not None and req.sent:
+                # Its head and part of its body are with the device, which waits for
+                # the rest: that request cannot be finished, so its channel goes.
+                self._cut_off(status, message, f"refused: {status} in the body")
             else:
-                self._fail(400, f"malformed HTTP request: {exc}")
+                self._fail(status, message)
             return
         if self.queued > MAX_QUEUED and self.transport is not None:
             self.transport.pause_reading()
@@ -554,6 +563,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
                 return False
         self._send_chunked = req.chunked
         self.forward(self._head(req))
+        req.sent = True
         self.framer.expect(req.method, upgrade=req.upgrade)
         self._expected.append(req if cacheable and req.method == b"GET" else None)
         self.requests += 1
@@ -584,6 +594,8 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             lines.append(b"Transfer-Encoding: chunked")
         if req.close and not req.upgrade:
             lines.append(b"Connection: close")
+        elif req.version == "1.0" and not req.upgrade:
+            lines.append(b"Connection: keep-alive")  # else HTTP/1.0 means one request
         lines.append(b"\r\n")
         return b"\r\n".join(lines)
 
@@ -1067,18 +1079,21 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
 
     def _body_stalled(self) -> None:
         """The client stopped sending a request body: the device will never answer it
-        in full, so the channel goes, and the client gets a 408 unless a response of
-        the device is already half way out."""
-        self.outcome = "body timeout"
-        self._abort_channel("request body timed out")
+        in full."""
+        self._cut_off(408, "The request body stalled.", "body timeout")
+
+    def _cut_off(self, status: int, message: str, outcome: str) -> None:
+        """A request whose head is with the device cannot be finished: the channel goes,
+        and the client gets ``status`` unless a response of the device is already half
+        way out."""
+        self.outcome = outcome
+        self._abort_channel(message)
         self.stopped = True
         self.events.clear()
         if self._partial_response or self.transport is None:
-            self.abort("request body timed out")
+            self.abort(message)
             return
-        self._pending_local = http_response(
-            408, error_page(408, _title(408), "The request body stalled.")
-        )
+        self._pending_local = http_response(status, error_page(status, _title(status), message))
         self._send_local()
 
     def _maybe_close_idle(self) -> None:
