@@ -144,7 +144,7 @@ def proxy_round(request: bytes) -> Callable[[], None]:
         domain="relay.localhost",
         proxies=set(),
         server=server,
-        cached=lambda secret: (True, record),
+        cached=lambda secret, kind: (True, record),
         cache_for=lambda device: None,
         used=lambda session_id: None,
     )

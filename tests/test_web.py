@@ -272,6 +272,23 @@ def test_a_device_cannot_make_the_browser_clear_the_relays_cookies(web: Web) -> 
     assert resp.header("content-type") == "text/css"  # the rest of the head is kept
 
 
+def test_hop_by_hop_fields_of_a_response_stay_with_the_device(web: Web) -> None:
+    """RFC 9110 §7.6.1: the fields a response's Connection names, Keep-Alive,
+    Proxy-Connection, TE and (but in a 101) Upgrade are for the hop they came on."""
+    cookie = web.cookie(service="direct")
+    raw = web.client.exchange(
+        f"GET /app/hop HTTP/1.1\r\nHost: dev1.{DOMAIN}\r\nCookie: {cookie}\r\n\r\n"
+        f"GET /app/hop HTTP/1.1\r\nHost: dev1.{DOMAIN}\r\nCookie: {cookie}\r\n"
+        "Connection: close\r\n\r\n".encode()
+    )
+    for resp in parse_responses(raw):
+        assert resp.status == 200 and resp.body == b"hop\n"
+        names = {name.lower() for name, _ in resp.headers}
+        assert {"x-hop", "keep-alive", "proxy-connection", "upgrade", "te"}.isdisjoint(names)
+        assert resp.header("x-end-to-end") == "1"
+        assert resp.header_all("connection") in ([], ["keep-alive"], ["close"])
+
+
 def test_a_device_session_is_no_relay_login(web: Web) -> None:
     """A device session (one user, one device: what a one-time link hands out) sent as
     the relay's own cookie opens nothing: not the relay's pages, not its API, even

@@ -13,6 +13,8 @@ Served by uvicorn (see tests/webstack.py). Every route lives under /app/:
     GET  /app/sse?count=N&interval=S        N server-sent events, S seconds apart
     GET  /app/slow?delay=S          "slow done" after S seconds
     GET  /app/status?code=N         that status
+    GET  /app/hop                   200 with hop-by-hop fields (Connection naming X-Hop,
+                                    Keep-Alive, Proxy-Connection, Upgrade, TE)
     WS   /app/ws                    echo every message
 
 Anything else is a 404; a known route with the wrong method a 405 (HEAD works like GET).
@@ -52,6 +54,7 @@ ROUTES = {
     "/app/sse",
     "/app/slow",
     "/app/status",
+    "/app/hop",
 }
 
 
@@ -224,6 +227,17 @@ async def http(scope: Scope, receive: Receive, send: Send) -> None:
         case "/app/status" if params.get("code", "").isdigit() and 200 <= int(params["code"]) < 600:
             code = int(params["code"])
             await respond(send, code, f"status {code}\n".encode())
+        case "/app/hop":
+            hop = [
+                ("connection", "keep-alive, X-Hop"),
+                ("x-hop", "1"),
+                ("x-end-to-end", "1"),
+                ("keep-alive", "timeout=3600"),
+                ("proxy-connection", "keep-alive"),
+                ("upgrade", "h2c"),
+                ("te", "trailers"),
+            ]
+            await respond(send, 200, b"hop\n", headers=hop)
         case "/app/cookie/set" | "/app/redirect" | "/app/status":
             await respond(send, 400, b"bad request\n")
         case _:

@@ -117,6 +117,14 @@ _REQUEST_FIELDS = {
 #: Fields a Connection header may not name (RFC 9110 §7.6.1: they are for every hop).
 _FRAMING_NAMES = frozenset({b"content-length", b"host"})
 
+#: A response head the relay may have to change (in its lowered form): its cookies, its
+#: redirects, what would clear the relay's cookies, hop-by-hop fields, a Connection
+#: header that names more than keep-alive or close.
+_REWRITTEN_FIELDS = re.compile(
+    rb"\n(?:set-cookie|location|content-location|clear-site-data|keep-alive|proxy-connection"
+    rb"|te|upgrade):|\nconnection:[ \t]*+(?!(?:keep-alive|close)[ \t]*\r?\n)"
+)
+
 _HEAD, _BODY, _END, _RAW, _EOF = range(5)
 _RESERVED = RESERVED_PREFIX.encode()
 #: ``Authorization: Bearer hwt_...`` and the other secrets the relay hands out.
@@ -261,7 +269,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             self.forward(data)
             return
         if self._upgrading:
-            self._queue(_RAW, data)
+            self._queue(_RAW, data, len(data))
             if self.queued > MAX_QUEUED and self.transport is not None:
                 self.transport.pause_reading()
             self._pump()
@@ -402,7 +410,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             req.error = (400, "only origin-form request targets are accepted")
         elif req.chunked and req.version == "1.0":
             req.error = (400, "chunked transfer coding is not allowed in HTTP/1.0")
-        elif connection_tokens & _FRAMING_NAMES:
+        elif connection_tokens and connection_tokens & _FRAMING_NAMES:
             # Dropping them as hop-by-hop would leave a body without its length (or a
             # request without its Host) for the device: a request smuggled in the body.
             req.error = (400, "Connection may not name Content-Length or Host")
@@ -428,7 +436,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         # Heads waiting (for a session check, the channel) count towards what stops
         # reading: a client pipelining heads must not grow the relay's memory.
         req.size = HEAD_OVERHEAD + self._header_bytes + len(req.url)
-        self._queue(_HEAD, req)
+        self._queue(_HEAD, req, req.size)
 
     def on_body(self, body: bytes) -> None:
         req = cast(_Request, self._req)
@@ -437,7 +445,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         if max_body and req.body_bytes > max_body:
             req.error = (413, "the request body is too large")
             raise ValueError("body too large")
-        self._queue(_BODY, body)
+        self._queue(_BODY, body, len(body))
 
     def on_message_complete(self) -> None:
         req = self._req
@@ -461,13 +469,11 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             return
         self._upgrading = True  # the parser is done: the rest is passed on raw
         if rest:
-            self._queue(_RAW, rest)
+            self._queue(_RAW, rest, len(rest))
 
-    def _queue(self, kind: int, item: object) -> None:
-        if kind == _HEAD:
-            self.queued += cast(_Request, item).size
-        elif kind in (_BODY, _RAW):
-            self.queued += len(cast(bytes, item))
+    def _queue(self, kind: int, item: object, size: int = 0) -> None:
+        """``size``: what the item holds, counted in ``queued`` until it is sent."""
+        self.queued += size
         self.events.append((kind, item))
 
     # --- forwarding --------------------------------------------------------------------------
@@ -1142,16 +1148,48 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
 
     def _rewrite_head(self, head: ResponseHead) -> bytes | None:
         """Drop the relay's cookies and ``Domain`` attributes from a device's Set-Cookie,
-        and its Clear-Site-Data; point redirects to the device's own name (or to plain
-        http) back at the relay."""
+        its Clear-Site-Data and its hop-by-hop fields (RFC 9110 §7.6.1: those named in
+        Connection, Keep-Alive, Proxy-Connection, TE, and Upgrade but in a 101); point
+        redirects to the device's own name (or to plain http) back at the relay.
+
+        ``Connection: keep-alive`` or ``close`` pass: they say what the relay does with
+        the browser's connection too."""
         lower = head.lower
-        if b"set-cookie" not in lower and b"location" not in lower and b"clear-site" not in lower:
+        if _REWRITTEN_FIELDS.search(lower) is None:
             return None
+        hop = {b"keep-alive", b"proxy-connection", b"te"}
+        if head.status != 101:
+            hop.add(b"upgrade")
+        options: list[bytes] = []
+        for name, value in head.headers:
+            if name.lower() == b"connection":
+                for token in value.lower().split(b","):
+                    token = token.strip(b" \t")
+                    if token in (b"keep-alive", b"close", b"upgrade") and token not in options:
+                        options.append(token)
+                    elif token:
+                        hop.add(token)
+        if b"close" in options:
+            options = [b"close"]  # what the relay does with the browser's connection then
         changed = False
         headers: list[tuple[bytes, bytes]] = []
+        connection_done = False
         for name, value in head.headers:
             lname = name.lower()
-            if lname == b"set-cookie":
+            if lname in hop or lname == b"clear-site-data":
+                # Clear-Site-Data would clear the relay's cookies too (the same site).
+                changed = True
+                continue
+            if lname == b"connection":
+                kept = b", ".join(t for t in options if t != b"upgrade" or head.status == 101)
+                if connection_done or not kept:
+                    changed = True
+                    continue
+                connection_done = True
+                if kept != b", ".join(t.strip(b" \t") for t in value.lower().split(b",")):
+                    changed = True
+                    value = kept
+            elif lname == b"set-cookie":
                 cleaned = clean_set_cookie(value, self.prefix)
                 changed = changed or cleaned != value
                 if cleaned is None:
@@ -1161,10 +1199,6 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
                 fixed = self._rewrite_location(value)
                 changed = changed or fixed != value
                 value = fixed
-            elif lname == b"clear-site-data":
-                # It would clear the relay's cookies too (the same site): logged out.
-                changed = True
-                continue
             headers.append((name, value))
         if not changed:
             return None
