@@ -13,6 +13,9 @@ small page, and the small page at the ``--sweep`` connection counts, against:
 - ``hatchway``: the relay's HTTPS virtual host ``dev1.relay.localhost`` with a device
   session cookie obtained through ``hatchway open``'s one-time link, the agent in front
   of nginx;
+- ``floor``: ``floor_relay.py``, the least a Python relay of hatchway's shape does (TLS
+  to the browser, one TLS tunnel to an agent, no HTTP parsing, no login check), as a
+  yardstick; ``--floor-burn`` adds CPU per request to its relay;
 - ``ssh``, ``websocat``: the peers of ``tunnel_bench.py``, set up by its own code.
 
 It also reads the CPU time the processes of each row used during each wrk run, and the
@@ -49,12 +52,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tunnel_bench as tb
 
+from hatchway.relay.pki import ensure_tls_files
 from hatchway.web.access import DEVICE_COOKIE
 from tests.procs import Env, Proc, free_port, rss_kib
 from tests.webclient import DOMAIN, WebClient, set_cookie_value
 from tests.webstack import static_files
 
-ROWS = ("direct", "hatchway", "ssh", "websocat")
+ROWS = ("direct", "hatchway", "floor", "ssh", "websocat")
+#: bench/floor_relay.py: the least a Python relay of hatchway's shape does.
+FLOOR_SCRIPT = Path(__file__).resolve().parent / "floor_relay.py"
 #: wrk -c of the main tests (PERFORMANCE.md's method); --sweep adds other counts.
 CONNECTIONS = 50
 #: (key, label, path, wrk connections)
@@ -317,6 +323,8 @@ class WebBench(tb.Bench):
             )
         if name == "hatchway":
             row = self._start_hatchway_web(loop)
+        elif name.startswith("floor"):
+            row = self._start_floor(name)
         else:
             tool = self._start_ssh() if name == "ssh" else self._start_websocat()
             row = Row(name, tool.label, f"http://127.0.0.1:{tool.iperf_port}", cpu=tool.cpu)
@@ -356,6 +364,44 @@ class WebBench(tb.Bench):
                 *("--resolve", f"{DEVICE_HOST}:{port}:127.0.0.1"),
             ],
             curl_base=f"https://{DEVICE_HOST}:{port}",
+            cpu=[("relay", relay.popen.pid), ("agent", agent.popen.pid)],
+        )
+
+    def _start_floor(self, name: str) -> Row:
+        """bench/floor_relay.py in front of nginx, with the relay's TLS files (``name`` is
+        floor or floor+N: N µs of CPU added per browser read)."""
+        assert self.nginx is not None
+        burn = int(name.partition("+")[2] or 0)
+        d = self.root / name
+        d.mkdir()
+        files = ensure_tls_files(d / "tls", "localhost")
+        port, tunnel_port = free_port(), free_port()
+        env = self.infra.environ()
+        env["FLOOR_BURN_US"] = str(burn)
+        python = [sys.executable, str(FLOOR_SCRIPT)]
+        relay = self.infra.spawn(
+            f"{name}-relay",
+            [
+                *python,
+                "relay",
+                str(port),
+                str(tunnel_port),
+                str(files.server_cert),
+                str(files.server_key),
+            ],
+            env=env,
+        )
+        tb.wait_listening(tunnel_port, relay, 10, f"{name} relay")
+        agent = self.infra.spawn(
+            f"{name}-agent", [*python, "agent", str(tunnel_port), str(self.nginx.port)], env=env
+        )
+        tb.wait_listening(port, relay, 10, f"{name} relay (waiting for its agent)")
+        label = "python floor" + (f" (+{burn} µs/request)" if burn else "")
+        return Row(
+            name,
+            label,
+            f"https://127.0.0.1:{port}",
+            curl=["--cacert", str(files.ca_cert)],
             cpu=[("relay", relay.popen.pid), ("agent", agent.popen.pid)],
         )
 
@@ -817,13 +863,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="MS",
         help="the sweep reports the highest rate whose p99 stays under this (default 3 ms)",
     )
+    parser.add_argument(
+        "--floor-burn",
+        default="0",
+        metavar="US,...",
+        help="the floor row once per value: microseconds of CPU added to its relay per "
+        "request (default 0; e.g. 0,10,15 to see what a relay's cost per request does)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     names = {n.strip() for item in args.only for n in item.split(",") if n.strip()}
     unknown = names - set(ROWS)
     if unknown:
         parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
-    args.rows = [r for r in ROWS if r in names or r == "direct"] if names else list(ROWS)
+    rows = [r for r in ROWS if r in names or r == "direct"] if names else list(ROWS)
+    try:
+        burns = sorted({int(n) for n in args.floor_burn.split(",") if n.strip()})
+    except ValueError:
+        parser.error(f"--floor-burn: not a list of numbers: {args.floor_burn!r}")
+    if not burns or any(not 0 <= n <= 1000 for n in burns):
+        parser.error("--floor-burn: microseconds between 0 and 1000")
+    floors = [f"floor+{n}" if n else "floor" for n in burns]
+    args.rows = [f for r in rows for f in (floors if r == "floor" else [r])]
     if args.seconds < 1 or args.runs < 1 or args.clients < 0 or args.sweep_seconds < 1:
         parser.error("--seconds, --sweep-seconds and --runs must be positive")
     try:
