@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from websockets.client import ClientProtocol
+from websockets.frames import Frame as WsFrame
+from websockets.uri import parse_uri
 
-from tests.procs import Env, Proc, device_online, free_port, wait_for
+from hatchway.mux import Frame, FrameType
+from tests.procs import Env, Proc, device_online, free_port, rss_kib, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -110,6 +114,57 @@ def roundtrip(port: int, payload: bytes) -> bytes:
             chunks.append(data)
         sender.join()
     return b"".join(chunks)
+
+
+class RawWebSocket:
+    """A WebSocket to the relay over a blocking TLS socket, driven by the websockets
+    sans-I/O client: it reads only when asked, so it can play a peer that never reads."""
+
+    def __init__(
+        self, port: int, ca_file: Path, path: str = "/api/v1/tunnel", token: str | None = None
+    ) -> None:
+        context = ssl.create_default_context(cafile=str(ca_file))
+        tcp = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.tls = context.wrap_socket(tcp, server_hostname="localhost")
+        self.ws = ClientProtocol(
+            parse_uri(f"wss://localhost:{port}{path}"),
+            subprotocols=["hatchway.v1"],  # type: ignore[list-item]
+        )
+        request = self.ws.connect()
+        if token is not None:
+            request.headers["Authorization"] = f"Bearer {token}"
+        self.ws.send_request(request)
+        self.flush()
+
+    def flush(self) -> None:
+        self.tls.sendall(b"".join(self.ws.data_to_send()))
+
+    def send(self, data: bytes) -> None:
+        self.ws.send_binary(data)
+        self.flush()
+
+    def next_frame(self) -> WsFrame:
+        while True:
+            for event in self.ws.events_received():
+                if isinstance(event, WsFrame):
+                    return event
+            data = self.tls.recv(65536)
+            if not data:
+                raise ConnectionError("closed by the relay")
+            self.ws.receive_data(data)
+
+    def close(self) -> None:
+        self.tls.close()
+
+    def __enter__(self) -> RawWebSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def relay_token(env: Env) -> str:
+    return str(json.loads((env.config_dir / "login.json").read_text())["token"])
 
 
 def test_first_start_prints_admin_credentials_and_ca(env: Env) -> None:
@@ -544,6 +599,108 @@ def test_pending_connections_are_limited_per_source(env: Env) -> None:
             return False
 
     wait_for(health, 10, "the relay to serve again")
+
+
+def test_unauthenticated_tunnels_hold_their_sources_slot(env: Env) -> None:
+    """A tunnel counts against its address's 64 pending connections until it has
+    authenticated (device or client) or closed, not just until its request was read."""
+    echo = EchoServer()
+    _, port, password = env.start_relay()
+    assert password is not None
+    url = f"https://localhost:{port}"
+    env.start_agent(url, "dev1", env.add_device("dev1"), [f"echo=127.0.0.1:{echo.port}"])
+    env.login(url, "admin", password)
+    wait_for(lambda: device_online(env, "dev1"), 20, "dev1 online")
+    _, fport = env.start_forward("dev1", "echo")  # a client tunnel
+    assert roundtrip(fport, b"before") == b"before"
+
+    def refused() -> bool:
+        try:
+            with RawWebSocket(port, env.ca_file) as raw:
+                raw.next_frame()
+        except TimeoutError:
+            return False
+        except OSError:  # closed before or during the TLS handshake
+            return True
+        return False
+
+    # The authenticated tunnels hold no slot: 64 handshakes that never send a HELLO fit...
+    pending = [RawWebSocket(port, env.ca_file) for _ in range(64)]
+    try:
+        for raw in pending:
+            assert raw.next_frame().data[0] == FrameType.HELLO  # the relay's challenge
+        # ... and use up this address's slots.
+        assert refused()
+        assert roundtrip(fport, b"during") == b"during"  # tunnels already up carry on
+    finally:
+        for raw in pending:
+            raw.close()
+    wait_for(lambda: not refused(), 10, "the slots to come back")
+    echo.close()
+
+
+def test_open_and_reset_in_one_message_keep_the_client_tunnel(setup: Setup) -> None:
+    """The relay refuses the bad target after the batch, when the RESET already removed
+    the channel: no answer for it, and the tunnel goes on."""
+    token = relay_token(setup.env)
+    with RawWebSocket(setup.port, setup.env.ca_file, "/api/v1/client", token) as raw:
+        raw.next_frame()  # the welcome
+        raw.send(
+            Frame(FrameType.OPEN, 1, b"\x00\x01\x00\x00dev1/BAD").serialize()
+            + Frame(FrameType.RESET, 1, b"\x00bye").serialize()
+        )
+        raw.send(Frame(FrameType.PING, 0, b"pingpong").serialize())
+        assert raw.next_frame().data == Frame(FrameType.PONG, 0, b"pingpong").serialize()
+        raw.send(Frame(FrameType.OPEN, 3, b"\x00\x01\x00\x00dev1/echo").serialize())
+        opened = raw.next_frame().data
+        assert opened[:5] == bytes([FrameType.OPEN_OK]) + (3).to_bytes(4, "big")
+    output = setup.relay.output()
+    assert "Traceback" not in output and "protocol error" not in output
+
+
+@pytest.mark.parametrize("ping", ["hatchway", "websocket"])
+@pytest.mark.parametrize("path", ["/api/v1/tunnel", "/api/v1/client"])
+def test_a_peer_that_sends_but_never_reads_is_dropped(env: Env, path: str, ping: str) -> None:
+    """PINGs (or WebSocket pings) from a peer that never reads: the relay's answers
+    would pile up in its write buffer. Before the tunnel is established a PING is a
+    protocol error; otherwise the connection is aborted past a cap."""
+    relay, port, password = env.start_relay()
+    assert password is not None
+    token = None
+    if path == "/api/v1/client":
+        env.login(f"https://localhost:{port}", "admin", password)
+        token = relay_token(env)
+    before = rss_kib(relay.popen.pid)
+    raw = RawWebSocket(port, env.ca_file, path, token)
+    raw.next_frame()  # the relay's HELLO; from here on nothing is read
+    pings = Frame(FrameType.PING, 0, b"12345678").serialize() * 60_000
+    sent = 0
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if ping == "hatchway":
+                raw.send(pings)
+            else:
+                for _ in range(5000):
+                    raw.ws.send_ping(b"p" * 125)
+                raw.flush()
+            sent += len(pings) if ping == "hatchway" else 5000 * 131
+        raise AssertionError("the relay kept the connection")
+    except TimeoutError:
+        raise AssertionError("the relay stopped reading instead of dropping us") from None
+    except OSError:
+        pass
+    finally:
+        raw.close()
+    grown = rss_kib(relay.popen.pid) - before
+    print(f"\nsent {sent >> 20} MiB of {ping} pings to {path}; relay RSS grew {grown} KiB")
+    assert grown < 48 * 1024
+    if path == "/api/v1/tunnel" and ping == "hatchway":
+        relay.wait_output("PING frame before the tunnel was established")
+    else:
+        relay.wait_output(r"the peer does not read \(\d+ bytes waiting to be sent\), aborting")
+    with RawWebSocket(port, env.ca_file) as raw:  # the relay serves on
+        assert raw.next_frame().data[0] == FrameType.HELLO
 
 
 def test_forward_mux_reports_open_errors_and_survives_them(setup: Setup) -> None:

@@ -388,6 +388,45 @@ def test_accept_or_reject_twice_is_a_local_error(pair: MuxPair) -> None:
         pair.agent.mux.accept_channel(99)
 
 
+@pytest.mark.parametrize("answer", ["accept", "reject"])
+def test_answering_a_channel_reset_in_the_same_message_is_a_no_op(answer: str) -> None:
+    """OPEN then RESET in one message: the application hears ChannelRequested and then
+    answers, but the channel is gone; the answer sends nothing and raises nothing."""
+    relay = established(Role.RELAY)
+    relay.receive_data(
+        frame(FrameType.OPEN, 1, open_payload(65536, "dev1/BAD"))
+        + frame(FrameType.RESET, 1, reason_payload(ResetReason.CANCEL, "bye"))
+    )
+    assert relay.events_received() == [
+        ChannelRequested(1, "dev1/BAD"),
+        ChannelReset(1, ResetReason.CANCEL, "bye"),
+    ]
+    if answer == "accept":
+        relay.accept_channel(1)
+    else:
+        relay.reject_channel(1, OpenFailure.BAD_REQUEST, "no")
+    assert not relay.has_data_to_send() and relay.channel_ids() == []
+    # The tunnel goes on: the next channel works.
+    relay.receive_data(frame(FrameType.OPEN, 3, open_payload(65536, "x")))
+    assert relay.events_received() == [ChannelRequested(3, "x")]
+    relay.accept_channel(3)
+    assert [f.type for f in sent_frames(relay)] == [FrameType.OPEN_OK]
+    # A channel the peer never opened is still a local error.
+    with pytest.raises(LocalProtocolError, match="does not exist"):
+        relay.reject_channel(5, OpenFailure.BAD_REQUEST, "no")
+
+
+def test_running_out_of_channel_ids_is_a_local_error() -> None:
+    relay = established(Role.RELAY)
+    relay._next_local = 2**32 - 2  # as after 2**31 - 1 opens on one tunnel
+    assert relay.open_channel("s") == 2**32 - 2  # the last id
+    assert relay.ids_used_up
+    sent_frames(relay)
+    with pytest.raises(LocalProtocolError, match="no channel ids left"):
+        relay.open_channel("s")
+    assert not relay.has_data_to_send()
+
+
 def test_opener_cannot_accept_its_own_channel(pair: MuxPair) -> None:
     channel = pair.relay.mux.open_channel("s")
     with pytest.raises(LocalProtocolError, match="opening"):
@@ -881,10 +920,13 @@ def test_ping_payload_is_cut_to_8_bytes(pair: MuxPair) -> None:
     assert agent_events == [PongReceived(b"01234567")]
 
 
-def test_ping_works_before_established() -> None:
-    pair = MuxPair(establish=False)
-    pair.agent.mux.send_ping(b"t")
-    assert pair.pump() == ([], [PongReceived(b"t")])
+@pytest.mark.parametrize("frame_type", [FrameType.PING, FrameType.PONG])
+def test_ping_or_pong_before_established_is_an_error(frame_type: FrameType) -> None:
+    """An unauthenticated peer gets no answers: keep-alive starts after the welcome."""
+    relay = Multiplexer(Role.RELAY)
+    with pytest.raises(RemoteProtocolError, match="before the tunnel was established"):
+        relay.receive_data(frame(frame_type, 0, b"t"))
+    assert [f.type for f in sent_frames(relay)] == [FrameType.GOAWAY]
 
 
 def test_oversized_ping_is_an_error() -> None:

@@ -54,6 +54,8 @@ DEFAULT_WINDOW = 1024 * 1024
 DATA_CHUNK = 64 * 1024
 _DATA_HEADER = HEADER.pack
 DEFAULT_MAX_CHANNELS = 1024
+#: Channel ids are u32: an end runs out after 2**31 opens on one tunnel.
+MAX_CHANNEL_ID = 2**32 - 1
 
 
 class Role(enum.Enum):
@@ -150,21 +152,33 @@ class Multiplexer:
             raise LocalProtocolError("the tunnel is closing")
         if not service or len(service) > MAX_SERVICE_NAME:
             raise LocalProtocolError("invalid service name")
+        if self.ids_used_up:
+            raise LocalProtocolError("no channel ids left on this tunnel")
         channel_id = self._next_local
         self._next_local += 2
         self._channels[channel_id] = _Channel(channel_id, service, _State.OPENING, self.window)
         self._control(FrameType.OPEN, channel_id, encode_open(self.window, service))
         return channel_id
 
+    @property
+    def ids_used_up(self) -> bool:
+        """True once this end has opened its last channel id: only a new tunnel can
+        open more."""
+        return self._next_local > MAX_CHANNEL_ID
+
     def accept_channel(self, channel_id: int) -> None:
-        ch = self._get(channel_id, _State.REQUESTED)
-        ch.state = _State.OPEN
-        self._control(FrameType.OPEN_OK, channel_id, U32.pack(self.window))
+        """Accept a requested channel; a no-op if the peer already reset it (its
+        ``ChannelReset`` event tells the application)."""
+        ch = self._requested(channel_id)
+        if ch is not None:
+            ch.state = _State.OPEN
+            self._control(FrameType.OPEN_OK, channel_id, U32.pack(self.window))
 
     def reject_channel(self, channel_id: int, reason: OpenFailure, message: str) -> None:
-        self._get(channel_id, _State.REQUESTED)
-        del self._channels[channel_id]
-        self._control(FrameType.OPEN_FAILED, channel_id, encode_reason(reason, message))
+        """Refuse a requested channel; a no-op if the peer already reset it."""
+        if self._requested(channel_id) is not None:
+            del self._channels[channel_id]
+            self._control(FrameType.OPEN_FAILED, channel_id, encode_reason(reason, message))
 
     def send_window(self, channel_id: int) -> int:
         ch = self._channels.get(channel_id)
@@ -247,7 +261,9 @@ class Multiplexer:
         """Feed bytes from the peer. A ``RemoteProtocolError`` ends the tunnel: send
         what ``data_to_send`` returns (a GOAWAY) and close."""
         if self.failed is not None:
-            raise self.failed
+            # A fresh traceback: re-raising the same object would chain every call's
+            # frames (and the bytes they hold) onto it.
+            raise self.failed.with_traceback(None)
         try:
             for frame in self._parser.feed(data):
                 self._handle(frame)
@@ -279,6 +295,14 @@ class Multiplexer:
         if ch.state is not state:
             raise LocalProtocolError(f"channel {channel_id} is {ch.state.value}")
         return ch
+
+    def _requested(self, channel_id: int) -> _Channel | None:
+        """The channel to answer; None if it is closed: the peer reset it, perhaps in
+        the very message that carried its OPEN, before the application answered."""
+        closed = channel_id not in self._channels and 0 < channel_id <= self._last_remote
+        if closed and channel_id % 2 == self._remote_parity:
+            return None
+        return self._get(channel_id, _State.REQUESTED)
 
     def _was_used(self, channel_id: int) -> bool:
         if channel_id % 2 == self._remote_parity:
@@ -332,6 +356,9 @@ class Multiplexer:
 
     def _handle_session(self, frame: Frame) -> None:
         ftype = frame.type
+        if not self.established and ftype in (FrameType.PING, FrameType.PONG):
+            # Nobody pings before the welcome; an unauthenticated peer gets no answers.
+            raise RemoteProtocolError(f"{ftype.name} frame before the tunnel was established")
         if ftype is FrameType.PING:
             self._control(FrameType.PONG, 0, frame.payload)
         elif ftype is FrameType.PONG:

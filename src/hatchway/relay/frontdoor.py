@@ -111,7 +111,9 @@ class FrontDoor(asyncio.Protocol):
     """One accepted connection until its first request is routed.
 
     ``source`` was admitted by the server's accept loop (a bounded number of pending
-    connections per address); ``release()`` gives the slot back exactly once.
+    connections per address); ``release()`` gives the slot back exactly once: when the
+    request was read, or for the WebSocket routes once the caller authenticated (a
+    device tunnel's handshake, a client's bearer token) or the connection closed.
     """
 
     def __init__(self, server: RelayServer, source: str) -> None:
@@ -135,12 +137,15 @@ class FrontDoor(asyncio.Protocol):
         self.release()
 
     def release(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stop_timer()
         if self._admitted:
             self._admitted = False
             self.server.release(self.source)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _expired(self) -> None:
         self._timer = None
@@ -278,28 +283,36 @@ class FrontDoor(asyncio.Protocol):
 
     def _route(self) -> None:
         assert self.transport is not None
-        self.release()
+        self._stop_timer()
         req = self.request
         url = urllib.parse.urlsplit(req.url.decode("latin-1"))
         method = self.parser.get_method().decode("latin-1")
-        if self._is_upgrade():
-            if method != "GET":
-                self._respond(405, {"error": "bad_method", "message": "use GET to upgrade"})
-            elif url.path == "/api/v1/tunnel":
+        if self._is_upgrade() and method == "GET":
+            # Unauthenticated until the handshake or the token check is done: the
+            # source's slot goes with the connection until then.
+            if url.path == "/api/v1/tunnel":
                 ws = ServerProtocol(
                     subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
                     extensions=None,
                     max_size=TUNNEL_MAX_MESSAGE,
                 )
-                self._hand_over(RelayTunnel(ws, self.server))
-            elif url.path in ("/api/v1/connect", "/api/v1/client"):
+                self._hand_over(RelayTunnel(ws, self.server, self.release))
+                return
+            if url.path in ("/api/v1/connect", "/api/v1/client"):
                 self.transport.pause_reading()
                 self._handed_over = True
                 if url.path == "/api/v1/connect":
                     coro = self._connect(url.query)
                 else:
                     coro = self._client_tunnel()
-                self.server.track(asyncio.get_running_loop().create_task(coro))
+                task = asyncio.get_running_loop().create_task(coro)
+                task.add_done_callback(lambda _: self.release())
+                self.server.track(task)
+                return
+        self.release()
+        if self._is_upgrade():
+            if method != "GET":
+                self._respond(405, {"error": "bad_method", "message": "use GET to upgrade"})
             else:
                 self._respond(404, {"error": "not_found", "message": "no such endpoint"})
             return

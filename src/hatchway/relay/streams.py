@@ -220,6 +220,11 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
         super().pause_writing()
         self.sink_paused()
 
+    def write_buffer_limit(self) -> int:
+        # Credit is held back once paused, but a window may still be on its way.
+        window = self.tunnel.mux.window if self.tunnel is not None else 0
+        return super().write_buffer_limit() + window
+
     def on_connection_lost(self, exc: Exception | None) -> None:
         self.server.client_channels.discard(self)
         if self._open_timer is not None:

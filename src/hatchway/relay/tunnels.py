@@ -6,6 +6,7 @@ import asyncio
 import base64
 import logging
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from websockets.http11 import Request, Response
@@ -33,11 +34,19 @@ HANDSHAKE_TIMEOUT = 10.0
 
 
 class RelayTunnel(TunnelEndpoint):
-    def __init__(self, ws: ServerProtocol, server: RelayServer) -> None:
+    def __init__(
+        self,
+        ws: ServerProtocol,
+        server: RelayServer,
+        release_source: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(
             ws, Role.RELAY, window=server.config.window, max_channels=server.config.max_channels
         )
         self.server = server
+        # Gives back the source address's slot of unauthenticated connections (called
+        # once the device proved itself, or when the connection is gone).
+        self._release_source = release_source
         self.device_id: str | None = None
         self.nonce = new_nonce()
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -112,6 +121,7 @@ class RelayTunnel(TunnelEndpoint):
             return
         self.device_id = device
         self.server.unauthenticated.discard(self)
+        self._give_back_slot()
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         self.mux.mark_established()
@@ -146,8 +156,14 @@ class RelayTunnel(TunnelEndpoint):
             entry.properties.get("services", []),
         )
 
+    def _give_back_slot(self) -> None:
+        release, self._release_source = self._release_source, None
+        if release is not None:
+            release()
+
     def on_tunnel_closed(self) -> None:
         self.server.unauthenticated.discard(self)
+        self._give_back_slot()
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         if self._auth_task is not None:

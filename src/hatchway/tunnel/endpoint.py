@@ -24,7 +24,7 @@ from hatchway.errors import LocalProtocolError, RemoteProtocolError
 from hatchway.mux import events as ev
 from hatchway.mux.frames import GoAwayReason, OpenFailure, ResetReason
 from hatchway.mux.session import Multiplexer, Role
-from hatchway.tunnel.websocket import WebSocketEndpoint
+from hatchway.tunnel.websocket import WRITE_BUFFER_CAP, WebSocketEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class TunnelEndpoint(WebSocketEndpoint):
         raise NotImplementedError
 
     def on_channel_requested(self, channel: int, service: str) -> None:
-        self.mux.reject_channel(channel, OpenFailure.NOT_PERMITTED, "this end accepts no channels")
+        self.reject(channel, OpenFailure.NOT_PERMITTED, "this end accepts no channels")
 
     def on_tunnel_closed(self) -> None:
         """The tunnel is gone (after every binding was reset)."""
@@ -227,10 +227,29 @@ class TunnelEndpoint(WebSocketEndpoint):
         for binding in list(self.bindings.values()):
             binding.tunnel_drained()
 
+    def write_buffer_limit(self) -> int:
+        if not self.mux.established:
+            return TUNNEL_HIGH_WATER  # a handshake sends a few small messages
+        # Once the sources paused, each channel may still add about a window: a splice's
+        # other side delivers what it already had credit for.
+        return WRITE_BUFFER_CAP + len(self.bindings) * self.mux.window
+
     # --- channels -----------------------------------------------------------------------
 
     def open_binding(self, service: str, binding: ChannelBinding) -> int:
-        channel = self.mux.open_channel(service)
+        """Open a channel for ``binding``; if the tunnel cannot open one (closing, out
+        of channel ids), the binding hears it as a refused open, soon after."""
+        try:
+            channel = self.mux.open_channel(service)
+        except LocalProtocolError as exc:
+            log.warning("%s: cannot open a channel to %s: %s", self.describe(), service, exc)
+            binding.tunnel = self
+            binding.finished = True
+            loop = asyncio.get_running_loop()
+            loop.call_soon(binding.on_open_failed, OpenFailure.SHUTTING_DOWN, str(exc))
+            if self.mux.ids_used_up:  # only a new tunnel can open more: make way for it
+                self.shutdown(GoAwayReason.NORMAL, "no channel ids left")
+            return 0
         binding.tunnel = self
         binding.channel = channel
         self.bindings[channel] = binding
@@ -270,6 +289,8 @@ class TunnelEndpoint(WebSocketEndpoint):
         self._tick_handle = asyncio.get_running_loop().call_later(PING_INTERVAL / 3, self._tick)
 
     def on_binary(self, data: bytes) -> None:
+        if self.mux.failed is not None:
+            return  # after a protocol error, nothing more is read (the tunnel is closing)
         self._last_rx = time.monotonic()
         try:
             self.mux.receive_data(data)

@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 
 #: How long to wait for the peer to finish a closing handshake.
 CLOSE_TIMEOUT = 5.0
+#: Data is bounded by the channels' credit and by sources pausing at the high-water
+#: mark, but answers to what the peer sends (WebSocket pongs, PONG frames) are not: a
+#: peer that sends and never reads would grow the write buffer without end. Past this
+#: (plus what ``write_buffer_limit`` allows for data), the connection is aborted.
+WRITE_BUFFER_CAP = 16 * 1024 * 1024
 
 
 #: TCP keepalive on every socket: a vanished peer is noticed in about 60 s even on
@@ -89,6 +94,15 @@ class WebSocketEndpoint(asyncio.Protocol):
 
     def on_connection_lost(self, exc: Exception | None) -> None:
         """The TCP connection is gone; release everything."""
+
+    def write_buffer_limit(self) -> int:
+        """Bytes that may wait to be written before the peer is taken for one that
+        does not read; subclasses add what their data may queue past the high-water
+        mark."""
+        return WRITE_BUFFER_CAP
+
+    def describe(self) -> str:
+        return f"connection {self.peer_address()}"
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -191,7 +205,7 @@ class WebSocketEndpoint(asyncio.Protocol):
 
     def flush(self) -> None:
         transport = self.transport
-        if transport is None or self._lost:
+        if transport is None or self._lost or transport.is_closing():
             return
         chunks = self.ws.data_to_send()
         if not chunks:
@@ -208,6 +222,15 @@ class WebSocketEndpoint(asyncio.Protocol):
             transport.write(chunks[0])
         else:
             transport.writelines(chunks)
+        if self.write_paused:  # past the high-water mark: is the peer reading at all?
+            size = transport.get_write_buffer_size()
+            if size > self.write_buffer_limit():
+                log.warning(
+                    "%s: the peer does not read (%d bytes waiting to be sent), aborting",
+                    self.describe(),
+                    size,
+                )
+                transport.abort()
 
     def _after_receive(self) -> None:
         if self.ws.close_expected() and self._close_timer is None and not self._lost:

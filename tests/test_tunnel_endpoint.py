@@ -1,0 +1,238 @@
+"""Tunnel endpoints (tunnel/endpoint.py, tunnel/websocket.py) over a fake transport: a
+peer that sends but never reads, a channel reset in the message that opened it, and a
+tunnel that has used up its channel ids."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from websockets.client import ClientProtocol
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
+from websockets.protocol import CLOSING, OPEN
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
+
+from hatchway.agent.config import AgentConfig, ServiceTarget
+from hatchway.agent.runner import AgentTunnel
+from hatchway.auth.device import derive_device_key
+from hatchway.mux import Frame, FrameParser, FrameType, GoAwayReason, Multiplexer, OpenFailure, Role
+from hatchway.mux.events import ChannelRequested
+from hatchway.tunnel.endpoint import TUNNEL_HIGH_WATER, ChannelBinding, TunnelEndpoint
+from hatchway.tunnel.websocket import WRITE_BUFFER_CAP
+
+pytestmark = pytest.mark.timeout(30)
+
+WINDOW = 64 * 1024
+PING = Frame(FrameType.PING, 0, b"12345678").serialize()
+
+
+class FakeTransport:
+    """Keeps what is written; reports ``buffered`` as its write buffer's size."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.buffered = 0
+        self.aborted = False
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def is_closing(self) -> bool:
+        return self.aborted or self.closed
+
+    def is_reading(self) -> bool:
+        return True
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Recorder(ChannelBinding):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: list[tuple[int, str]] = []
+
+    def deliver(self, data: bytes) -> None:
+        pass
+
+    def deliver_eof(self) -> None:
+        pass
+
+    def pause_source(self) -> None:
+        pass
+
+    def resume_source(self) -> None:
+        pass
+
+    def on_open_failed(self, reason: int, message: str) -> None:
+        self.failures.append((reason, message))
+
+
+def agent_side(tunnel_class: type[TunnelEndpoint] = TunnelEndpoint) -> TunnelEndpoint:
+    ws = ClientProtocol(parse_uri("wss://relay.example/"), state=OPEN)
+    tunnel = tunnel_class(ws, Role.AGENT, window=WINDOW, max_channels=16)
+    tunnel.connection_made(FakeTransport())  # type: ignore[arg-type]
+    return tunnel
+
+
+def transport_of(tunnel: TunnelEndpoint) -> FakeTransport:
+    assert isinstance(tunnel.transport, FakeTransport)
+    return tunnel.transport
+
+
+def from_relay(tunnel: TunnelEndpoint, opcode: Opcode, data: bytes) -> None:
+    """One WebSocket frame from the relay, as the agent's connection reads it."""
+    tunnel.data_received(WsFrame(opcode, data).serialize(mask=False, extensions=[]))
+
+
+def sent(tunnel: TunnelEndpoint) -> tuple[list[Frame], list[WsFrame]]:
+    """The hatchway frames the tunnel sent, and its other WebSocket frames."""
+    tunnel._flush_mux()
+    server = ServerProtocol(state=OPEN)
+    transport = transport_of(tunnel)
+    server.receive_data(bytes(transport.written))
+    transport.written.clear()
+    frames = [e for e in server.events_received() if isinstance(e, WsFrame)]
+    binary = b"".join(f.data for f in frames if f.opcode is Opcode.BINARY)
+    return FrameParser().feed(binary), [f for f in frames if f.opcode is not Opcode.BINARY]
+
+
+# --- a peer that sends but never reads ------------------------------------------------------
+
+
+async def test_a_peer_that_never_reads_is_aborted_past_the_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PONGs are answers the windows do not bound: past the cap (plus a window for each
+    channel, which data may still fill) the connection is aborted, once, with a log line."""
+    tunnel = agent_side()
+    transport = transport_of(tunnel)
+    tunnel.mux.mark_established()
+    relay = Multiplexer(Role.RELAY, window=WINDOW)
+    relay.mark_established()
+    for _ in range(2):
+        tunnel.open_binding("svc", Recorder())
+    relay.receive_data(b"".join(tunnel.mux.data_to_send()))
+    for event in relay.events_received():
+        assert isinstance(event, ChannelRequested)
+        relay.accept_channel(event.channel)
+    from_relay(tunnel, Opcode.BINARY, b"".join(relay.data_to_send()))
+    assert len(tunnel.bindings) == 2
+    sent(tunnel)
+
+    # Congested, with as much waiting as two channels' data may legitimately add.
+    transport.buffered = WRITE_BUFFER_CAP + 2 * WINDOW
+    tunnel.pause_writing()
+    from_relay(tunnel, Opcode.BINARY, PING)
+    frames, _ = sent(tunnel)
+    assert [f.type for f in frames] == [FrameType.PONG] and not transport.aborted
+
+    transport.buffered += 1
+    with caplog.at_level(logging.WARNING):
+        from_relay(tunnel, Opcode.BINARY, PING * 2)
+        assert transport.aborted
+        sent(tunnel)
+        from_relay(tunnel, Opcode.BINARY, PING)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"tunnel None: the peer does not read ({WRITE_BUFFER_CAP + 2 * WINDOW + 1} bytes "
+        "waiting to be sent), aborting"
+    ]
+    # Nothing more is written to the aborted connection.
+    assert sent(tunnel) == ([], [])
+
+
+async def test_websocket_pings_before_the_handshake_get_the_high_water_mark_only() -> None:
+    """A tunnel handshake sends a few small messages: an unauthenticated peer that has
+    the library answer its WebSocket pings is aborted just past the high-water mark."""
+    tunnel = agent_side()
+    transport = transport_of(tunnel)
+    transport.buffered = TUNNEL_HIGH_WATER
+    tunnel.pause_writing()
+    from_relay(tunnel, Opcode.PING, b"p" * 125)
+    assert not transport.aborted
+    transport.buffered += 1
+    from_relay(tunnel, Opcode.PING, b"p" * 125)
+    assert transport.aborted
+
+
+async def test_data_below_the_high_water_mark_is_never_checked() -> None:
+    tunnel = agent_side()
+    transport = transport_of(tunnel)
+    transport.buffered = 10 * WRITE_BUFFER_CAP  # not paused: the transport says all is well
+    tunnel.mux.mark_established()
+    from_relay(tunnel, Opcode.BINARY, PING)
+    assert not transport.aborted
+
+
+# --- OPEN and RESET of one channel in one message ---------------------------------------------
+
+
+async def test_agent_survives_open_then_reset_of_an_unexposed_service() -> None:
+    """The agent refuses the unexposed service after the batch, when the RESET already
+    removed the channel: no OPEN_FAILED, no exception, the tunnel goes on."""
+    ws = ClientProtocol(parse_uri("wss://relay.example/"), state=OPEN)
+    services = {"ssh": ServiceTarget("ssh", "127.0.0.1", 22)}
+    config = AgentConfig("https://relay.example", "dev1", "s3cret", services=services)
+    tunnel = AgentTunnel(ws, config, derive_device_key("s3cret"))
+    tunnel.connection_made(FakeTransport())  # type: ignore[arg-type]
+    tunnel.mux.mark_established()
+    relay = Multiplexer(Role.RELAY)
+    relay.mark_established()
+    channel = relay.open_channel("nope")
+    relay.reset_channel(channel)
+    relay.send_ping(b"after")
+    from_relay(tunnel, Opcode.BINARY, b"".join(relay.data_to_send()))
+    frames, others = sent(tunnel)
+    assert frames == [Frame(FrameType.PONG, 0, b"after")] and others == []
+    assert not transport_of(tunnel).aborted and tunnel.is_open
+    # The next request for it is refused as usual.
+    second = relay.open_channel("nope")
+    from_relay(tunnel, Opcode.BINARY, b"".join(relay.data_to_send()))
+    frames, _ = sent(tunnel)
+    assert [(f.type, f.channel) for f in frames] == [(FrameType.OPEN_FAILED, second)]
+    assert frames[0].payload[0] == OpenFailure.UNKNOWN_SERVICE
+
+
+# --- channel ids used up --------------------------------------------------------------------
+
+
+async def test_a_tunnel_out_of_channel_ids_refuses_the_open_and_goes_away() -> None:
+    """The binding hears a refused open (as every caller already handles); the tunnel
+    sends GOAWAY and closes, so that a new tunnel takes its place."""
+    tunnel = agent_side()
+    tunnel.mux.mark_established()
+    tunnel.mux._next_local = 2**32 + 1  # as after 2**31 opens
+    binding = Recorder()
+    assert tunnel.open_binding("svc", binding) == 0
+    assert binding.failures == [] and binding.finished
+    await asyncio.sleep(0)
+    assert binding.failures == [(OpenFailure.SHUTTING_DOWN, "no channel ids left on this tunnel")]
+    frames, others = sent(tunnel)
+    assert frames == [
+        Frame(FrameType.GOAWAY, 0, bytes([GoAwayReason.NORMAL]) + b"no channel ids left")
+    ]
+    assert [f.opcode for f in others] == [Opcode.CLOSE]
+    assert tunnel.ws.state is CLOSING and tunnel.bindings == {}
