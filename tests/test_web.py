@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import re
+import socket
 import ssl
 import threading
 import time
@@ -632,6 +633,17 @@ def test_sni_must_agree_with_host(web: Web) -> None:
     assert _status(raw) == 421
     raw = web.client.exchange(
         f"GET / HTTP/1.1\r\nHost: dev1.{DOMAIN}\r\nCookie: {cookie}\r\n\r\n".encode(), sni=DOMAIN
+    )
+    assert _status(raw) == 421
+    # The relay's own pages too: a server name and a Host that differ, either way round.
+    ctx = ssl.create_default_context(cafile=str(web.env.ca_file))
+    ctx.check_hostname = False  # the relay's certificate does not name foreign.example
+    with socket.create_connection(("127.0.0.1", web.client.port), timeout=15) as sock:
+        with ctx.wrap_socket(sock, server_hostname="foreign.example") as tls:
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n".encode())
+            assert _status(read_all(tls, 15)) == 421
+    raw = web.client.exchange(
+        b"GET / HTTP/1.1\r\nHost: foreign.example\r\n\r\n", device=None, sni=DOMAIN
     )
     assert _status(raw) == 421
     # Another host on a connection made for dev1.

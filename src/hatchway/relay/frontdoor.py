@@ -211,7 +211,9 @@ class FrontDoor(asyncio.Protocol):
         if sni_device and not host:
             self._respond_page(400, "Bad request", "A request needs exactly one Host header.")
             raise _HandOff
-        if (device or sni_device) and sni and split_host(sni) != split_host(host):
+        if sni and host and split_host(sni) != split_host(host):
+            # For the relay's own pages too. A client that sends no server name (one
+            # that connects by address) is routed by Host alone.
             self._respond_page(
                 421, "Wrong host", "The TLS server name and the Host header do not agree."
             )
