@@ -24,6 +24,7 @@ from typing import Any
 import click
 
 from hatchway.cliutil import api, fail, guard, open_store
+from hatchway.text import printable
 
 data_dir_option = click.option(
     "--data-dir",
@@ -301,7 +302,8 @@ def user_unlock(name: str, data_dir: Path | None) -> None:
 )
 @data_dir_option
 def user_passwd(name: str, password_stdin: bool, data_dir: Path | None) -> None:
-    """Set a user's password, or change your own."""
+    """Set a user's password (their tokens and web sessions end), or change your own
+    (your other tokens and sessions end)."""
     from hatchway.cliutil import login
 
     store = _offline(data_dir)
@@ -799,10 +801,11 @@ def audit_list(data_dir: Path | None, limit: int, as_json: bool, **filters: Any)
         details = " ".join(f"{k}={v}" for k, v in record["details"].items())
         where = f" device={record['device']}" if record["device"] else ""
         source = f" from={record['source']}" if record["source"] else ""
-        click.echo(
+        line = (
             f"{record['id']:>6} {record['at']} {record['kind']:<19} "
             f"{record['actor']}{where}{source} {details}".rstrip()
         )
+        click.echo(printable(line, 1 << 16))  # values from devices and clients
 
 
 @audit.command("export")

@@ -45,6 +45,7 @@ from hatchway.mux.frames import (
     encode_open,
     encode_reason,
 )
+from hatchway.text import printable
 
 PROTOCOL_VERSION = 1
 DEFAULT_WINDOW = 1024 * 1024
@@ -56,6 +57,13 @@ _DATA_HEADER = HEADER.pack
 DEFAULT_MAX_CHANNELS = 1024
 #: Channel ids are u32: an end runs out after 2**31 opens on one tunnel.
 MAX_CHANNEL_ID = 2**32 - 1
+
+
+def _reason(payload: bytes, what: str) -> tuple[int, str]:
+    """A peer's reason code and text; the text is for people and logs, so its line
+    breaks and escape sequences are made inert."""
+    code, message = decode_reason(payload, what)
+    return code, printable(message, 1024)
 
 
 class Role(enum.Enum):
@@ -335,7 +343,7 @@ class Multiplexer:
         elif ftype is FrameType.EOF:
             self._handle_eof(ch)
         elif ftype is FrameType.RESET:
-            reason, message = decode_reason(frame.payload, "RESET")
+            reason, message = _reason(frame.payload, "RESET")
             del self._channels[ch.id]
             self._events.append(ev.ChannelReset(ch.id, reason, message))
         elif ftype is FrameType.OPEN_OK:
@@ -350,7 +358,7 @@ class Multiplexer:
         elif ftype is FrameType.OPEN_FAILED:
             if ch.state is not _State.OPENING:
                 raise RemoteProtocolError(f"OPEN_FAILED for channel {ch.id} which is not opening")
-            reason, message = decode_reason(frame.payload, "OPEN_FAILED")
+            reason, message = _reason(frame.payload, "OPEN_FAILED")
             del self._channels[ch.id]
             self._events.append(ev.ChannelOpenFailed(ch.id, reason, message))
 
@@ -374,7 +382,7 @@ class Multiplexer:
                 raise RemoteProtocolError("HELLO is not a JSON object")
             self._events.append(ev.HelloReceived(info))
         elif ftype is FrameType.GOAWAY:
-            reason, message = decode_reason(frame.payload, "GOAWAY")
+            reason, message = _reason(frame.payload, "GOAWAY")
             self.goaway_received = True
             self._events.append(ev.GoAwayReceived(reason, message))
 

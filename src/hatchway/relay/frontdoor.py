@@ -361,11 +361,18 @@ class FrontDoor(asyncio.Protocol):
             user = await self.server.authenticate_bearer(
                 self.request.header("authorization"), "connect"
             )
-            if self.transport.is_closing():
-                return
-            tunnel = self.server.authorize_stream(user, device, service)
         except api.ApiError as exc:
             stream = ClientStream(ws, self.server, "-", device, service)
+            stream.audited = False
+            self._hand_over(stream)
+            stream.reject(exc.status, exc.code, exc.message)
+            return
+        if self.transport.is_closing():
+            return
+        try:
+            tunnel = self.server.authorize_stream(user, device, service)
+        except api.ApiError as exc:
+            stream = ClientStream(ws, self.server, user.name, device, service)
             self._hand_over(stream)
             stream.reject(exc.status, exc.code, exc.message)
             return

@@ -23,6 +23,7 @@ from websockets.server import ServerProtocol
 
 from hatchway.mux.frames import OpenFailure, ResetReason
 from hatchway.store.base import ChannelRecord
+from hatchway.text import printable
 from hatchway.tunnel.endpoint import ChannelBinding
 from hatchway.tunnel.websocket import WebSocketEndpoint
 
@@ -112,14 +113,19 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
         ChannelBinding.__init__(self)
         self.server = server
         self.user = user
-        self.device = device
-        self.service = service
+        # As the client sent them when it was refused (valid names once authorized):
+        # logged and recorded, so kept inert.
+        self.device = printable(device, 128)
+        self.service = printable(service, 64)
         self.request: Request | None = None
         self._response: Response | None = None
         self.outcome = "open-failed"
         self.started_at = datetime.now(UTC)
         self._open_timer: asyncio.TimerHandle | None = None
         self.token = ""  # the bearer token it was opened with (re-checked by the sweep)
+        # Logged and recorded as a channel when it ends; not for a caller whose token
+        # was refused (nobody: what it named is its own say-so, and free to send).
+        self.audited = True
 
     @property
     def user_name(self) -> str:
@@ -266,6 +272,8 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
     # --- audit --------------------------------------------------------------------------
 
     def _record(self) -> None:
+        if not self.audited:
+            return
         record = channel_record(
             self, self.user, self.device, self.service, self.peer_address(), self.started_at,
             self.outcome,

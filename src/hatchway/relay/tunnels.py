@@ -19,6 +19,7 @@ from hatchway.errors import ConfigError
 from hatchway.mux.frames import GoAwayReason
 from hatchway.mux.session import PROTOCOL_VERSION, Role
 from hatchway.relay.registry import OnlineDevice
+from hatchway.text import printable
 from hatchway.tunnel.endpoint import CLOSE_POLICY, TunnelEndpoint
 
 if TYPE_CHECKING:
@@ -185,13 +186,13 @@ def _clean_props(props: dict[str, Any]) -> dict[str, Any]:
     for key in ("hostname", "agent_version"):
         value = props.get(key)
         if isinstance(value, str):
-            out[key] = value[:128]
+            out[key] = printable(value, 128)  # logged and shown: no line breaks, escapes
     uptime = props.get("uptime")
     if isinstance(uptime, int) and uptime >= 0:
         out["uptime"] = uptime
     services = props.get("services")
     if isinstance(services, list):
-        out["services"] = [s[:64] for s in services[:64] if isinstance(s, str)]
+        out["services"] = [printable(s, 64) for s in services[:64] if isinstance(s, str)]
     options = props.get("service_options")
     if isinstance(options, dict):
         kept: dict[str, dict[str, str]] = {}
