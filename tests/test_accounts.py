@@ -5,14 +5,21 @@ should, with every step in the organisation's audit log."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
+import threading
 import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from tests.apiclient import Api
-from tests.procs import HATCHWAY, Env, wait_for
+from tests.procs import HATCHWAY, Env, device_online, wait_for
 from tests.test_integration import EchoServer
+from tests.webclient import DOMAIN, WebClient, set_cookie_value
 
 PASSWORD = "Vivid-Lantern-482!"
 NEW_PASSWORD = "Amber-Harbour-93!x"
@@ -260,3 +267,181 @@ def test_the_relay_session_works_for_the_api_from_the_relay_s_own_pages(env: Env
     # Without the cookie, nothing.
     status, _, body = api.raw("GET", "/api/v1/whoami")
     assert (status, json.loads(body)["error"]) == (401, "unauthorized")
+
+
+# --- sessions end with a revocation or a password change ---------------------------------
+
+DEVICE_COOKIE = "__Host-hatchway-device"
+RELAY_COOKIE = "__Host-hatchway"
+
+
+class _DevicePage(http.server.ThreadingHTTPServer):
+    """cam1's web UI: one page."""
+
+    def __init__(self) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "9")
+                self.end_headers()
+                self.wfile.write(b"cam1 page")
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@dataclass
+class Relay:
+    env: Env
+    url: str
+    api: Api  # the super-admin's token
+    web: WebClient
+
+    def token(self, user: str, password: str = PASSWORD) -> str:
+        status, body = self.api.call(
+            "POST", "/api/v1/login", {"user": user, "password": password}, token=""
+        )
+        assert status == 200, body
+        return str(body["token"])
+
+    def browser_login(self, user: str, password: str = PASSWORD) -> str:
+        """Log in on the relay's page: the relay session cookie."""
+        form = urllib.parse.urlencode({"user": user, "password": password}).encode()
+        resp = self.web.request(
+            "POST", "/login", device=None, body=form,
+            headers={"Origin": self.web.origin(), "Content-Type": "application/x-www-form-urlencoded"},
+        )  # fmt: skip
+        assert resp.status == 303, resp
+        return f"{RELAY_COOKIE}={set_cookie_value(resp, RELAY_COOKIE)}"
+
+    def device_session(self, link: str) -> str:
+        """Follow a one-time link into cam1's web UI: the device session cookie."""
+        url = urllib.parse.urlsplit(link)
+        resp = self.web.request("GET", f"{url.path}?{url.query}", device="cam1")
+        assert resp.status == 303, resp
+        return f"{DEVICE_COOKIE}={set_cookie_value(resp, DEVICE_COOKIE)}"
+
+    def opened_from_page(self, relay_cookie: str) -> str:
+        """/open/cam1 on the relay's pages, then the link: a device session."""
+        resp = self.web.request("GET", "/open/cam1", device=None, cookie=relay_cookie)
+        assert resp.status == 303 and "grant=" in (resp.header("location") or ""), resp
+        return self.device_session(resp.header("location") or "")
+
+    def opened_with_token(self, token: str) -> str:
+        status, body = self.api.call(
+            "POST", "/api/v1/web-sessions", {"device": "cam1", "service": "http"}, token=token
+        )
+        assert status == 200, body
+        return self.device_session(body["url"])
+
+    def whoami(self, credential: str) -> int:
+        """The status of GET /whoami with a token or the relay's cookie."""
+        if credential.startswith(RELAY_COOKIE + "="):
+            status, _, _ = self.api.raw("GET", "/api/v1/whoami", headers={"Cookie": credential})
+            return status
+        return self.api.call("GET", "/api/v1/whoami", token=credential)[0]
+
+    def mint_with_cookie(self, relay_cookie: str) -> int:
+        status, _, _ = self.api.raw(
+            "POST", "/api/v1/tokens", json.dumps({"name": "again"}).encode(),
+            {"Content-Type": "application/json", "Cookie": relay_cookie, "Origin": self.url},
+        )  # fmt: skip
+        return status
+
+    def page_works(self, device_cookie: str) -> bool:
+        page = self.web.request("GET", "/", device="cam1", cookie=device_cookie)
+        if page.status == 200:
+            assert page.body == b"cam1 page"
+            return True
+        assert page.status == 303 and "/open/cam1" in (page.header("location") or ""), page
+        return False
+
+
+@pytest.fixture
+def relay(env: Env) -> Iterator[Relay]:
+    """A relay with the device cam1 online (its web UI on cam1's subdomain) and the
+    operator alice."""
+    page = _DevicePage()
+    try:
+        _, port, password = env.start_relay(extra=["--domain", DOMAIN])
+        assert password is not None
+        url = f"https://127.0.0.1:{port}"
+        secret = env.add_device("cam1")
+        env.start_agent(url, "cam1", secret, [f"http=127.0.0.1:{page.server_address[1]}"])
+        api = Api(url, env.ca_file)
+        relay = Relay(env, url, api, WebClient(port, env.ca_file))
+        api.token = relay.token("admin", password)
+        status, body = api.call(
+            "POST", "/api/v1/users", {"name": "alice", "role": "operator", "password": PASSWORD}
+        )
+        assert status == 200, body
+        env.login(url, "admin", password)
+        wait_for(lambda: device_online(env, "cam1"), 20, "cam1 online")
+        yield relay
+    finally:
+        page.shutdown()
+        page.server_close()
+
+
+@pytest.mark.parametrize("how", ["revoke", "reset"])
+def test_revoking_tokens_or_resetting_the_password_ends_every_session(
+    relay: Relay, how: str
+) -> None:
+    """DELETE /users/NAME/tokens and an administrator's password reset end the user's
+    tokens, relay (browser) sessions and device web sessions at once: nothing of the old
+    cookie calls the API, makes a token or opens a device."""
+    token = relay.token("alice")
+    cookie = relay.browser_login("alice")
+    from_page, from_token = relay.opened_from_page(cookie), relay.opened_with_token(token)
+    assert relay.whoami(token) == 200 and relay.whoami(cookie) == 200
+    assert relay.page_works(from_page) and relay.page_works(from_token)
+    if how == "revoke":
+        status, body = relay.api.call("DELETE", "/api/v1/users/alice/tokens")
+        assert (status, body["revoked"]) == (200, 1)
+        kind = "tokens_revoked"
+    else:
+        status, body = relay.api.call("PATCH", "/api/v1/users/alice", {"password": NEW_PASSWORD})
+        assert status == 200, body
+        kind = "password_changed"
+    # At once: no waiting for the relay's caches or its sweep.
+    assert relay.whoami(token) == 401 and relay.whoami(cookie) == 401
+    assert relay.mint_with_cookie(cookie) == 401
+    opened = relay.web.request("GET", "/open/cam1", device=None, cookie=cookie)
+    assert opened.status == 303 and "grant=" not in (opened.header("location") or "")
+    assert not relay.page_works(from_page) and not relay.page_works(from_token)
+    status, body = relay.api.call("GET", f"/api/v1/audit?kind={kind}")
+    (record,) = [r for r in body["records"] if r["details"]["user"] == "alice"]
+    assert record["details"]["sessions_ended"] >= 3  # the relay session and two of cam1
+    # Logging in again works (with the new password after a reset).
+    again = relay.token("alice", NEW_PASSWORD if how == "reset" else PASSWORD)
+    assert relay.whoami(again) == 200
+
+
+def test_changing_one_s_own_password_keeps_only_the_session_it_came_from(relay: Relay) -> None:
+    """POST /password ends the user's other tokens and sessions (the old password opened
+    them) but not the one the change was made with, nor the device sessions made from it."""
+    other_token, other_cookie = relay.token("alice"), relay.browser_login("alice")
+    other_page = relay.opened_from_page(other_cookie)
+    cookie = relay.browser_login("alice")
+    kept_page = relay.opened_from_page(cookie)
+    status, _, raw = relay.api.raw(
+        "POST", "/api/v1/password",
+        json.dumps({"password": PASSWORD, "new_password": NEW_PASSWORD}).encode(),
+        {"Content-Type": "application/json", "Cookie": cookie, "Origin": relay.url},
+    )  # fmt: skip
+    assert status == 200, raw
+    assert relay.whoami(cookie) == 200 and relay.page_works(kept_page)
+    assert relay.whoami(other_token) == 401 and relay.whoami(other_cookie) == 401
+    assert not relay.page_works(other_page)
+    # The same with a token: it stays, the browser's session ends.
+    token, cookie = relay.token("alice", NEW_PASSWORD), relay.browser_login("alice", NEW_PASSWORD)
+    from_token = relay.opened_with_token(token)
+    status, body = relay.api.call(
+        "POST", "/api/v1/password", {"password": NEW_PASSWORD, "new_password": PASSWORD}, token
+    )
+    assert status == 200, body
+    assert relay.whoami(token) == 200 and relay.page_works(from_token)
+    assert relay.whoami(cookie) == 401

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import sqlite3
+import ssl
 import time
+import urllib.parse
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hatchway.store.base import ChannelRecord
 from hatchway.store.sql import DB_FILE_NAME, SqlStore
+from tests.apiclient import Api
 from tests.procs import Env, wait_for
-from tests.test_integration import Setup, roundtrip, setup
+from tests.test_integration import Setup, relay_token, roundtrip, setup
 
 __all__ = ["setup"]  # the fixture
 
@@ -226,3 +231,88 @@ def test_channels_written_in_a_batch_continue_the_chain(store: SqlStore, tmp_pat
         db.execute("UPDATE audit_log SET actor = 'mallory' WHERE id = 30")
     result = store.audit_verify()
     assert not result.ok and result.bad_id == 30
+
+
+def test_a_super_admin_s_changes_belong_to_the_organisation_they_are_about(env: Env) -> None:
+    """A super-admin's changes in another organisation are that organisation's records,
+    not the super-admin's own organisation's; the relay's settings are in none (only
+    super-admins read them)."""
+    _, port, password = env.start_relay()
+    assert password is not None
+    api = Api(f"https://127.0.0.1:{port}", env.ca_file)
+
+    def ok(
+        method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
+    ) -> Any:
+        status, answer = api.call(method, path, body, token)
+        assert status == 200, (method, path, answer)
+        return answer
+
+    api.token = ok("POST", "/api/v1/login", {"user": "admin", "password": password}, "")["token"]
+    ok("POST", "/api/v1/orgs", {"name": "globex"})
+    ok("POST", "/api/v1/teams", {"name": "gx-team", "org": "globex"})
+    ok(
+        "POST",
+        "/api/v1/roles",
+        {"name": "gx-role", "permissions": ["devices.view"], "org": "globex"},
+    )
+    grant = ok(
+        "POST",
+        "/api/v1/grants",
+        {"role": "gx-role", "team": "gx-team", "tag": "hq", "org": "globex"},
+    )
+    ok("DELETE", f"/api/v1/grants/{grant['id']}")
+    ok("PATCH", "/api/v1/orgs/globex", {"require_totp": False})
+    ok("DELETE", "/api/v1/roles/gx-role?org=globex")
+    ok("DELETE", "/api/v1/teams/gx-team?org=globex")
+    ok("PUT", "/api/v1/settings/password.min_length", {"value": "15"})
+    about_globex = ["org_added", "team_added", "role_added", "grant_added", "grant_removed",
+                    "org_changed", "role_removed", "team_removed"]  # fmt: skip
+    for name, org in (("dflt-admin", "default"), ("gx-admin", "globex")):
+        user = {"name": name, "role": "admin", "password": "Vivid-Lantern-482!", "org": org}
+        ok("POST", "/api/v1/users", user)
+    dflt, gx = (
+        ok("POST", "/api/v1/login", {"user": name, "password": "Vivid-Lantern-482!"}, "")["token"]
+        for name in ("dflt-admin", "gx-admin")
+    )
+    seen = {r["kind"] for r in ok("GET", "/api/v1/audit", token=dflt)["records"]}
+    assert not seen & {*about_globex, "setting_changed"}, seen
+    records = ok("GET", "/api/v1/audit", token=gx)["records"]
+    assert [r["kind"] for r in records if r["kind"] in about_globex] == about_globex
+    assert {r["org"] for r in records} == {"globex"}
+    assert "setting_changed" not in {r["kind"] for r in records}
+    # The super-admin reads everything, the settings in no organisation.
+    (setting,) = ok("GET", "/api/v1/audit?kind=setting_changed")["records"]
+    assert setting["org"] is None and setting["details"] == {"password.min_length": "15"}
+
+
+def test_what_a_client_names_cannot_forge_log_lines_or_records(setup: Setup) -> None:
+    """A refused token leaves no channel record at all; an authorized user's refused
+    stream is recorded, with what it named made inert (no line breaks, no escapes)."""
+    context = ssl.create_default_context(cafile=str(setup.env.ca_file))
+    forged = "x\r\n2099-01-01 00:00:00,000 INFO hatchway.relay: user admin logged in"
+    query = urllib.parse.urlencode({"device": forged, "service": "ssh\x1b[2J"})
+
+    def upgrade(token: str) -> bytes:
+        request = (
+            f"GET /api/v1/connect?{query} HTTP/1.1\r\nHost: localhost:{setup.port}\r\n"
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", setup.port), timeout=10) as tcp:
+            with context.wrap_socket(tcp, server_hostname="localhost") as tls:
+                tls.sendall(request.encode())
+                return tls.recv(65536)
+
+    assert upgrade("hwt_" + "x" * 43).startswith(b"HTTP/1.1 401")
+    assert upgrade(relay_token(setup.env)).startswith(b"HTTP/1.1 400")  # a bad service
+    setup.relay.stop()  # writes the channels still batched
+    log = setup.relay.output()
+    assert "\n2099-01-01" not in log and "\x1b" not in log
+    store = SqlStore.open_data_dir(setup.env.data_dir)
+    try:
+        records = store.audit_records(kind="channel")
+        assert [r.actor for r in records] == ["admin"]
+        assert "\n" not in records[0].device and "\\r\\n2099" in records[0].device
+    finally:
+        store.close()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from hatchway.auth.throttle import LoginThrottle
 from hatchway.store.sql import DB_FILE_NAME, LOCKOUT_FAILURES, SqlStore
+from tests.apiclient import Api
+from tests.procs import Env
 from tests.test_integration import Setup, setup
 
 __all__ = ["setup"]  # the fixture
@@ -92,3 +94,39 @@ def test_relay_locks_the_account_and_throttles_the_address(setup: Setup) -> None
         "user", "unlock", "admin", "--data-dir", str(setup.env.data_dir), prefix=()
     )
     assert out.stdout.decode().strip() == "user admin unlocked"
+
+
+def test_wrong_current_passwords_on_the_password_endpoint_lock_the_account(env: Env) -> None:
+    """POST /password is no way round the lockout: a wrong current password counts like
+    a failed login and is audited as one, and a locked account is refused even the right
+    one (a stolen token cannot guess the password)."""
+    _, port, password = env.start_relay()
+    assert password is not None
+    api = Api(f"https://127.0.0.1:{port}", env.ca_file)
+    api.token = api.call("POST", "/api/v1/login", {"user": "admin", "password": password})[1][
+        "token"
+    ]
+    body = {"name": "erin", "role": "operator", "password": PASSWORD}
+    assert api.call("POST", "/api/v1/users", body)[0] == 200
+    status, login = api.call("POST", "/api/v1/login", {"user": "erin", "password": PASSWORD}, "")
+    stolen = login["token"]
+
+    def change(current: str) -> tuple[int, dict[str, str]]:
+        new = {"password": current, "new_password": "Amber-Harbour-93!x"}
+        return api.call("POST", "/api/v1/password", new, token=stolen)
+
+    for n in range(LOCKOUT_FAILURES):
+        status, answer = change(f"Guess-{n:04d}-Xyzzy!")
+        assert (status, answer["error"]) == (403, "wrong_password")
+    status, user = api.call("GET", "/api/v1/users/erin")
+    assert user["locked_until"] is not None
+    status, answer = change(PASSWORD)  # right, but the account is locked
+    assert (status, answer["error"]) == (403, "wrong_password")
+    status, answer = api.call("POST", "/api/v1/login", {"user": "erin", "password": PASSWORD}, "")
+    assert status == 401  # the lockout is the login's
+    status, audit = api.call("GET", "/api/v1/audit?user=erin")
+    failed = [r for r in audit["records"] if r["kind"] == "login_failed"]
+    assert [r["details"]["via"] for r in failed].count("password") == LOCKOUT_FAILURES + 1
+    assert [r["kind"] for r in audit["records"]].count("lockout") == 1
+    assert api.call("POST", "/api/v1/users/erin/unlock")[0] == 200
+    assert change(PASSWORD)[0] == 200

@@ -4,12 +4,15 @@ give (the relay-level matrix is tests/test_authz.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hatchway.auth.permissions import may_connect, may_view
 from hatchway.errors import AlreadyExistsError, ConfigError, NotFoundError
 from hatchway.store.sql import SqlStore
+from tests.apiclient import Api
+from tests.procs import Env
 
 PASSWORD = "Vivid-Lantern-482!"
 
@@ -75,3 +78,74 @@ def test_what_is_refused(store: SqlStore) -> None:
         store.remove_org("acme")
     kinds = {r.kind for r in store.audit_records()}
     assert {"org_added", "role_added", "team_added"} <= kinds
+
+
+def test_grants_go_with_their_device_and_their_custom_role(store: SqlStore) -> None:
+    """Device ids and role names can be used again: what is created under an old name
+    starts without the old one's grants."""
+    store.add_grant("ann", "operator", device="a1")
+    store.add_role("look", ("devices.view",), org="acme")
+    store.add_team("support", org="acme")
+    store.add_grant(None, "look", team="support", org="acme", tag="plant1")
+    store.add_grant("ann", "look", device="a1")
+    store.remove_device("a1")
+    assert [g.role for g in store.list_grants()] == ["look"]  # the tag grant stays
+    store.add_device("a1", org="acme")
+    assert store.list_grants("ann") == []
+    assert perms(store, "ann", "a1") == frozenset()
+    store.add_role("look", ("devices.view",), org="globex")  # another organisation's
+    store.remove_role("look", org="acme")
+    assert store.list_grants() == []
+    store.add_role("look", ("devices.view", "devices.manage", "connect:*"), org="acme")
+    store.set_team_member("support", "ann")
+    assert perms(store, "ann", "a1") == frozenset()
+    removed = store.audit_records(kind="device_removed")[-1]
+    assert removed.details == {"grants_removed": 2}
+    (role_removed,) = store.audit_records(kind="role_removed")
+    assert role_removed.details["grants_removed"] == 1
+
+
+def test_the_relay_forgets_grants_of_removed_devices_and_roles(env: Env) -> None:
+    _, port, password = env.start_relay()
+    assert password is not None
+    api = Api(f"https://127.0.0.1:{port}", env.ca_file)
+
+    def ok(
+        method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
+    ) -> Any:
+        status, answer = api.call(method, path, body, token)
+        assert status == 200, (method, path, answer)
+        return answer
+
+    api.token = ok("POST", "/api/v1/login", {"user": "admin", "password": password}, "")["token"]
+    for name in ("customer", "partner"):
+        ok("POST", "/api/v1/users", {"name": name, "role": "user", "password": PASSWORD})
+    customer, partner = (
+        ok("POST", "/api/v1/login", {"user": name, "password": PASSWORD}, "")["token"]
+        for name in ("customer", "partner")
+    )
+    ok("POST", "/api/v1/devices", {"id": "cam1"})
+    ok("POST", "/api/v1/grants", {"role": "operator", "user": "customer", "device": "cam1"})
+    assert [d["id"] for d in ok("GET", "/api/v1/devices", token=customer)["devices"]] == ["cam1"]
+    ok("DELETE", "/api/v1/devices/cam1")
+    assert ok("GET", "/api/v1/grants")["grants"] == []
+    ok("POST", "/api/v1/devices", {"id": "cam1", "tags": ["hq"]})  # someone else's, later
+    assert ok("GET", "/api/v1/devices", token=customer)["devices"] == []  # at once
+    status, answer = api.call(
+        "POST", "/api/v1/web-sessions", {"device": "cam1", "service": "http"}, customer
+    )
+    assert status == 404, answer
+    # A custom role: removed with its grants; created again, it gives nothing back.
+    ok("POST", "/api/v1/roles", {"name": "look", "permissions": ["devices.view"]})
+    ok("POST", "/api/v1/grants", {"role": "look", "user": "partner", "device": "cam1"})
+    assert [d["id"] for d in ok("GET", "/api/v1/devices", token=partner)["devices"]] == ["cam1"]
+    ok("DELETE", "/api/v1/roles/look")
+    assert ok("GET", "/api/v1/grants")["grants"] == []
+    ok(
+        "POST",
+        "/api/v1/roles",
+        {"name": "look", "permissions": ["devices.view", "devices.manage", "connect:*"]},
+    )
+    status, answer = api.call("DELETE", "/api/v1/devices/cam1", token=partner)
+    assert (status, answer["error"]) == (404, "not_found")
+    assert ok("GET", "/api/v1/devices", token=partner)["devices"] == []

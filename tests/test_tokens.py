@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import urllib.parse
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 
 from hatchway.errors import ConfigError
 from hatchway.store.sql import DB_FILE_NAME, SqlStore
-from tests.procs import HATCHWAY
+from tests.apiclient import Api
+from tests.procs import HATCHWAY, Env
 from tests.test_integration import Setup, roundtrip, setup
 
 __all__ = ["setup"]  # the fixture
@@ -71,3 +73,50 @@ def test_scoped_tokens_through_the_relay(setup: Setup) -> None:
     hatchway("token", "revoke", str(listed[1]["id"]))
     out = hatchway("devices", token=read_token, check=False)
     assert "log in again" in out
+
+
+def test_a_token_creates_only_tokens_with_scopes_it_has(env: Env) -> None:
+    """A token limited to managing tokens cannot make itself a broader one (an `all`
+    token, then admin work); a logged-in browser holds every scope its user has."""
+    _, port, password = env.start_relay()
+    assert password is not None
+    url = f"https://127.0.0.1:{port}"
+    api = Api(url, env.ca_file)
+    status, body = api.call("POST", "/api/v1/login", {"user": "admin", "password": password})
+    assert status == 200
+    full = body["token"]
+
+    def create(token: str, *scopes: str) -> tuple[int, dict[str, object]]:
+        return api.call(
+            "POST", "/api/v1/tokens", {"name": "-".join(scopes), "scopes": list(scopes)}, token
+        )
+
+    status, body = create(full, "tokens")
+    assert status == 200 and body["scopes"] == ["tokens"]
+    narrow = str(body["token"])
+    for scopes in (("all",), ("admin",), ("tokens", "read")):
+        status, body = create(narrow, *scopes)
+        assert (status, body["error"]) == (403, "insufficient_scope"), body
+        assert "scopes it has itself" in str(body["message"])
+    assert create(narrow, "tokens")[0] == 200  # rotating itself is fine
+    status, body = create(full, "read", "tokens")
+    assert status == 200
+    two = str(body["token"])
+    assert create(two, "read")[0] == 200 and create(two, "tokens", "read")[0] == 200
+    assert create(two, "connect")[0] == 403
+    status, body = api.call("GET", "/api/v1/tokens", token=full)
+    assert [t["scopes"] for t in body["tokens"]] == [
+        ["all"], ["tokens"], ["tokens"], ["read", "tokens"], ["read"], ["read", "tokens"]
+    ]  # fmt: skip
+    # The relay's session cookie (a logged-in browser) counts as holding every scope.
+    form = urllib.parse.urlencode({"user": "admin", "password": password}).encode()
+    status, headers, _ = api.raw(
+        "POST", "/login", form, {"Origin": url, "Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert status == 303
+    cookie = headers["Set-Cookie"].split(";")[0]
+    status, _, raw = api.raw(
+        "POST", "/api/v1/tokens", json.dumps({"name": "page", "scopes": ["all"]}).encode(),
+        {"Content-Type": "application/json", "Cookie": cookie, "Origin": url},
+    )  # fmt: skip
+    assert status == 200 and json.loads(raw)["scopes"] == ["all"]

@@ -13,6 +13,8 @@ import pyotp
 
 from hatchway.auth.totp import matching_step
 from hatchway.store.sql import LOCKOUT_FAILURES, SqlStore
+from tests.apiclient import Api
+from tests.procs import Env
 from tests.test_integration import Setup, setup
 
 __all__ = ["setup"]  # the fixture
@@ -150,3 +152,85 @@ def test_an_organisation_can_require_two_factor_login(setup: Setup) -> None:
     assert secret
     env.hatchway("user", "totp", "gil", "--confirm", code(secret.group(1), -30), *data, prefix=())
     assert login("--otp", code(secret.group(1)))[0] == 0
+
+
+def _wrong(secret: str) -> str:
+    """A code that is right in no step of the drift window."""
+    valid = {code(secret, offset) for offset in (-60, -30, 0, 30, 60)}
+    return next(c for c in ("123456", "654321", "111111", "999999") if c not in valid)
+
+
+def test_wrong_codes_after_the_right_password_lock_the_account(tmp_path: Path) -> None:
+    """The right password no longer resets the failure count of a user with two-factor
+    login (it did, before each wrong code added one: the count never passed 1); a right
+    code does."""
+    store = SqlStore.open_data_dir(tmp_path)
+    store.add_user("erin", "user", PASSWORD)
+    secret = store.totp_begin("erin")
+    assert store.totp_confirm("erin", code(secret, -30))
+
+    def attempt(otp: str) -> bool:
+        return store.authenticate_user("erin", PASSWORD) is not None and store.totp_check(
+            "erin", otp
+        )
+
+    for _ in range(LOCKOUT_FAILURES - 1):
+        assert not attempt(_wrong(secret))
+    assert store.locked_until("erin") is None
+    assert attempt(code(secret))  # both factors right: the count starts again
+    for _ in range(LOCKOUT_FAILURES - 1):
+        assert not attempt(_wrong(secret))
+    assert store.locked_until("erin") is None
+    assert not attempt(_wrong(secret))
+    assert store.locked_until("erin") is not None
+    assert store.authenticate_user("erin", PASSWORD) is None  # locked: the password too
+    assert [r.actor for r in store.audit_records(kind="lockout")] == ["erin"]
+
+
+def test_the_relay_locks_an_account_after_ten_wrong_codes(env: Env) -> None:
+    _, port, password = env.start_relay()
+    assert password is not None
+    data = ["--data-dir", str(env.data_dir)]
+    env.hatchway(
+        "user", "add", "erin", "--role", "operator", "--password-stdin", *data,
+        input=PASSWORD.encode() + b"\n", prefix=(),
+    )  # fmt: skip
+    out = env.hatchway("user", "totp", "erin", *data, prefix=()).stdout.decode()
+    secret = re.search(r"secret: (\S+)", out)
+    assert secret
+    env.hatchway("user", "totp", "erin", "--confirm", previous_code(secret.group(1)), *data,
+                 prefix=())  # fmt: skip
+    api = Api(f"https://127.0.0.1:{port}", env.ca_file)
+
+    def login(otp: str) -> tuple[int, dict[str, str]]:
+        return api.call("POST", "/api/v1/login", {"user": "erin", "password": PASSWORD, "otp": otp})
+
+    for _ in range(LOCKOUT_FAILURES):
+        status, body = login(_wrong(secret.group(1)))
+        assert (status, body["error"]) == (401, "invalid_credentials")
+    status, body = login(code(secret.group(1)))  # both right, but locked
+    assert (status, body["error"]) == (401, "invalid_credentials")
+    status, body = api.call("POST", "/api/v1/login", {"user": "admin", "password": password})
+    api.token = body["token"]
+    status, user = api.call("GET", "/api/v1/users/erin")
+    assert status == 200 and user["locked_until"] is not None
+    status, body = api.call("GET", "/api/v1/audit?kind=lockout")
+    assert [r["actor"] for r in body["records"]] == ["erin"]
+    assert api.call("POST", "/api/v1/users/erin/unlock")[0] == 200
+    assert login(code(secret.group(1)))[0] == 200
+
+
+def test_a_directory_user_s_wrong_codes_count_too(tmp_path: Path) -> None:
+    """The directory accepting the password (sync_external_user) does not reset the count
+    of a user with two-factor login either."""
+    store = SqlStore.open_data_dir(tmp_path)
+    assert store.sync_external_user("dana", "operator", "default") is not None
+    secret = store.totp_begin("dana")
+    assert store.totp_confirm("dana", code(secret, -30))
+    for _ in range(LOCKOUT_FAILURES - 1):
+        assert store.sync_external_user("dana", "operator", "default") is not None
+        assert not store.totp_check("dana", _wrong(secret))
+    assert store.locked_until("dana") is None
+    assert store.sync_external_user("dana", "operator", "default") is not None
+    assert not store.totp_check("dana", _wrong(secret))
+    assert store.locked_until("dana") is not None

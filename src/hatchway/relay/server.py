@@ -327,6 +327,14 @@ class RelayServer:
 
     async def authenticate_bearer(self, header: str | None, scope: str) -> UserRecord:
         """The token's user, if the token is live and has ``scope`` (or ``all``)."""
+        user, _ = await self.authenticate_token(header, scope)
+        return user
+
+    async def authenticate_token(
+        self, header: str | None, scope: str
+    ) -> tuple[UserRecord, tuple[str, ...]]:
+        """The token's user and all of the token's scopes, if the token is live and has
+        ``scope`` (or ``all``)."""
         if not header or not header.lower().startswith("bearer "):
             raise UNAUTHORIZED
         token = header[7:].strip()
@@ -352,11 +360,23 @@ class RelayServer:
                 "insufficient_scope",
                 f"this token may not be used for {scope} (its scopes: {' '.join(scopes)})",
             )
-        return user
+        return user, scopes
 
     def forget_tokens(self) -> None:
         """A token was revoked here: trust no cached token check."""
         self._token_cache.clear()
+
+    async def sessions_ended(self) -> None:
+        """A user's tokens or web sessions were ended in the store (tokens revoked, a
+        password set, the user removed): trust no cached check of a token or session,
+        and close the web connections of the ended sessions now, not within seconds.
+
+        ``WebAccess.revoke`` ends one session by its secret, then drops every cached
+        session check and sweeps the open connections; the store knows sessions by
+        hash only, so it is given a secret that names none and does just the rest.
+        """
+        self.forget_tokens()
+        await self.web.revoke("")
 
     def forget_access(self) -> None:
         """Users, roles or grants changed here: take effect now, not within seconds."""

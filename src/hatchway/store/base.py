@@ -129,8 +129,17 @@ class Store(Protocol):
     def count_users(self) -> int: ...
 
     def set_password(
-        self, name: str, password: str, *, actor: str = "cli", current: str | None = None
-    ) -> None: ...
+        self,
+        name: str,
+        password: str,
+        *,
+        actor: str = "cli",
+        current: str | None = None,
+        keep: str | None = None,
+    ) -> None:
+        """Set a password and end the user's tokens and web sessions (but ``keep``, the
+        credential a user changing their own password with ``current`` came with)."""
+        ...
 
     def authenticate_user(self, name: str, password: str) -> UserRecord | None:
         """None for a wrong password, an unknown user, a locked account or a user whose
@@ -190,7 +199,9 @@ class Store(Protocol):
 
     def revoke_token(self, user: str, token_id: int, *, actor: str | None = None) -> bool: ...
 
-    def revoke_tokens(self, user: str, *, actor: str = "cli") -> int: ...
+    def revoke_tokens(self, user: str, *, actor: str = "cli") -> int:
+        """Revoke all of a user's tokens and end all their web sessions."""
+        ...
 
     def create_web_session(
         self,

@@ -240,7 +240,10 @@ class _Grant(_Base):
         ForeignKey("teams.id", ondelete="CASCADE"), index=True
     )
     role: Mapped[str] = mapped_column(String(32))
-    device: Mapped[str | None] = mapped_column(String(63))
+    # A grant goes with its device: a device added later under the same id starts bare.
+    device: Mapped[str | None] = mapped_column(
+        ForeignKey("devices.device_id", ondelete="CASCADE"), index=True
+    )
     tag: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
@@ -415,6 +418,8 @@ LOCKOUT_FAILURES = 10
 LOCKOUT_TIME = timedelta(minutes=10)
 
 _SESSION_PREFIX = {"relay": "hws_", "device": "hwd_", "grant": "hwg_"}
+#: Audit records about the relay itself, in no organisation: for super-admins only.
+RELAY_RECORDS = frozenset({"setting_changed"})
 #: The password_hash of a user whose password is kept elsewhere (a directory): not an
 #: argon2 hash, so nothing verifies against it.
 _EXTERNAL_PASSWORD = "!external"
@@ -563,6 +568,10 @@ class SqlStore:
         return policy_from_settings(self.settings())
 
     # Organisations
+
+    @staticmethod
+    def _org_name(session: Session, org_id: int) -> str | None:
+        return session.scalar(select(_Organisation.name).where(_Organisation.id == org_id))
 
     @staticmethod
     def _org(session: Session, name: str) -> _Organisation:
@@ -738,8 +747,21 @@ class SqlStore:
             ).first()
             if role is None:
                 raise NotFoundError(f"no role {name!r} in {org}")
+            # Its grants go with it: a role created again under the name gives nothing
+            # to those who held the old one.
+            users = select(_User.id).where(_User.org_id == org_row.id)
+            teams = select(_Team.id).where(_Team.org_id == org_row.id)
+            grants = _deleted(
+                session,
+                delete(_Grant).where(
+                    _Grant.role == name, _Grant.user_id.in_(users) | _Grant.team_id.in_(teams)
+                ),
+            )
             session.delete(role)
-            self._append(session, "role_removed", actor, None, None, {"role": name, "org": org})
+            self._append(
+                session, "role_removed", actor, None, None,
+                {"role": name, "org": org, "grants_removed": grants},
+            )  # fmt: skip
 
     def list_roles(self, org: str = DEFAULT_ORG) -> dict[str, frozenset[str]]:
         """The organisation's custom roles (built-in ones: auth/permissions.py)."""
@@ -789,6 +811,7 @@ class SqlStore:
                 target = session.get(_Device, device)
                 if target is None or target.org_id != org_id:
                     raise NotFoundError(f"no device {device!r} in that organisation")
+            org_name = owner.org.name if owner is not None else self._org_name(session, org_id)
             grant = _Grant(
                 user_id=owner.id if owner is not None else None,
                 team_id=team_row.id if team_row is not None else None,
@@ -801,7 +824,8 @@ class SqlStore:
             session.flush()
             self._append(
                 session, "grant_added", actor, device, None,
-                {"id": grant.id, "user": user, "team": team, "role": role, "tag": tag},
+                {"id": grant.id, "user": user, "team": team, "role": role, "tag": tag,
+                 "org": org_name},
             )  # fmt: skip
             return grant.id
 
@@ -843,16 +867,20 @@ class SqlStore:
         """Remove a grant (with ``org``: only one of that organisation's)."""
         with self._write() as session:
             grant = session.get(_Grant, grant_id)
-            if grant is not None and org is not None:
+            org_id = None
+            if grant is not None:
                 owner = session.get(_User, grant.user_id) if grant.user_id else None
                 team = session.get(_Team, grant.team_id) if grant.team_id else None
                 org_id = owner.org_id if owner is not None else team.org_id if team else None
-                if org_id != self._org(session, org).id:
+                if org is not None and org_id != self._org(session, org).id:
                     grant = None
             if grant is None:
                 raise NotFoundError(f"no grant {grant_id}")
             session.delete(grant)
-            self._append(session, "grant_removed", actor, grant.device, None, {"id": grant_id})
+            org_name = None if org_id is None else self._org_name(session, org_id)
+            self._append(
+                session, "grant_removed", actor, grant.device, None, {"id": grant_id}, org_name
+            )
 
     def access(self, user: str) -> Access | None:
         """Everything that decides what ``user`` may do (None: no such user)."""
@@ -900,11 +928,16 @@ class SqlStore:
             ]
 
     def remove_device(self, device_id: str, *, actor: str = "cli") -> None:
+        """Remove a device and the grants on it (a device added later under the same id
+        starts without them; the foreign key cascades too, this says how many)."""
         with self._write() as session:
-            org = self._record_org(session, actor, device_id, None)
+            org = self._record_org(session, "device_removed", actor, device_id, None)
+            grants = _deleted(session, delete(_Grant).where(_Grant.device == device_id))
             if _deleted(session, delete(_Device).where(_Device.device_id == device_id)) == 0:
                 raise NotFoundError(f"no device {device_id!r}")
-            self._append(session, "device_removed", actor, device_id, None, None, org)
+            self._append(
+                session, "device_removed", actor, device_id, None, {"grants_removed": grants}, org
+            )
 
     # Users
 
@@ -988,30 +1021,73 @@ class SqlStore:
             return None if user is None else user.record()
 
     def set_password(
-        self, name: str, password: str, *, actor: str = "cli", current: str | None = None
+        self,
+        name: str,
+        password: str,
+        *,
+        actor: str = "cli",
+        current: str | None = None,
+        keep: str | None = None,
     ) -> None:
-        """Set a local user's password (clearing a forced change). With ``current``, the
-        user changes their own: it must be right, and the new one must differ."""
+        """Set a local user's password (clearing a forced change), and end every API token
+        and web session of the user, which the old password opened.
+
+        Without ``current`` it is a reset (an administrator, the offline CLI): all of
+        them end. With ``current``, the user changes their own: it must be right (a wrong
+        one counts towards the lockout like a failed login, and a locked account is
+        refused whatever it sends), the new one must differ, and ``keep``, the token or
+        relay session the change came with, stays with the web sessions made from it.
+        """
         self.password_policy().check(password, name)
         if current is not None and current == password:
             raise ConfigError("the new password must differ from the current one")
         password_hash = hash_password(password)
+        now = _now()
         with self._read() as session:
             user = self._user(session, name)
             if user is None:
                 raise NotFoundError(f"no user {name!r}")
-            stored = user.password_hash
+            stored, user_id = user.password_hash, user.id
             if user.source != "local":
                 raise ConfigError(f"{name}'s password is kept by the directory ({user.source})")
-        if current is not None and not verify_password(stored, current):
-            raise AuthenticationError("the current password is wrong")
+            state = session.get(_LoginState, user_id)
+            locked = (
+                state is not None and state.locked_until is not None and (state.locked_until > now)
+            )
+        if current is not None:
+            correct = verify_password(stored, current)
+            if locked or not correct:
+                if not locked:
+                    self._login_failed(user_id, name)
+                raise AuthenticationError("the current password is wrong")
         with self._write() as session:
             user = self._user(session, name)
             if user is None:
                 raise NotFoundError(f"no user {name!r}")
             user.password_hash = password_hash
             user.must_change_password = False
-            self._append(session, "password_changed", actor, None, None, {"user": name})
+            tokens, sessions = self._end_sessions(
+                session, user.id, None if keep is None else hash_token(keep)
+            )
+            self._append(
+                session, "password_changed", actor, None, None,
+                {"user": name, "tokens_revoked": tokens, "sessions_ended": sessions},
+            )  # fmt: skip
+
+    @staticmethod
+    def _end_sessions(session: Session, user_id: int, keep: str | None = None) -> tuple[int, int]:
+        """Revoke a user's API tokens and end their web sessions (relay logins, one-time
+        links, device sessions), but for ``keep`` (a token's or session's hash) and the
+        sessions made from it: (tokens, sessions) ended."""
+        tokens = delete(_ApiToken).where(_ApiToken.user_id == user_id)
+        sessions = delete(_WebSession).where(_WebSession.user_id == user_id)
+        if keep is not None:
+            tokens = tokens.where(_ApiToken.token_hash != keep)
+            sessions = sessions.where(
+                _WebSession.session_hash != keep,
+                _WebSession.parent_hash.is_(None) | (_WebSession.parent_hash != keep),
+            )
+        return _deleted(session, tokens), _deleted(session, sessions)
 
     def set_user_role(self, name: str, role: str, *, actor: str = "cli") -> None:
         if role not in ROLES:
@@ -1028,7 +1104,9 @@ class SqlStore:
 
         ``LOCKOUT_FAILURES`` wrong passwords in a row lock the account for
         ``LOCKOUT_TIME`` (kept in the database, so a restart does not unlock it). A
-        locked account answers exactly like a wrong password, after the same work.
+        locked account answers exactly like a wrong password, after the same work. The
+        right password resets the count, unless the user has two-factor login: then a
+        right code does (``totp_check``), so wrong codes count towards the lockout too.
         Only local users: the password of a directory user (``source`` ldap) is checked
         by the directory (``RelayServer.authenticate_user``), never here.
         """
@@ -1045,13 +1123,14 @@ class SqlStore:
                 state is not None and state.locked_until is not None and (state.locked_until > now)
             )
             failures = state.failures if state is not None else 0
+            second_factor = self._totp_enabled(session, user_id)
         correct = verify_password(stored_hash, password)
         if locked:
             return None
         if not correct:
             self._login_failed(user_id, name)
             return None
-        if failures:
+        if failures and not second_factor:
             with self._write() as session:
                 session.execute(delete(_LoginState).where(_LoginState.user_id == user_id))
         if needs_rehash(stored_hash):
@@ -1111,7 +1190,8 @@ class SqlStore:
                 return user.record()
             if user.source != source:
                 return None
-            session.execute(delete(_LoginState).where(_LoginState.user_id == user.id))
+            if not self._totp_enabled(session, user.id):  # else a right code resets it
+                session.execute(delete(_LoginState).where(_LoginState.user_id == user.id))
             if (user.role, user.org_id) == (role, org_row.id):
                 return user.record()
             details: dict[str, Any] = {"user": name, "role": role}
@@ -1192,13 +1272,16 @@ class SqlStore:
             return row is not None and row.enabled
 
     def totp_check(self, name: str, code: str) -> bool:
-        """True for a valid code not used before; a wrong code counts as a failed login."""
+        """True for a valid code not used before; a wrong code counts as a failed login,
+        and a right one ends the count (the right password alone does not reset it for a
+        user with two-factor login)."""
         with self._write() as session:
             user = self._user(session, name)
             row = session.get(_Totp, user.id) if user is not None else None
             step = None if row is None else totp.matching_step(row.secret, code)
-            if row is not None and step is not None and step > row.last_step:
+            if user is not None and row is not None and step is not None and step > row.last_step:
                 row.last_step = step
+                session.execute(delete(_LoginState).where(_LoginState.user_id == user.id))
                 return True
         if user is not None:
             self._login_failed(user.id, name)
@@ -1220,6 +1303,11 @@ class SqlStore:
                 raise NotFoundError(f"no user {name!r}")
             session.execute(delete(_LoginState).where(_LoginState.user_id == user.id))
             self._append(session, "unlocked", actor, None, None, {"user": name})
+
+    @staticmethod
+    def _totp_enabled(session: Session, user_id: int) -> bool:
+        row = session.get(_Totp, user_id)
+        return row is not None and row.enabled
 
     @staticmethod
     def _user(session: Session, name: str) -> _User | None:
@@ -1344,12 +1432,17 @@ class SqlStore:
         return record
 
     def revoke_tokens(self, user: str, *, actor: str = "cli") -> int:
+        """Revoke every API token of ``user`` and end all their web sessions (relay
+        logins and what was made from them or from a token); the number of tokens."""
         with self._write() as session:
             owner = self._user(session, user)
             if owner is None:
                 raise NotFoundError(f"no user {user!r}")
-            count = _deleted(session, delete(_ApiToken).where(_ApiToken.user_id == owner.id))
-            self._append(session, "tokens_revoked", actor, None, None, {"user": user})
+            count, sessions = self._end_sessions(session, owner.id)
+            self._append(
+                session, "tokens_revoked", actor, None, None,
+                {"user": user, "tokens": count, "sessions_ended": sessions},
+            )  # fmt: skip
             return count
 
     # Web sessions
@@ -1539,7 +1632,7 @@ class SqlStore:
     ) -> None:
         """Append one record in the caller's (write) transaction, chained to the last."""
         if org is None:
-            org = cls._record_org(session, actor, device, details)
+            org = cls._record_org(session, kind, actor, device, details)
         last = session.execute(
             select(_AuditEntry.hash).order_by(_AuditEntry.id.desc()).limit(1)
         ).scalar_one_or_none()
@@ -1567,10 +1660,21 @@ class SqlStore:
 
     @classmethod
     def _record_org(
-        cls, session: Session, actor: str, device: str | None, details: dict[str, Any] | None
+        cls,
+        session: Session,
+        kind: str,
+        actor: str,
+        device: str | None,
+        details: dict[str, Any] | None,
     ) -> str | None:
         """The organisation a record is about: its device's, else the user's it names,
-        else its actor's; None for the relay's own records (settings, unknown names)."""
+        else the organisation it names, else its actor's; None for the relay's own
+        records (settings, unknown names), which only super-admins read.
+
+        The actor comes last: a super-admin's change in another organisation belongs to
+        that organisation, not to the super-admin's own."""
+        if kind in RELAY_RECORDS:
+            return None
         if device is not None:
             found = session.execute(
                 select(_Organisation.name)
@@ -1580,13 +1684,15 @@ class SqlStore:
             if found is not None:
                 return found
         details = details or {}
-        for name in (details.get("user"), actor):
-            if isinstance(name, str):
-                user = cls._user(session, name)
-                if user is not None:
-                    return user.org.name
+        name = details.get("user")
+        user = cls._user(session, name) if isinstance(name, str) else None
+        if user is not None:
+            return user.org.name
         org = details.get("org")
-        return org if isinstance(org, str) else None
+        if isinstance(org, str):
+            return org
+        user = cls._user(session, actor)
+        return None if user is None else user.org.name
 
     def audit_records(
         self,
@@ -1727,7 +1833,7 @@ class SqlStore:
         rows = []
         for kind, actor, device, source, details, org in entries:
             if org is None:
-                org = self._record_org(session, actor, device, details)
+                org = self._record_org(session, kind, actor, device, details)
             at = _now()
             details_json = canonical_details(details)
             kind, actor = kind[:32], actor[:64]

@@ -102,6 +102,7 @@ async def get_user(name: UserName, caller: Admin, server: Relay) -> m.User:
     "/users/{name}",
     tags=["users"],
     summary="Change a user's organisation-wide role or reset their password",
+    description="A password reset ends every API token and web session of the user.",
 )
 async def update_user(name: UserName, body: m.UserUpdate, caller: Admin, server: Relay) -> m.User:
     _not_yourself(caller, name)
@@ -111,6 +112,7 @@ async def update_user(name: UserName, body: m.UserUpdate, caller: Admin, server:
         await run(server.store.set_user_role, name, body.role, actor=caller.name)
     if body.password is not None:
         await run(server.store.set_password, name, body.password, actor=caller.name)
+        await server.sessions_ended()
     server.forget_access()
     user = await run(server.store.get_user, name)
     if user is None:
@@ -128,6 +130,7 @@ async def remove_user(name: UserName, caller: Admin, server: Relay) -> m.Done:
     await _target(server, caller, name)
     await run(server.store.remove_user, name, actor=caller.name)
     server.forget_access()
+    await server.sessions_ended()
     return m.Done()
 
 
@@ -138,12 +141,18 @@ async def unlock_user(name: UserName, caller: Admin, server: Relay) -> m.Done:
     return m.Done()
 
 
-@router.delete("/users/{name}/tokens", tags=["users"], summary="Revoke every API token of a user")
+@router.delete(
+    "/users/{name}/tokens",
+    tags=["users"],
+    summary="Revoke every API token of a user and end their web sessions",
+    description="`revoked` counts the tokens. The user's relay (browser) sessions and "
+    "device web sessions end too, and their open connections close.",
+)
 async def revoke_user_tokens(name: UserName, caller: Admin, server: Relay) -> m.Revoked:
     _not_yourself(caller, name)
     await _target(server, caller, name)
     count = await run(server.store.revoke_tokens, name, actor=caller.name)
-    server.forget_tokens()
+    await server.sessions_ended()
     return m.Revoked(revoked=count)
 
 
@@ -211,10 +220,11 @@ async def add_role(body: m.RoleCreate, caller: Admin, server: Relay) -> m.RoleIn
     org = caller.org(body.org)
     caller.hand_out(frozenset(body.permissions))
     await run(server.store.add_role, body.name, tuple(body.permissions), org=org, actor=caller.name)
+    server.forget_access()  # cached accesses hold the organisation's custom roles
     return m.RoleInfo(name=body.name, permissions=sorted(set(body.permissions)), builtin=False)
 
 
-@router.delete("/roles/{role}", tags=["roles"], summary="Remove a custom role")
+@router.delete("/roles/{role}", tags=["roles"], summary="Remove a custom role and the grants of it")
 async def remove_role(role: Name, caller: Admin, server: Relay, org: OrgQuery = None) -> m.Done:
     caller.require("users.manage")
     await run(server.store.remove_role, role, org=caller.org(org), actor=caller.name)

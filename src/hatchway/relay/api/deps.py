@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -39,6 +39,9 @@ class Caller:
     secret: str  # the token or session secret: web sessions made from it die with it
     via: str  # "token" or "session"
     source: str
+    #: What the credential may be used for: a token's scopes; a relay session (a
+    #: logged-in browser) holds ``all``, every scope its user has.
+    scopes: tuple[str, ...] = ("all",)
 
     @property
     def name(self) -> str:
@@ -53,6 +56,11 @@ class Caller:
         if self.access.superadmin:
             return ROLE_PERMISSIONS["owner"]
         return ROLE_PERMISSIONS.get(self.access.role, frozenset())
+
+    def holds_scopes(self, scopes: Iterable[str]) -> bool:
+        """Whether the caller's credential holds every one of ``scopes`` (a token may only
+        make tokens with scopes it has itself)."""
+        return "all" in self.scopes or set(scopes) <= set(self.scopes)
 
     def require(self, permission: str) -> None:
         if permission not in self.org_permissions():
@@ -90,8 +98,9 @@ async def authenticate(request: Request, scope: str) -> Caller:
     server = relay(request)
     source = request.client.host if request.client else "-"
     header = request.headers.get("authorization")
+    scopes: tuple[str, ...] = ("all",)
     if header is not None:
-        user = await server.authenticate_bearer(header, scope)
+        user, scopes = await server.authenticate_token(header, scope)
         secret, via = header[7:].strip(), "token"
     else:
         # The relay's own pages (a browser with the session cookie). Changes must come
@@ -105,7 +114,7 @@ async def authenticate(request: Request, scope: str) -> Caller:
     access = await asyncio.to_thread(server.store.access, user.name)
     if access is None:
         raise UNAUTHORIZED
-    return Caller(user, access, secret, via, source)
+    return Caller(user, access, secret, via, source, scopes)
 
 
 def caller(scope: str) -> Callable[[Request], Awaitable[Caller]]:

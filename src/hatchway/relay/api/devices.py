@@ -106,12 +106,14 @@ async def update_device(
 
 @router.delete(
     "/devices/{device}",
-    summary="Remove a device: its tunnel is closed and its secret no longer works",
+    summary="Remove a device: its tunnel is closed, its secret no longer works and the "
+    "grants on it are removed",
 )
 async def remove_device(device: DeviceId, caller: Admin, server: Relay) -> m.Done:
     await _manageable(server, caller, device)
     await run(server.store.remove_device, device, actor=caller.name)
     server.forget_device(device)
+    server.forget_access()  # cached accesses hold the grants on it
     entry = server.registry.get(device)
     if entry is not None:
         entry.tunnel.shutdown(GoAwayReason.AUTH_FAILED, "the device was removed", CLOSE_POLICY)

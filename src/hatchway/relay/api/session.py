@@ -74,7 +74,11 @@ async def whoami(caller: Reader) -> m.WhoAmI:
 @router.post(
     "/password",
     summary="Change your own password",
-    description="Needs the current password. Other tokens and sessions stay valid.",
+    description="Needs the current password: a wrong one counts towards the account's "
+    "lockout and the address's throttle like a failed login (and is audited as one), and "
+    "a locked account is refused whatever it sends. Your other API tokens and web "
+    "sessions end; the token or session this request carries stays, with the device "
+    "sessions made from it.",
 )
 async def change_password(body: m.PasswordChange, caller: TokenOwner, server: Relay) -> m.Done:
     wait = server.login_throttle.retry_after(caller.source)
@@ -83,13 +87,16 @@ async def change_password(body: m.PasswordChange, caller: TokenOwner, server: Re
     try:
         await run(
             server.store.set_password, caller.name, body.new_password, actor=caller.name,
-            current=body.password,
+            current=body.password, keep=caller.secret,
         )  # fmt: skip
     except AuthenticationError:
         server.login_throttle.failed(caller.source)
+        server.log_login_failure(caller.name, caller.source)
+        server.audit("login_failed", caller.name, source=caller.source, details={"via": "password"})
         raise ApiError(403, "wrong_password", "the current password is wrong") from None
     except ConfigError as exc:
         raise ApiError(400, "weak_password", str(exc)) from None
+    await server.sessions_ended()
     return m.Done()
 
 
@@ -120,10 +127,20 @@ async def list_tokens(caller: TokenOwner, server: Relay) -> m.TokenList:
 @router.post(
     "/tokens",
     summary="Create a named, scoped, expiring token (shown once)",
-    description="A directory (LDAP) user's token lasts at most `ldap.token_hours` "
-    "(12 by default), whatever `expires_in_days` asks: see `expires_at`.",
+    description="A token creates only tokens with scopes it has itself (`all` only from "
+    "an `all` token; a logged-in browser's session counts as `all`): "
+    "`insufficient_scope` otherwise. A directory (LDAP) user's token lasts at most "
+    "`ldap.token_hours` (12 by default), whatever `expires_in_days` asks: see "
+    "`expires_at`.",
 )
 async def create_token(body: m.TokenCreate, caller: TokenOwner, server: Relay) -> m.TokenCreated:
+    if not caller.holds_scopes(body.scopes):
+        raise ApiError(
+            403,
+            "insufficient_scope",
+            "a token can only create tokens with scopes it has itself "
+            f"(its scopes: {' '.join(caller.scopes)})",
+        )
     ttl = await run(server.token_ttl, caller.user, timedelta(days=body.expires_in_days))
     try:
         token = await run(
@@ -141,7 +158,7 @@ async def revoke_token(
 ) -> m.Revoked:
     if not await run(server.store.revoke_token, caller.name, token_id):
         raise ApiError(404, "not_found", f"you have no token {token_id}")
-    server.forget_tokens()
+    await server.sessions_ended()  # and the device sessions made with it
     return m.Revoked(revoked=token_id)
 
 
