@@ -369,14 +369,9 @@ class RelayServer:
     async def sessions_ended(self) -> None:
         """A user's tokens or web sessions were ended in the store (tokens revoked, a
         password set, the user removed): trust no cached check of a token or session,
-        and close the web connections of the ended sessions now, not within seconds.
-
-        ``WebAccess.revoke`` ends one session by its secret, then drops every cached
-        session check and sweeps the open connections; the store knows sessions by
-        hash only, so it is given a secret that names none and does just the rest.
-        """
+        and close the web connections of the ended sessions now, not within seconds."""
         self.forget_tokens()
-        await self.web.revoke("")
+        await self.web.sessions_ended()
 
     def forget_access(self) -> None:
         """Users, roles or grants changed here: take effect now, not within seconds."""

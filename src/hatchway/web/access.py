@@ -149,7 +149,9 @@ class WebAccess:
         self._used: set[str] = set()
         self._touched: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
-        self._sweeping = False
+        # One sweep at a time; one asked for during another runs after it, on fresh
+        # data (a logout must not be undone by a sweep that read the store before it).
+        self._sweep_lock = asyncio.Lock()
 
     # --- routing --------------------------------------------------------------------------
 
@@ -252,7 +254,13 @@ class WebAccess:
         """Log out: end the session and those derived from it, and close their
         connections now."""
         await asyncio.to_thread(self.server.store.revoke_web_session, secret)
-        self._cache.clear()  # derived sessions are cached under their own secrets
+        await self.sessions_ended()
+
+    async def sessions_ended(self) -> None:
+        """Sessions ended in the store (a logout, tokens revoked, a password set): trust
+        no cached check (derived sessions are cached under their own secrets) and close
+        their connections now."""
+        self._cache.clear()
         await self.sweep()
 
     # --- open connections -------------------------------------------------------------------
@@ -277,39 +285,37 @@ class WebAccess:
     async def sweep(self) -> None:
         """Time out idle connections; close those whose session ended or whose user may
         no longer reach the device; refresh the cache for the live ones."""
-        if self._sweeping:
+        async with self._sweep_lock:
+            await self._sweep()
+
+    async def _sweep(self) -> None:
+        now = time.monotonic()
+        for proxy in list(self.proxies):
+            proxy.check_timeouts(now)
+        await self._touch(now)
+        by_secret: dict[str, list[WebProxy]] = {}
+        for proxy in self.proxies:
+            if proxy.session_secret is not None:
+                by_secret.setdefault(proxy.session_secret, []).append(proxy)
+        if not by_secret:
             return
-        self._sweeping = True
-        try:
-            now = time.monotonic()
-            for proxy in list(self.proxies):
-                proxy.check_timeouts(now)
-            await self._touch(now)
-            by_secret: dict[str, list[WebProxy]] = {}
-            for proxy in self.proxies:
-                if proxy.session_secret is not None:
-                    by_secret.setdefault(proxy.session_secret, []).append(proxy)
-            if not by_secret:
-                return
-            ids = {secret: rec.session_id for secret, rec in self._session_records(by_secret)}
-            live = await asyncio.to_thread(
-                self.server.store.live_web_sessions, sorted(set(ids.values()))
-            )
-            until = time.monotonic() + SESSION_CACHE_SECONDS
-            for secret, proxies in by_secret.items():
-                record = live.get(ids.get(secret, ""))
-                if (
-                    record is None
-                    or record.device is None
-                    or not self.server.permits(record.user, record.device, record.service or "http")
-                ):
-                    self._cache["device", secret] = (None, until)
-                    for proxy in proxies:
-                        proxy.revoked()
-                else:
-                    self._cache["device", secret] = (record, until)
-        finally:
-            self._sweeping = False
+        ids = {secret: rec.session_id for secret, rec in self._session_records(by_secret)}
+        live = await asyncio.to_thread(
+            self.server.store.live_web_sessions, sorted(set(ids.values()))
+        )
+        until = time.monotonic() + SESSION_CACHE_SECONDS
+        for secret, proxies in by_secret.items():
+            record = live.get(ids.get(secret, ""))
+            if (
+                record is None
+                or record.device is None
+                or not self.server.permits(record.user, record.device, record.service or "http")
+            ):
+                self._cache["device", secret] = (None, until)
+                for proxy in proxies:
+                    proxy.revoked()
+            else:
+                self._cache["device", secret] = (record, until)
 
     def _session_records(
         self, by_secret: dict[str, list[WebProxy]]
