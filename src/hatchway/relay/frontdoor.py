@@ -149,7 +149,8 @@ class FrontDoor(asyncio.Protocol):
 
     def _expired(self) -> None:
         self._timer = None
-        self.release()
+        # The slot goes with the connection (connection_lost), not before: a client that
+        # times out holds its descriptor until the TLS close is over.
         self._respond(408, {"error": "timeout", "message": "request timed out"})
 
     def data_received(self, data: bytes) -> None:

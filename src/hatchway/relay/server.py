@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import signal
 import socket
@@ -45,10 +46,29 @@ from hatchway.web.access import WebAccess
 
 log = logging.getLogger("hatchway.relay")
 
+
+def source_key(address: str) -> str:
+    """What the per-source limits count by: the address, or for IPv6 its /64 (one
+    host usually holds a whole /64, so its addresses are one source)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return address
+
+
 #: Connections per source address that have not yet finished their request/handshake.
 MAX_PENDING_PER_SOURCE = 64
 #: TLS handshakes in progress at once, all sources together.
 MAX_PENDING_HANDSHAKES = 4096
+#: How long a closing TLS connection waits for the peer's close_notify.
+TLS_SHUTDOWN_TIMEOUT = 5.0
+#: How often the built-in CA's server certificate is checked for renewal.
+TLS_RENEW_CHECK = 86400.0
 #: Permissions (a user's roles and grants, a device's organisation and tags) read from the
 #: store are trusted this long.
 ACCESS_CACHE_SECONDS = 5.0
@@ -174,6 +194,8 @@ class RelayServer:
         self.track(loop.create_task(self._sweep_channels()))
         if self.config.audit_retention_days:
             self.track(loop.create_task(self._audit_retention()))
+        if self.ca_file is not None:
+            self.track(loop.create_task(self._renew_tls()))
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -198,7 +220,11 @@ class RelayServer:
         door = FrontDoor(self, source)
         try:
             await loop.connect_accepted_socket(
-                lambda: door, conn, ssl=self.ssl_context, ssl_handshake_timeout=10.0
+                lambda: door,
+                conn,
+                ssl=self.ssl_context,
+                ssl_handshake_timeout=10.0,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.debug("%s: TLS handshake failed: %s", source, exc)
@@ -222,7 +248,7 @@ class RelayServer:
             if self.ca_file is not None:
                 ensure_tls_files(self.config.data_dir / "tls", self.config.domain)
             reload_server_context(self.ssl_context, self.cert_file, self.key_file)
-        except ConfigError as exc:
+        except (ConfigError, OSError, ValueError) as exc:
             log.error("TLS reload failed, keeping the current certificate: %s", exc)
         else:
             log.info("TLS certificate reloaded from %s", self.cert_file)
@@ -306,18 +332,33 @@ class RelayServer:
                     log.info("audit retention: removed %d records", removed)
             await asyncio.sleep(86400)
 
+    async def _renew_tls(self) -> None:
+        """The built-in CA's server certificate is renewed before it expires, on a relay
+        that runs for longer than that without a restart or SIGHUP."""
+        while True:
+            await asyncio.sleep(TLS_RENEW_CHECK)
+            before = self.cert_file.stat().st_mtime_ns if self.cert_file.exists() else None
+            try:
+                ensure_tls_files(self.config.data_dir / "tls", self.config.domain)
+                if self.cert_file.stat().st_mtime_ns != before:
+                    self.reload_tls()
+            except (ConfigError, OSError) as exc:
+                log.error("TLS renewal failed, keeping the current certificate: %s", exc)
+
     # --- front door helpers ---------------------------------------------------------------
 
     def admit(self, source: str) -> bool:
-        if self._pending[source] >= MAX_PENDING_PER_SOURCE:
+        key = source_key(source)
+        if self._pending[key] >= MAX_PENDING_PER_SOURCE:
             return False
-        self._pending[source] += 1
+        self._pending[key] += 1
         return True
 
     def release(self, source: str) -> None:
-        self._pending[source] -= 1
-        if self._pending[source] <= 0:
-            del self._pending[source]
+        key = source_key(source)
+        self._pending[key] -= 1
+        if self._pending[key] <= 0:
+            del self._pending[key]
 
     def track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
