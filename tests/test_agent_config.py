@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+import re
 from pathlib import Path
 
 import pytest
@@ -12,8 +15,27 @@ from hatchway.agent.config import (
     parse_host_port,
     parse_service,
 )
+from hatchway.agent.runner import (
+    BACKOFF_MAX,
+    BACKOFF_MIN,
+    Agent,
+    AgentTunnel,
+    reconnect_delay,
+)
 from hatchway.errors import ConfigError
-from hatchway.tunnel.connect import ProxyConfig, proxy_from_environment, relay_websocket_url
+from hatchway.tunnel.connect import (
+    ConnectError,
+    ProxyConfig,
+    proxy_from_environment,
+    relay_websocket_url,
+)
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent reads HTTPS_PROXY and NO_PROXY: the tests' own environment must not count."""
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -168,3 +190,122 @@ def test_tls_services_and_host_header(tmp_path: Path, secret: Path) -> None:
     )
     with pytest.raises(ConfigError, match="tls = true"):
         load_agent_config(config_file=cfg)
+
+
+def test_proxy_messages_never_show_credentials() -> None:
+    for url, message in [
+        ("http://alice:pw-1@:3128", r"proxy URL http://\*\*\*@:3128: no host"),
+        ("http://alice:pw-1@p:65536", "port 65536 out of range"),
+        ("http://alice:pw-1@p:3x", "invalid port '3x'"),
+        ("socks5://alice:pw-1@p:1", "unsupported proxy scheme 'socks5'"),
+        ("alice:pw-1@p:0", "port 0 out of range"),
+        ("http://alice:pw/1@p:1", r"http://\*\*\*@p:1: percent-encode the user name"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as info:
+            ProxyConfig.parse(url)
+        assert "pw" not in str(info.value) and "alice" not in str(info.value)
+    assert ProxyConfig.parse("[fd00::1]:8080") == ProxyConfig("fd00::1", 8080)
+    assert ProxyConfig.parse("[fd00::1]:8080").address() == "[fd00::1]:8080"
+
+
+def test_config_types_and_encodings_are_checked(tmp_path: Path, secret: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    base = 'server = "https://relay:8443"\ndevice = "dev1"\nsecret_file = "secret"\n'
+    for extra, message in [
+        ('proxy = 3128\n[services]\nssh = "localhost:22"\n', "proxy must be a string"),
+        ('[services]\nw = { address = "h:80", host_header = 5 }\n', "host_header must be a str"),
+        ('[services]\nw = { address = "h:80", host_header = "a b" }\n', "invalid host header"),
+    ]:
+        cfg.write_text(base + extra)
+        with pytest.raises(ConfigError, match=message):
+            load_agent_config(config_file=cfg)
+    cfg.write_bytes(base.encode() + b"# \xe9t\xe9\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_agent_config(config_file=cfg)
+    cfg.write_text('server = 5\ndevice = "dev1"\n')
+    with pytest.raises(ConfigError, match="server must be a string"):
+        load_agent_config(config_file=cfg)
+    secret.write_bytes(b"\xff\xfe\xfd")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_agent_config(server="https://r:1", device="d", secret_file=secret, services=["s=h:1"])
+
+
+def test_the_environments_proxy_is_checked_at_start(
+    secret: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args: dict[str, object] = {
+        "server": "https://relay.example:8443",
+        "device": "dev1",
+        "secret_file": secret,
+        "services": ["ssh=localhost:22"],
+    }
+    monkeypatch.setenv("HTTPS_PROXY", "https://u:pw-2@proxy:3128")
+    with pytest.raises(ConfigError, match=r"HTTPS_PROXY .*unsupported proxy scheme") as info:
+        load_agent_config(**args)  # type: ignore[arg-type]
+    assert "pw-2" not in str(info.value)
+    monkeypatch.setenv("HTTPS_PROXY", "http://u:pw-2@proxy:3128")
+    config = load_agent_config(**args)  # type: ignore[arg-type]
+    assert config.proxy is not None and config.proxy.host == "proxy"
+    monkeypatch.setenv("NO_PROXY", "relay.example")
+    assert load_agent_config(**args).proxy is None  # type: ignore[arg-type]
+    # A configured proxy wins over the environment.
+    config = load_agent_config(**args, proxy="http://other:1")  # type: ignore[arg-type]
+    assert config.proxy == ProxyConfig("other", 1)
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ("https://[::1", "invalid IPv6 address"),
+        ("https://localhost:99999", "port 99999 out of range"),
+        ("https://localhost:abc", "invalid port 'abc'"),
+        ("https://localhost:0", "port 0 out of range"),
+        ("https://", "no host"),
+        ("https://re lay", "may not contain spaces"),
+        ("https://u:p@relay", "no user name or password"),
+        ("https://relay/x?y", "without a path"),
+    ],
+)
+def test_relay_urls_are_checked(server: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        relay_websocket_url(server, "/api/v1/tunnel")
+    assert relay_websocket_url("https://[::1]:8443/", "/p") == "wss://[::1]:8443/p"
+
+
+def test_reconnect_delays_are_jittered_within_bounds() -> None:
+    rng = random.Random(7)
+    for attempt in range(40):
+        for _ in range(200):
+            delay = reconnect_delay(attempt, rng.uniform)
+            assert BACKOFF_MIN <= delay <= BACKOFF_MAX
+    # Every delay is random, the first one too, and they grow to the cap.
+    assert len({round(reconnect_delay(0, rng.uniform), 6) for _ in range(50)}) > 40
+    assert [reconnect_delay(n, lambda lo, hi: lo) for n in range(7)] == [1, 2, 4, 8, 15, 15, 15]
+    assert [reconnect_delay(n, lambda lo, hi: hi) for n in range(7)] == [2, 4, 8, 16, 30, 30, 30]
+
+
+def test_agent_waits_the_jittered_delays_between_attempts(
+    secret: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconnect loop itself, with a relay that is never there and no real sleep."""
+    config = load_agent_config(
+        server="https://relay:8443", device="dev1", secret_file=secret, services=["s=h:1"]
+    )
+    agent = Agent(config)
+    delays: list[float] = []
+
+    async def refuse() -> AgentTunnel:
+        raise ConnectError("cannot reach relay:8443")
+
+    async def no_sleep(delay: float) -> None:
+        delays.append(delay)
+        if len(delays) == 8:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(agent, "connect_once", refuse)
+    monkeypatch.setattr(asyncio, "sleep", no_sleep)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(agent.run())
+    ceilings = [2, 4, 8, 16, 30, 30, 30, 30]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True)), delays
+    assert delays[0] != 1.0

@@ -755,3 +755,26 @@ def test_channels_per_device_are_limited(env: Env) -> None:
     )
     held[1].close()
     echo.close()
+
+
+def test_a_verbose_relay_logs_no_bearer_token(env: Env) -> None:
+    """-v is debug logging for hatchway, not for websockets, which would log every
+    handshake header (the Authorization of a client stream) and the users' frames."""
+    echo = EchoServer()
+    relay, port, password = env.start_relay(extra=["-v"])
+    assert password is not None
+    secret = env.add_device("dev1")
+    env.start_agent(f"https://localhost:{port}", "dev1", secret, [f"echo=127.0.0.1:{echo.port}"])
+    relay.wait_output(r"device dev1 connected")
+    env.login(f"https://localhost:{port}", "admin", password)
+    assert env.hatchway("proxy", "dev1", "echo", input=b"secret payload").stdout == (
+        b"secret payload"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"not TLS\r\n\r\n")  # logged at DEBUG: shows -v took effect
+        sock.recv(100)
+    token = relay_token(env)
+    relay.wait_output(r"DEBUG .*TLS handshake failed")
+    relay.stop()
+    log = relay.output()
+    assert token not in log and "Bearer" not in log and "secret payload" not in log

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 from collections.abc import Coroutine
@@ -51,8 +52,9 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not verbose:
-        logging.getLogger("websockets").setLevel(logging.WARNING)
+    # Even with -v: at DEBUG, websockets logs every handshake header (a bearer token)
+    # and the frames (the users' traffic).
+    logging.getLogger("websockets").setLevel(logging.WARNING)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -218,12 +220,16 @@ def _new_password(password_stdin: bool) -> str:
 @click.option("--otp", help="one-time code from the authenticator app (two-factor login)")
 def login(url: str, name: str, password_stdin: bool, ca_file: Path | None, otp: str | None) -> None:
     """Log in to a relay and store the API token."""
-    from hatchway.client.config import Login, save_login
+    from hatchway.client.config import Login, prepare_config_dir, save_login
     from hatchway.client.relay_api import call
     from hatchway.errors import RelayError
+    from hatchway.tunnel.connect import validate_relay_url
 
     if not url.startswith("https://"):
         _fail("the relay URL must start with https://")
+    _guard(lambda: validate_relay_url(url))
+    # Before the relay issues a token: it must have somewhere to go.
+    _guard(prepare_config_dir)
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -246,7 +252,8 @@ def login(url: str, name: str, password_stdin: bool, ca_file: Path | None, otp: 
                     raise
 
     answer = _guard(attempt)
-    path = save_login(Login(server=url.rstrip("/"), user=name, token=answer["token"], ca_file=ca))
+    saved = Login(server=url.rstrip("/"), user=name, token=answer["token"], ca_file=ca)
+    path = _guard(lambda: save_login(saved))
     click.echo(f"logged in to {url} as {name} (token saved in {path})")
 
 
@@ -343,7 +350,15 @@ def token_revoke(token_id: int) -> None:
 @click.option(
     "--print-url", is_flag=True, help="print the one-time login URL instead of opening it"
 )
-def open_(device_id: str, service: str | None, next_path: str, print_url: bool) -> None:
+@click.option(
+    "--no-check",
+    is_flag=True,
+    help="do not first ask the relay whether the device is online and exposes the service "
+    "(the relay's page then says why it cannot show the device)",
+)
+def open_(
+    device_id: str, service: str | None, next_path: str, print_url: bool, no_check: bool
+) -> None:
     """Open a device's web UI in the browser, already logged in.
 
     The URL carries a one-time token valid for 60 seconds: `curl -L -c jar -b jar URL`
@@ -354,6 +369,8 @@ def open_(device_id: str, service: str | None, next_path: str, print_url: bool) 
     from hatchway.client.relay_api import call
 
     login_ = _login()
+    if not no_check:
+        _guard(lambda: _check_web_target(login_, device_id, service))
     body: dict[str, str] = {"device": device_id, "next": next_path}
     if service is not None:
         body["service"] = service
@@ -374,6 +391,31 @@ def open_(device_id: str, service: str | None, next_path: str, print_url: bool) 
     if not webbrowser.open(url):
         _fail(f"could not start a browser; open this link within 60 s:\n{url}")
     click.echo(f"opened {device_id} in the browser")
+
+
+def _check_web_target(login_: Any, device_id: str, service: str | None) -> None:
+    """Fail as ``forward`` would when the device is offline or does not expose the
+    service, rather than hand out a URL that leads to an error page."""
+    import urllib.parse
+
+    from hatchway.client.relay_api import call
+    from hatchway.errors import RelayError
+
+    path = "/api/v1/devices/" + urllib.parse.quote(device_id, safe="")
+    try:
+        item = call(login_.server, "GET", path, ca_file=login_.ca_file, token=login_.token)
+    except RelayError as exc:
+        if exc.status == 0:
+            raise
+        return  # not visible with this token: the relay's answer to the grant says why
+    if not item.get("online"):
+        _fail(f"device {device_id} is offline")
+    services = item.get("services") or []
+    if service is None:
+        if "http" not in services and "https" not in services:
+            _fail(f"{device_id} exposes no web UI (no http or https service)")
+    elif service not in services:
+        _fail(f"service {service} is not exposed by {device_id}")
 
 
 @cli.command()
@@ -433,7 +475,7 @@ def proxy(device_id: str, service: str) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     if reason:
-        _fail(reason)
+        sys.exit(1)  # the reason is on standard error already
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -442,20 +484,30 @@ def proxy(device_id: str, service: str) -> None:
 @click.option("--service", default="ssh", show_default=True, help="the device's SSH service")
 def ssh(target: str, ssh_args: tuple[str, ...], service: str) -> None:
     """Run OpenSSH to [USER@]DEVICE through the relay."""
+    from hatchway.agent.config import validate_service_name
+    from hatchway.auth.device import validate_device_id
+
+    user, at, device_id = target.rpartition("@")
+    if not device_id or (at and not user):
+        _fail(f"expected [USER@]DEVICE, got {target!r}")
+    _guard(lambda: validate_device_id(device_id))
+    _guard(lambda: validate_service_name(service))
     _login()  # fail early with a clear message
-    user_part, _, device_id = target.rpartition("@")
     ssh_bin = shutil.which("ssh")
     if ssh_bin is None:
         _fail("OpenSSH's ssh is not installed")
-        return
-    proxy_command = f"{sys.executable} -m hatchway proxy {device_id} {service}"
+    # ssh hands ProxyCommand to the shell and expands %-tokens in it first: quote every
+    # word for the shell, then double every % (a path may hold both).
+    words = [sys.executable, "-m", "hatchway", "proxy", device_id, service]
+    proxy_command = " ".join(shlex.quote(word) for word in words).replace("%", "%%")
     argv = [
         ssh_bin,
         "-o",
         f"ProxyCommand={proxy_command}",
         "-o",
         f"HostKeyAlias=hatchway-{device_id}",
-        target if user_part else device_id,
+        *(["-l", user] if user else []),  # given apart: a user name is never an option
+        device_id,
         *ssh_args,
     ]
     os.execv(ssh_bin, argv)

@@ -12,7 +12,12 @@ from typing import Any
 
 from hatchway.auth.device import validate_device_id
 from hatchway.errors import ConfigError
-from hatchway.tunnel.connect import ProxyConfig, relay_websocket_url
+from hatchway.tunnel.connect import (
+    ProxyConfig,
+    proxy_from_environment,
+    relay_websocket_url,
+    validate_relay_url,
+)
 
 SERVICE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 MAX_SECRET_FILE = 4096
@@ -57,6 +62,8 @@ class AgentConfig:
     secret: str
     services: dict[str, ServiceTarget] = field(default_factory=dict)
     ca_file: Path | None = None
+    #: The proxy to use: the configured one, else HTTPS_PROXY's (unless NO_PROXY
+    #: exempts the relay), both checked at start.
     proxy: ProxyConfig | None = None
 
     @property
@@ -117,13 +124,13 @@ def _service(
     ca = options.get("ca_file")
     server_name = options.get("server_name")
     host_header = options.get("host_header")
-    if (ca is not None or server_name is not None) and not tls:
-        raise ConfigError(f"service {name}: ca and name need TLS (tls://HOST:PORT)")
-    if host_header is not None and not _HOST_HEADER_RE.fullmatch(str(host_header)):
-        raise ConfigError(f"service {name}: invalid host header {host_header!r}")
-    for key, value in (("ca_file", ca), ("server_name", server_name)):
+    for key, value in (("ca_file", ca), ("server_name", server_name), ("host_header", host_header)):
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"service {name}: {key} must be a string")
+    if (ca is not None or server_name is not None) and not tls:
+        raise ConfigError(f"service {name}: ca and name need TLS (tls://HOST:PORT)")
+    if host_header is not None and not _HOST_HEADER_RE.fullmatch(host_header):
+        raise ConfigError(f"service {name}: invalid host header {host_header!r}")
     ca_file = None
     if ca is not None:
         ca_file = (base or Path.cwd()) / os.path.expanduser(ca)
@@ -153,9 +160,11 @@ def read_secret_file(path: Path) -> str:
         st = path.stat()
         if st.st_size > MAX_SECRET_FILE:
             raise ConfigError(f"secret file {path} is too large to be a device secret")
-        secret = path.read_text().strip()
+        secret = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"cannot read the secret file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the secret file {path} is not UTF-8 text") from None
     if not secret:
         raise ConfigError(f"the secret file {path} is empty")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -181,33 +190,43 @@ def load_agent_config(
     data: dict[str, Any] = {}
     if config_file is not None:
         try:
-            data = tomllib.loads(config_file.read_text())
+            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"cannot read {config_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{config_file} is not UTF-8 text (TOML must be)") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{config_file}: {exc}") from None
         unknown = set(data) - {"server", "device", "secret_file", "services", "ca_file", "proxy"}
         if unknown:
             raise ConfigError(f"{config_file}: unknown settings {', '.join(sorted(unknown))}")
     base = config_file.parent if config_file is not None else Path.cwd()
+    where = f"{config_file}: " if config_file is not None else ""
 
     def path_of(key: str) -> Path | None:
         value = data.get(key)
         if value is None:
             return None
         if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string")
+            raise ConfigError(f"{where}{key} must be a string")
         return base / os.path.expanduser(value)
 
-    server = server or data.get("server")
-    device = device or data.get("device")
+    def string(key: str, example: str) -> str | None:
+        value = data.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{where}{key} must be a string, e.g. {key} = {example}")
+        return value
+
+    server = server or string("server", '"https://relay.example.com:8443"')
+    device = device or string("device", '"dev1"')
     secret_file = secret_file or path_of("secret_file")
     ca_file = ca_file or path_of("ca_file")
-    proxy = proxy or data.get("proxy")
-    if not server or not isinstance(server, str):
+    proxy = proxy or string("proxy", '"http://proxy.example.com:3128"')
+    if not server:
         raise ConfigError("no relay given: use --server URL or 'server' in the config file")
-    if not device or not isinstance(device, str):
+    if not device:
         raise ConfigError("no device id given: use --device ID or 'device' in the config file")
+    relay_host = validate_relay_url(server).hostname or ""
     if secret_file is None:
         raise ConfigError("no secret given: use --secret-file F or 'secret_file' in the config")
     targets: dict[str, ServiceTarget] = {}
@@ -227,7 +246,7 @@ def load_agent_config(
         secret=read_secret_file(secret_file),
         services=targets,
         ca_file=ca_file,
-        proxy=ProxyConfig.parse(proxy) if proxy else None,
+        # Checked now, not at every connect: a bad proxy is a mistake to fix, not retry.
+        proxy=ProxyConfig.parse(proxy) if proxy else proxy_from_environment(relay_host),
     )
-    config.tunnel_url  # noqa: B018 - validates the URL now, not at the first connect
     return config

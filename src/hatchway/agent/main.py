@@ -33,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="expose a service (repeatable); the agent connects to nothing else",
     )
     parser.add_argument("--ca-file", type=Path, help="verify the relay against this CA")
-    parser.add_argument("--proxy", help="HTTP CONNECT proxy URL (default: $HTTPS_PROXY)")
+    parser.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="HTTP CONNECT proxy, http://[USER:PASSWORD@]HOST:PORT (default: $HTTPS_PROXY); "
+        "a password given here is visible in the process list: put it in the config file's "
+        "'proxy' key or in HTTPS_PROXY instead",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"hatchway {__version__}")
     return parser
@@ -45,8 +51,8 @@ def main(argv: list[str]) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:
-        logging.getLogger("websockets").setLevel(logging.WARNING)
+    # Even with -v: at DEBUG, websockets logs the frames (the users' traffic).
+    logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
         config = load_agent_config(
             config_file=args.config,

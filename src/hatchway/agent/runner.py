@@ -10,6 +10,7 @@ import random
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from websockets.client import ClientProtocol
@@ -17,16 +18,11 @@ from websockets.client import ClientProtocol
 from hatchway import __version__
 from hatchway.agent.config import AgentConfig, ServiceTarget
 from hatchway.auth.device import derive_device_key, device_proof
-from hatchway.errors import LocalProtocolError
+from hatchway.errors import HatchwayError, LocalProtocolError
 from hatchway.mux.frames import GoAwayReason, OpenFailure
 from hatchway.mux.session import DEFAULT_MAX_CHANNELS, DEFAULT_WINDOW, PROTOCOL_VERSION, Role
 from hatchway.tlsutil import client_context
-from hatchway.tunnel.connect import (
-    ConnectError,
-    ProxyConfig,
-    open_websocket,
-    proxy_from_environment,
-)
+from hatchway.tunnel.connect import ConnectError, open_websocket
 from hatchway.tunnel.endpoint import TUNNEL_MAX_MESSAGE, TunnelEndpoint
 from hatchway.tunnel.local import TcpBinding
 
@@ -211,18 +207,13 @@ class Agent:
         self.tunnel: AgentTunnel | None = None
         self.connected = asyncio.Event()
 
-    def _proxy(self, host: str) -> ProxyConfig | None:
-        return self.config.proxy or proxy_from_environment(host)
-
     async def connect_once(self) -> AgentTunnel:
-        from websockets.uri import parse_uri
-
         url = self.config.tunnel_url
         tunnel = await open_websocket(
             url,
             lambda ws: AgentTunnel(ws, self.config, self.key),
             ssl_context=self.ssl_context,
-            proxy=self._proxy(parse_uri(url).host),
+            proxy=self.config.proxy,
             subprotocols=[SUBPROTOCOL],
             max_size=TUNNEL_MAX_MESSAGE,
             timeout=HANDSHAKE_TIMEOUT,
@@ -248,7 +239,7 @@ class Agent:
         while True:
             try:
                 tunnel = await self.connect_once()
-            except ConnectError as exc:
+            except HatchwayError as exc:
                 log.warning("cannot connect: %s", exc)
             except Exception:  # never give up: a device has nobody to restart it
                 log.exception("unexpected error while connecting")
@@ -260,8 +251,18 @@ class Agent:
                 await tunnel.done
                 self.connected.clear()
                 log.warning("tunnel to %s closed", self.config.server)
-            delay = min(BACKOFF_MAX, BACKOFF_MIN * 2**attempt)
-            delay = max(BACKOFF_MIN, random.uniform(delay * 0.75, delay))  # jitter
+            delay = reconnect_delay(attempt)
             attempt = min(attempt + 1, 10)
             log.info("reconnecting in %.1f s", delay)
             await asyncio.sleep(delay)
+
+
+def reconnect_delay(
+    attempt: int, uniform: Callable[[float, float], float] = random.uniform
+) -> float:
+    """The wait before reconnect number ``attempt`` (0 after a tunnel that worked):
+    "equal jitter" on an exponential ceiling, uniform in [ceiling / 2, ceiling] with
+    the ceiling 2 s, 4 s, 8 s ... 30 s, so every delay lies within [1 s, 30 s] and
+    every one is random: agents that lost the same relay do not all return at once."""
+    ceiling = min(BACKOFF_MAX, 2 * BACKOFF_MIN * 2 ** min(attempt, 10))
+    return min(BACKOFF_MAX, max(BACKOFF_MIN, uniform(ceiling / 2, ceiling)))

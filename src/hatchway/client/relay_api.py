@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 import urllib.error
@@ -11,6 +12,7 @@ from typing import Any
 
 from hatchway.errors import RelayError
 from hatchway.tlsutil import client_context
+from hatchway.tunnel.connect import proxy_from_environment, validate_relay_url
 
 TIMEOUT = 15.0
 
@@ -24,6 +26,20 @@ def error_from_body(status: int, body: bytes) -> RelayError:
         return RelayError(status, "http", f"the relay answered {status}: {text}")
 
 
+def _opener(server: str, ca_file: str | None) -> tuple[urllib.request.OpenerDirector, str | None]:
+    """An opener that verifies the relay and goes through the proxy ``hatchway proxy``
+    and ``forward`` would use (HTTPS_PROXY unless NO_PROXY exempts the relay), and the
+    Proxy-Authorization value for it."""
+    host = validate_relay_url(server).hostname or ""
+    proxy = proxy_from_environment(host)
+    proxies = {"https": f"http://{proxy.address()}"} if proxy is not None else {}
+    context = client_context(Path(ca_file) if ca_file else None)
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler(proxies), urllib.request.HTTPSHandler(context=context)
+    )
+    return opener, proxy.authorization if proxy is not None else None
+
+
 def call(
     server: str,
     method: str,
@@ -33,6 +49,9 @@ def call(
     token: str | None = None,
     body: dict[str, Any] | None = None,
 ) -> Any:
+    """Call the API; RelayError (or ConfigError for a bad URL or proxy) with a sentence
+    for a person when it fails."""
+    opener, proxy_authorization = _opener(server, ca_file)
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(server.rstrip("/") + path, data=data, method=method)
     request.add_header("Accept", "application/json")
@@ -40,10 +59,11 @@ def call(
         request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
-    context = client_context(Path(ca_file) if ca_file else None)
+    if proxy_authorization:  # urllib sends it on the CONNECT, not to the relay
+        request.add_header("Proxy-Authorization", proxy_authorization)
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as response:
-            return json.loads(response.read(1024 * 1024 * 16))
+        with opener.open(request, timeout=TIMEOUT) as response:
+            raw = response.read(1024 * 1024 * 16)
     except urllib.error.HTTPError as exc:
         raise error_from_body(exc.code, exc.read(64 * 1024)) from None
     except urllib.error.URLError as exc:
@@ -55,7 +75,9 @@ def call(
                 f"the relay's certificate was refused: {reason.verify_message} (use --ca-file?)",
             ) from None
         raise RelayError(0, "unreachable", f"cannot reach the relay {server}: {reason}") from None
-    except (TimeoutError, OSError) as exc:
+    except (TimeoutError, OSError, http.client.HTTPException) as exc:
         raise RelayError(0, "unreachable", f"cannot reach the relay {server}: {exc}") from None
+    try:
+        return json.loads(raw)
     except ValueError:
         raise RelayError(0, "bad_response", "the relay sent a response that is not JSON") from None

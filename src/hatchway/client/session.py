@@ -16,7 +16,7 @@ from typing import Any
 from websockets.client import ClientProtocol
 
 from hatchway.client.config import Login
-from hatchway.client.streams import open_relay_websocket, serve_local
+from hatchway.client.streams import abort_with_reset, open_relay_websocket, serve_local
 from hatchway.errors import RelayError
 from hatchway.mux.session import DEFAULT_MAX_CHANNELS, DEFAULT_WINDOW, PROTOCOL_VERSION, Role
 from hatchway.tunnel.connect import (
@@ -58,12 +58,23 @@ class ClientTunnelEndpoint(TunnelEndpoint):
 class ForwardBinding(TcpBinding):
     """A forwarded TCP connection: reads once the relay and device accepted it."""
 
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target = target
+
     def on_open_ok(self) -> None:
         self.start()
 
     def on_open_failed(self, reason: int, message: str) -> None:
         print(f"hatchway: {message}", file=sys.stderr, flush=True)
         super().on_open_failed(reason, message)
+
+    def on_reset(self, reason: int, message: str) -> None:
+        # The channel broke (the device or its tunnel went away, the relay reset it):
+        # the application must see a reset, not an orderly end of a truncated stream.
+        print(f"hatchway: {self.target}: {message or 'channel reset'}", file=sys.stderr, flush=True)
+        if self.transport is not None:
+            abort_with_reset(self.transport)
 
 
 class RelaySession:
@@ -111,7 +122,7 @@ async def serve_forward_mux(
     target = f"{device}/{service}"
 
     def accept() -> tuple[asyncio.Protocol, Coroutine[Any, Any, None]]:
-        binding = ForwardBinding()
+        binding = ForwardBinding(target)
         return binding, _open(session, target, binding)
 
     await serve_local(bind, port, on_listening, accept)

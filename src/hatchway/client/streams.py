@@ -12,8 +12,10 @@ import asyncio
 import functools
 import logging
 import os
+import socket
 import ssl
 import stat
+import struct
 import sys
 import urllib.parse
 from collections.abc import Callable, Coroutine, Sequence
@@ -24,7 +26,7 @@ from websockets.client import ClientProtocol
 
 from hatchway.client.config import Login
 from hatchway.client.relay_api import error_from_body
-from hatchway.errors import ConfigError, RelayError
+from hatchway.errors import ConfigError, HatchwayError, RelayError
 from hatchway.tlsutil import client_context
 from hatchway.tunnel.connect import (
     ConnectError,
@@ -42,6 +44,23 @@ E = TypeVar("E", bound=WebSocketEndpoint)
 MESSAGE_CHUNK = 64 * 1024
 
 
+def abort_with_reset(transport: asyncio.BaseTransport) -> None:
+    """Abort a local connection so that its peer sees a reset (RST), not an orderly
+    end (FIN): a stream that broke must not pass for a complete one. Pipes (stdio)
+    have no such signal: they are closed, and what was received is still written."""
+    if transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        transport.close()
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    cast(asyncio.WriteTransport, transport).abort()
+
+
 class LocalSide:
     """The local end: where bytes from the device go, and where ours come from."""
 
@@ -50,7 +69,19 @@ class LocalSide:
         self.write_transport: asyncio.WriteTransport | None = None
         self.stream: StreamClient | None = None
         self.write_paused = False
-        self.done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        #: The stream is over for the local side (its transports are closing).
+        self.done: asyncio.Future[None] = loop.create_future()
+        #: Everything for the local side was written (or can no longer be).
+        self.output_closed: asyncio.Future[None] = loop.create_future()
+        #: The device's EOF was passed on: the output was ended on purpose.
+        self.output_ended = False
+        #: Our input ended with an EOF (sent to the device, or to be once attached).
+        self.input_ended = False
+        #: The local side went away and closed the stream itself.
+        self.gone = False
+        #: Tells the user why the stream broke, before the local side is reset.
+        self.report: Callable[[str], None] | None = None
         # Pipe transports may deliver a read before pause_reading() takes effect.
         self._early: list[bytes] = []
         self._early_eof = False
@@ -64,6 +95,9 @@ class LocalSide:
         wt = self.write_transport
         if wt is None or wt.is_closing():
             return
+        # A pipe's write_eof() closes it: that is the device's EOF, not the reader
+        # going away, and our input keeps flowing to the device.
+        self.output_ended = True
         if wt.can_write_eof():
             wt.write_eof()
         elif wt is not self.read_transport:  # type: ignore[comparison-overlap]
@@ -73,6 +107,18 @@ class LocalSide:
         for transport in (self.read_transport, self.write_transport):
             if transport is not None and not transport.is_closing():
                 transport.close()
+        self._finish()
+
+    def reset(self) -> None:
+        """The stream broke: reset the local connection (see ``abort_with_reset``)."""
+        for transport in (self.read_transport, self.write_transport):
+            if transport is not None:
+                abort_with_reset(transport)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.write_transport is None and not self.output_closed.done():
+            self.output_closed.set_result(None)
         if not self.done.done():
             self.done.set_result(None)
 
@@ -87,6 +133,10 @@ class LocalSide:
     # to the device
     def attach(self, stream: StreamClient) -> None:
         self.stream = stream
+        if self.done.done():  # the local connection went away while the stream opened
+            self.gone = True
+            stream.close(1000)
+            return
         early, self._early = self._early, []
         for data in early:
             stream.send_binary(data)
@@ -110,12 +160,14 @@ class LocalSide:
             self.pause_reading()
 
     def received_eof(self) -> None:
+        self.input_ended = True
         if self.stream is not None:
             self.stream.send_text(EOF_MESSAGE)
         else:
             self._early_eof = True
 
     def lost(self) -> None:
+        self.gone = True
         if self.stream is not None:
             self.stream.close(1000)
         self.close()
@@ -154,14 +206,21 @@ class _LocalProtocol(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        side = self.side
         if self.reading:
-            self.side.read_transport = None
+            side.read_transport = None
         if self.writing:
-            self.side.write_transport = None
-        if self.side.read_transport is None and self.side.write_transport is None:
-            self.side.lost()
-        elif self.writing:
-            self.side.lost()  # nowhere to deliver the device's bytes any more
+            side.write_transport = None
+            if not side.output_closed.done():
+                side.output_closed.set_result(None)
+        if side.done.done():
+            return  # the stream ended first and closed us
+        if self.writing and not side.output_ended:
+            side.lost()  # nowhere to deliver the device's bytes any more
+        elif self.reading and not side.input_ended:
+            side.lost()  # our input broke off without an EOF
+        # Else both directions ended with EOF: the relay closes the stream (1000) once
+        # the device's channel has ended too; closing it first could cut it short.
 
     def pause_writing(self) -> None:
         self.side.sink_paused()
@@ -170,10 +229,31 @@ class _LocalProtocol(asyncio.Protocol):
         self.side.sink_resumed()
 
 
+class _StdoutProtocol(_LocalProtocol):
+    """Standard output: once its transport is gone (the device's EOF, or the reader
+    left), file descriptor 1 itself is closed, by pointing it at /dev/null, so that
+    the reader sees the end while standard input still flows. (``sys.stdout``, which
+    the transport closes, never closes the descriptor.)"""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.fd = sys.stdout.fileno()
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.fd)
+            os.close(null)
+        except OSError:
+            pass
+        super().connection_lost(exc)
+
+
 class StreamClient(WebSocketEndpoint):
     def __init__(self, ws: ClientProtocol, local: LocalSide) -> None:
         super().__init__(ws)
         self.local = local
+        #: Why the stream broke ("" when it ended normally or the local side ended it).
         self.close_reason = ""
 
     def on_binary(self, data: bytes) -> None:
@@ -185,22 +265,40 @@ class StreamClient(WebSocketEndpoint):
         if data == EOF_MESSAGE:
             self.local.write_eof()
 
-    def on_close_frame(self) -> None:
-        rcvd = self.ws.close_rcvd
-        if rcvd is not None and rcvd.code != 1000:
-            self.close_reason = rcvd.reason or f"closed with code {rcvd.code}"
-
     def on_writable(self) -> None:
         self.local.resume_reading()
 
     def on_connection_lost(self, exc: Exception | None) -> None:
-        self.local.close()
+        # The relay closes with 1000 only once EOF went both ways; anything else (a
+        # reset channel, a lost tunnel, a relay that vanished) truncated the stream.
+        if self.local.stream is not self:
+            return  # it never opened: open_stream raises why, its caller tells and closes
+        rcvd = self.ws.close_rcvd
+        if self.local.gone:
+            pass  # we ended it
+        elif rcvd is None:
+            self.close_reason = "the connection to the relay was lost"
+        elif rcvd.code != 1000:
+            self.close_reason = rcvd.reason or f"the relay closed the stream (code {rcvd.code})"
+        if self.close_reason:
+            if self.local.report is not None:
+                self.local.report(self.close_reason)
+            self.local.reset()
+        else:
+            self.local.close()
 
 
 @functools.lru_cache(maxsize=4)
 def ssl_context_for(ca_file: str | None) -> ssl.SSLContext:
     """One context per process: building one costs about a millisecond per connection."""
     return client_context(Path(ca_file) if ca_file else None)
+
+
+def check_relay(login: Login) -> None:
+    """Fail now, with a sentence, on a relay URL or HTTPS_PROXY that cannot work,
+    rather than on every connection."""
+    url = relay_websocket_url(login.server, "/")
+    proxy_from_environment(urllib.parse.urlsplit(url).hostname or "")
 
 
 def stream_url(login: Login, device: str, service: str) -> str:
@@ -248,17 +346,21 @@ async def open_stream(login: Login, device: str, service: str, local: LocalSide)
 
 
 async def run_stdio(login: Login, device: str, service: str) -> str:
-    """Join stdin/stdout to the service (OpenSSH ProxyCommand); return an error or ''."""
+    """Join stdin/stdout to the service (OpenSSH ProxyCommand). Return why the stream
+    broke ('' when it ended normally), already told on standard error: before standard
+    output closes, since ssh stops its ProxyCommand once that happens."""
     for name, stream in (("input", sys.stdin), ("output", sys.stdout)):
         mode = os.fstat(stream.fileno()).st_mode
         if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)):
             raise ConfigError(f"standard {name} must be a pipe, a socket or a terminal")
     loop = asyncio.get_running_loop()
     local = LocalSide()
+    local.report = lambda reason: print(f"hatchway: {reason}", file=sys.stderr, flush=True)
     await loop.connect_read_pipe(lambda: _LocalProtocol(local, True, False), sys.stdin)
-    await loop.connect_write_pipe(lambda: _LocalProtocol(local, False, True), sys.stdout)
+    await loop.connect_write_pipe(lambda: _StdoutProtocol(local, False, True), sys.stdout)
     stream = await open_stream(login, device, service, local)
     await local.done
+    await local.output_closed  # what the device sent is written out first
     return stream.close_reason
 
 
@@ -271,9 +373,14 @@ async def serve_forward_streams(
     on_listening: Callable[[str, int], None],
 ) -> None:
     """Listen on ``bind:port``; every accepted connection gets its own stream."""
+    check_relay(login)
+
+    def report(reason: str) -> None:
+        print(f"hatchway: {device}/{service}: {reason}", file=sys.stderr, flush=True)
 
     def accept() -> tuple[asyncio.Protocol, Coroutine[Any, Any, None]]:
         local = LocalSide()
+        local.report = report
         return _LocalProtocol(local, True, True), _forward_one(login, device, service, local)
 
     await serve_local(bind, port, on_listening, accept)
@@ -307,8 +414,8 @@ async def serve_local(
 async def _forward_one(login: Login, device: str, service: str, local: LocalSide) -> None:
     try:
         await open_stream(login, device, service, local)
-    except RelayError as exc:
-        print(f"hatchway: {exc.message}", file=sys.stderr, flush=True)
+    except HatchwayError as exc:
+        print(f"hatchway: {exc}", file=sys.stderr, flush=True)
         local.close()
         return
     await local.done

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import os
 import socket
 import ssl
@@ -38,6 +39,52 @@ class ConnectError(HatchwayError):
         self.body = body
 
 
+def _redacted(url: str) -> str:
+    """``url`` fit for a message or a log: whatever precedes an ``@`` (a user name and
+    password) becomes ``***``."""
+    scheme, sep, rest = url.rpartition("://")
+    _, at, hostpart = rest.rpartition("@")
+    if at:
+        rest = "***@" + hostpart
+    shown = f"{scheme}{sep}{rest}"
+    return shown if shown.isprintable() else repr(shown)[1:-1]
+
+
+def _port_of(parts: urllib.parse.SplitResult, what: str) -> int | None:
+    try:
+        port = parts.port
+    except ValueError:
+        port_text = parts.netloc.rpartition("]")[2].rpartition(":")[2]
+        if port_text.isascii() and port_text.isdigit():
+            raise ConfigError(f"{what}: port {port_text} out of range (1-65535)") from None
+        raise ConfigError(f"{what}: invalid port {port_text!r}") from None
+    if port == 0:
+        raise ConfigError(f"{what}: port 0 out of range (1-65535)")
+    return port
+
+
+def _check_host(host: str | None, netloc: str, what: str) -> str:
+    if not host:
+        raise ConfigError(f"{what}: no host")
+    if netloc.rpartition("@")[2].startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{what}: invalid IPv6 address {host!r}") from None
+    elif not all(ch.isalnum() or ch in "._-" for ch in host):
+        raise ConfigError(f"{what}: invalid host name {host!r}")
+    return host
+
+
+def _split(url: str, what: str) -> urllib.parse.SplitResult:
+    if any(not ch.isprintable() or ch.isspace() for ch in url):
+        raise ConfigError(f"{what}: a URL may not contain spaces or control characters")
+    try:
+        return urllib.parse.urlsplit(url)
+    except ValueError:  # the only one: "Invalid IPv6 URL"
+        raise ConfigError(f"{what}: invalid IPv6 address (expected [ADDRESS]:PORT)") from None
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     host: str
@@ -45,36 +92,74 @@ class ProxyConfig:
     authorization: str | None = None
 
     @classmethod
-    def parse(cls, url: str) -> ProxyConfig:
-        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    def parse(cls, url: str, source: str = "proxy URL") -> ProxyConfig:
+        """``http://[USER:PASSWORD@]HOST[:PORT]`` (port 3128 by default). Messages
+        never include the user name or password."""
+        if not isinstance(url, str):
+            raise ConfigError(f'{source}: expected a string like "http://HOST:PORT"')
+        what = f"{source} {_redacted(url)}"
+        parts = _split(url if "://" in url else f"http://{url}", what)
         if parts.scheme not in ("http", ""):
-            raise ConfigError(f"unsupported proxy scheme {parts.scheme!r}: use http://HOST:PORT")
-        if not parts.hostname:
-            raise ConfigError(f"proxy URL {url!r} has no host")
+            raise ConfigError(
+                f"{what}: unsupported proxy scheme {parts.scheme!r}: use http://HOST:PORT "
+                "(an HTTP CONNECT proxy)"
+            )
+        if "@" in url and "@" not in parts.netloc:  # a "/", "?" or "#" in the password
+            raise ConfigError(
+                f"{what}: percent-encode the user name and password (%2F for /, %3F for ?, "
+                "%23 for #, %40 for @)"
+            )
+        host = _check_host(parts.hostname, parts.netloc, what)
+        port = _port_of(parts, what)
         auth = None
         if parts.username is not None:
             user = urllib.parse.unquote(parts.username)
             password = urllib.parse.unquote(parts.password or "")
             auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-        return cls(parts.hostname, parts.port or 3128, auth)
+        return cls(host, port or 3128, auth)
+
+    def address(self) -> str:
+        """``HOST:PORT`` (IPv6 in brackets), without credentials."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
 
 def proxy_from_environment(host: str) -> ProxyConfig | None:
-    """``HTTPS_PROXY``/``https_proxy``, unless ``NO_PROXY`` exempts ``host``."""
-    url = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-    if not url or bypass(host):
+    """``HTTPS_PROXY``/``https_proxy``, unless ``NO_PROXY`` exempts ``host``.
+    Raises ConfigError, naming the variable, when it is not a usable proxy URL."""
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        url = os.environ.get(name)
+        if url:
+            break
+    else:
         return None
-    return ProxyConfig.parse(url)
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if bypass(host):
+        return None
+    return ProxyConfig.parse(url, name)
+
+
+def validate_relay_url(server: str, what: str = "relay URL") -> urllib.parse.SplitResult:
+    """Check a relay URL (``https://HOST[:PORT]`` or ``wss://...``) and return its parts;
+    ConfigError with a sentence for a person otherwise."""
+    if not isinstance(server, str):
+        raise ConfigError(f"{what} must be a string like https://relay.example.com:8443")
+    shown = f"{what} {_redacted(server)}"
+    parts = _split(server, shown)
+    if parts.scheme not in ("https", "wss"):
+        raise ConfigError(f"{shown} must start with https:// (TLS is required)")
+    _check_host(parts.hostname, parts.netloc, shown)
+    _port_of(parts, shown)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{shown}: a relay URL carries no user name or password")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{shown}: expected https://HOST[:PORT], without a path or query")
+    return parts
 
 
 def relay_websocket_url(server: str, path: str) -> str:
     """``https://relay:8443`` or ``wss://relay:8443`` → ``wss://relay:8443/<path>``."""
-    parts = urllib.parse.urlsplit(server)
-    if parts.scheme not in ("https", "wss"):
-        raise ConfigError(f"relay URL {server!r} must start with https:// (TLS is required)")
-    if not parts.hostname:
-        raise ConfigError(f"relay URL {server!r} has no host")
+    parts = validate_relay_url(server)
     return urllib.parse.urlunsplit(("wss", parts.netloc, path, "", ""))
 
 
