@@ -52,3 +52,11 @@ class Api:
         data = None if body is None else json.dumps(body).encode()
         status, _, payload = self.raw(method, path, data, headers)
         return status, json.loads(payload)
+
+    def ok(
+        self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
+    ) -> Any:
+        """A JSON call that must answer 200: its decoded body."""
+        status, answer = self.call(method, path, body, token)
+        assert status == 200, (method, path, answer)
+        return answer

@@ -11,7 +11,6 @@ import time
 import urllib.parse
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -241,48 +240,45 @@ def test_a_super_admin_s_changes_belong_to_the_organisation_they_are_about(env: 
     assert password is not None
     api = Api(f"https://127.0.0.1:{port}", env.ca_file)
 
-    def ok(
-        method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
-    ) -> Any:
-        status, answer = api.call(method, path, body, token)
-        assert status == 200, (method, path, answer)
-        return answer
-
-    api.token = ok("POST", "/api/v1/login", {"user": "admin", "password": password}, "")["token"]
-    ok("POST", "/api/v1/orgs", {"name": "globex"})
-    ok("POST", "/api/v1/teams", {"name": "gx-team", "org": "globex"})
-    ok(
+    api.token = api.ok("POST", "/api/v1/login", {"user": "admin", "password": password}, "")[
+        "token"
+    ]
+    api.ok("POST", "/api/v1/orgs", {"name": "globex"})
+    api.ok("POST", "/api/v1/teams", {"name": "gx-team", "org": "globex"})
+    api.ok(
         "POST",
         "/api/v1/roles",
         {"name": "gx-role", "permissions": ["devices.view"], "org": "globex"},
     )
-    grant = ok(
+    grant = api.ok(
         "POST",
         "/api/v1/grants",
         {"role": "gx-role", "team": "gx-team", "tag": "hq", "org": "globex"},
     )
-    ok("DELETE", f"/api/v1/grants/{grant['id']}")
-    ok("PATCH", "/api/v1/orgs/globex", {"require_totp": False})
-    ok("DELETE", "/api/v1/roles/gx-role?org=globex")
-    ok("DELETE", "/api/v1/teams/gx-team?org=globex")
-    ok("PUT", "/api/v1/settings/password.min_length", {"value": "15"})
+    api.ok("DELETE", f"/api/v1/grants/{grant['id']}")
+    api.ok("PATCH", "/api/v1/orgs/globex", {"require_totp": False})
+    api.ok("DELETE", "/api/v1/roles/gx-role?org=globex")
+    api.ok("DELETE", "/api/v1/teams/gx-team?org=globex")
+    api.ok("PUT", "/api/v1/settings/password.min_length", {"value": "15"})
     about_globex = ["org_added", "team_added", "role_added", "grant_added", "grant_removed",
                     "org_changed", "role_removed", "team_removed"]  # fmt: skip
     for name, org in (("dflt-admin", "default"), ("gx-admin", "globex")):
         user = {"name": name, "role": "admin", "password": "Vivid-Lantern-482!", "org": org}
-        ok("POST", "/api/v1/users", user)
+        api.ok("POST", "/api/v1/users", user)
     dflt, gx = (
-        ok("POST", "/api/v1/login", {"user": name, "password": "Vivid-Lantern-482!"}, "")["token"]
+        api.ok("POST", "/api/v1/login", {"user": name, "password": "Vivid-Lantern-482!"}, "")[
+            "token"
+        ]
         for name in ("dflt-admin", "gx-admin")
     )
-    seen = {r["kind"] for r in ok("GET", "/api/v1/audit", token=dflt)["records"]}
+    seen = {r["kind"] for r in api.ok("GET", "/api/v1/audit", token=dflt)["records"]}
     assert not seen & {*about_globex, "setting_changed"}, seen
-    records = ok("GET", "/api/v1/audit", token=gx)["records"]
+    records = api.ok("GET", "/api/v1/audit", token=gx)["records"]
     assert [r["kind"] for r in records if r["kind"] in about_globex] == about_globex
     assert {r["org"] for r in records} == {"globex"}
     assert "setting_changed" not in {r["kind"] for r in records}
     # The super-admin reads everything, the settings in no organisation.
-    (setting,) = ok("GET", "/api/v1/audit?kind=setting_changed")["records"]
+    (setting,) = api.ok("GET", "/api/v1/audit?kind=setting_changed")["records"]
     assert setting["org"] is None and setting["details"] == {"password.min_length": "15"}
 
 

@@ -4,7 +4,6 @@ give (the relay-level matrix is tests/test_authz.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -110,42 +109,39 @@ def test_the_relay_forgets_grants_of_removed_devices_and_roles(env: Env) -> None
     assert password is not None
     api = Api(f"https://127.0.0.1:{port}", env.ca_file)
 
-    def ok(
-        method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
-    ) -> Any:
-        status, answer = api.call(method, path, body, token)
-        assert status == 200, (method, path, answer)
-        return answer
-
-    api.token = ok("POST", "/api/v1/login", {"user": "admin", "password": password}, "")["token"]
+    api.token = api.ok("POST", "/api/v1/login", {"user": "admin", "password": password}, "")[
+        "token"
+    ]
     for name in ("customer", "partner"):
-        ok("POST", "/api/v1/users", {"name": name, "role": "user", "password": PASSWORD})
+        api.ok("POST", "/api/v1/users", {"name": name, "role": "user", "password": PASSWORD})
     customer, partner = (
-        ok("POST", "/api/v1/login", {"user": name, "password": PASSWORD}, "")["token"]
+        api.ok("POST", "/api/v1/login", {"user": name, "password": PASSWORD}, "")["token"]
         for name in ("customer", "partner")
     )
-    ok("POST", "/api/v1/devices", {"id": "cam1"})
-    ok("POST", "/api/v1/grants", {"role": "operator", "user": "customer", "device": "cam1"})
-    assert [d["id"] for d in ok("GET", "/api/v1/devices", token=customer)["devices"]] == ["cam1"]
-    ok("DELETE", "/api/v1/devices/cam1")
-    assert ok("GET", "/api/v1/grants")["grants"] == []
-    ok("POST", "/api/v1/devices", {"id": "cam1", "tags": ["hq"]})  # someone else's, later
-    assert ok("GET", "/api/v1/devices", token=customer)["devices"] == []  # at once
+    api.ok("POST", "/api/v1/devices", {"id": "cam1"})
+    api.ok("POST", "/api/v1/grants", {"role": "operator", "user": "customer", "device": "cam1"})
+    assert [d["id"] for d in api.ok("GET", "/api/v1/devices", token=customer)["devices"]] == [
+        "cam1"
+    ]
+    api.ok("DELETE", "/api/v1/devices/cam1")
+    assert api.ok("GET", "/api/v1/grants")["grants"] == []
+    api.ok("POST", "/api/v1/devices", {"id": "cam1", "tags": ["hq"]})  # someone else's, later
+    assert api.ok("GET", "/api/v1/devices", token=customer)["devices"] == []  # at once
     status, answer = api.call(
         "POST", "/api/v1/web-sessions", {"device": "cam1", "service": "http"}, customer
     )
     assert status == 404, answer
     # A custom role: removed with its grants; created again, it gives nothing back.
-    ok("POST", "/api/v1/roles", {"name": "look", "permissions": ["devices.view"]})
-    ok("POST", "/api/v1/grants", {"role": "look", "user": "partner", "device": "cam1"})
-    assert [d["id"] for d in ok("GET", "/api/v1/devices", token=partner)["devices"]] == ["cam1"]
-    ok("DELETE", "/api/v1/roles/look")
-    assert ok("GET", "/api/v1/grants")["grants"] == []
-    ok(
+    api.ok("POST", "/api/v1/roles", {"name": "look", "permissions": ["devices.view"]})
+    api.ok("POST", "/api/v1/grants", {"role": "look", "user": "partner", "device": "cam1"})
+    assert [d["id"] for d in api.ok("GET", "/api/v1/devices", token=partner)["devices"]] == ["cam1"]
+    api.ok("DELETE", "/api/v1/roles/look")
+    assert api.ok("GET", "/api/v1/grants")["grants"] == []
+    api.ok(
         "POST",
         "/api/v1/roles",
         {"name": "look", "permissions": ["devices.view", "devices.manage", "connect:*"]},
     )
     status, answer = api.call("DELETE", "/api/v1/devices/cam1", token=partner)
     assert (status, answer["error"]) == (404, "not_found")
-    assert ok("GET", "/api/v1/devices", token=partner)["devices"] == []
+    assert api.ok("GET", "/api/v1/devices", token=partner)["devices"] == []
