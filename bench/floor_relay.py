@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
 """The least a Python relay of hatchway's shape does: a floor for web_bench.py.
 
-Not part of hatchway; a yardstick run by ``web_bench.py --only floor``. Two roles::
+Not part of hatchway; a yardstick run by ``web_bench.py`` and ``tunnel_bench.py --only floor``::
 
-    floor_relay.py relay PORT TUNNEL_PORT CERT KEY   # TLS for browsers and for the agent
-    floor_relay.py agent TUNNEL_PORT TARGET_PORT     # one TLS connection to the relay
+    floor_relay.py relay PORT[,PORT2] TUNNEL_PORT CERT KEY   # TLS for users and the agent
+    floor_relay.py agent TUNNEL_PORT TARGET[,TARGET2]        # one TLS connection to the relay
+    floor_relay.py client LISTEN_PORT RELAY_PORT             # plain TCP in, TLS to the relay
 
 The relay accepts TLS connections from browsers on PORT and one TLS connection from
 the agent on TUNNEL_PORT (it starts serving browsers once the agent is in). Each
 browser connection is a channel: what it sends goes to the agent in frames
-``[u32 channel][u32 length][payload]`` (length 0: closed), the frames written during
-one loop iteration leave in one write, and the agent opens a TCP connection to
-TARGET_PORT per channel. Both run on uvloop, keep TCP_NODELAY on, and do what
+``[u32 channel][u32 length][payload]`` (length 0: closed; 2**32-1: opened, with no
+payload), the frames written during one loop iteration leave in one write, and the agent opens a TCP connection to
+TARGET per channel (TARGET2 for channels from PORT2). The client, for
+tunnel_bench.py, is what ``hatchway forward --no-mux`` is at the socket level: it
+accepts plain TCP on LISTEN_PORT and opens a TLS connection to the relay for each, so
+a byte crosses four loopback TCP connections and is encrypted twice, as through
+hatchway. All run on uvloop, keep TCP_NODELAY on, and do what
 hatchway's relay and agent do at the socket level (TLS to the browser, one TLS tunnel,
 one write per loop iteration on it) and nothing else: no HTTP parsing, no login check,
 no WebSocket framing, no per-channel windows (a full socket pauses everything instead).
@@ -35,6 +40,8 @@ from typing import Any
 import uvloop
 
 HEADER = struct.Struct("!II")
+#: The length of a frame that opens a channel (it carries no payload).
+OPEN = 0xFFFFFFFF
 BURN = float(os.environ.get("FLOOR_BURN_US", "0")) / 1e6
 #: Bytes buffered in a transport above which the other side stops reading.
 HIGH_WATER = 1 << 20
@@ -48,8 +55,8 @@ class Tunnel(asyncio.Protocol):
         self.channels: dict[int, Leg] = {}
         self.opener = opener  # the agent's: makes a Leg for a new channel
         self.out: list[bytes] = []
-        self.buffer = bytearray()
-        self.needed = 8  # bytes the buffer must hold before a frame is complete
+        self.head = bytearray()  # the part of a frame header that came in the last read
+        self.current, self.remaining = 0, 0  # the payload being read
         self.paused_legs = 0
         self.loop = asyncio.get_running_loop()
         self.connected = self.loop.create_future()
@@ -66,11 +73,12 @@ class Tunnel(asyncio.Protocol):
         if not self.connected.done():
             self.connected.set_result(None)
 
-    def send(self, channel: int, data: bytes) -> None:
+    def send(self, channel: int, data: bytes, length: int | None = None) -> None:
         if not self.out:
             self.loop.call_soon(self.flush)
-        self.out.append(HEADER.pack(channel, len(data)))
-        self.out.append(data)
+        self.out.append(HEADER.pack(channel, len(data) if length is None else length))
+        if data:
+            self.out.append(data)
 
     def flush(self) -> None:
         out, self.out = self.out, []
@@ -78,34 +86,41 @@ class Tunnel(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        if buffer:
-            buffer += data
-            if len(buffer) < self.needed:
-                return
-            data = bytes(buffer)
-            buffer.clear()
+        """Frames are parsed as a stream: a payload is passed on in the pieces it
+        arrives in, without gathering it first (as hatchway's multiplexer does)."""
         pos, end = 0, len(data)
         view = memoryview(data)
-        self.needed = 8
-        while end - pos >= 8:
-            channel, length = HEADER.unpack_from(data, pos)
-            if end - pos - 8 < length:
-                self.needed = 8 + length
-                break
-            pos += 8
-            self.frame(channel, view[pos : pos + length])
-            pos += length
-        if pos < end:
-            buffer += view[pos:]
+        while pos < end:
+            if self.remaining:  # in the middle of a payload
+                n = min(self.remaining, end - pos)
+                self.frame(self.current, view[pos : pos + n])
+                self.remaining -= n
+                pos += n
+                continue
+            head = self.head
+            if head or end - pos < 8:  # a header split across reads
+                take = min(8 - len(head), end - pos)
+                head += view[pos : pos + take]
+                pos += take
+                if len(head) < 8:
+                    return
+                channel, length = HEADER.unpack(head)
+                head.clear()
+            else:
+                channel, length = HEADER.unpack_from(data, pos)
+                pos += 8
+            if length == OPEN:
+                if self.opener is not None and channel not in self.channels:
+                    self.opener(channel)
+            elif length == 0:
+                self.frame(channel, view[0:0])  # closed
+            else:
+                self.current, self.remaining = channel, length
 
     def frame(self, channel: int, payload: memoryview) -> None:
         leg = self.channels.get(channel)
-        if leg is None:
-            if not payload or self.opener is None:
-                return
-            leg = self.opener(channel)
-        leg.deliver(payload)
+        if leg is not None:
+            leg.deliver(payload)
 
     # A full tunnel pauses every leg; a full leg pauses the tunnel.
     def pause_writing(self) -> None:
@@ -139,6 +154,8 @@ class Leg(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(HIGH_WATER)  # type: ignore[attr-defined]
+        if self.tunnel.opener is None:  # the relay's: the agent opens its side now
+            self.tunnel.send(self.channel, b"", OPEN)
         for data in self.early:
             self.deliver(data)
         self.early = []
@@ -170,23 +187,86 @@ class Leg(asyncio.Protocol):
         self.tunnel.leg_paused(False)
 
 
-async def relay(port: int, tunnel_port: int, cert: str, key: str) -> None:
+class Splice(asyncio.Protocol):
+    """One side of the client's splice: what it reads, the other side writes."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: Splice | None = None
+        self.early: list[bytes] = []  # read before the other side was connected
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(HIGH_WATER)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.write(data)
+        else:
+            self.early.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+
+async def relay(ports: list[int], tunnel_port: int, cert: str, key: str) -> None:
     loop = asyncio.get_running_loop()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     tunnel = Tunnel()
-    channels = iter(range(1, 1 << 32))
+    numbers = iter(range(1, 1 << 31))
     agents = await loop.create_server(lambda: tunnel, "127.0.0.1", tunnel_port, ssl=context)
     await tunnel.connected
     agents.close()  # one agent
-    await loop.create_server(
-        lambda: Leg(tunnel, next(channels), BURN), "127.0.0.1", port, ssl=context
-    )
-    print(f"relay ready on {port}", flush=True)
+    for index, port in enumerate(ports):  # the low bit of a channel says which port
+        await loop.create_server(
+            lambda i=index: Leg(tunnel, next(numbers) << 1 | i, BURN),  # type: ignore[misc]
+            "127.0.0.1",
+            port,
+            ssl=context,
+        )
+    print(f"relay ready on {ports}", flush=True)
     await loop.create_future()
 
 
-async def agent(tunnel_port: int, target_port: int) -> None:
+async def client(listen_port: int, relay_port: int) -> None:
+    loop = asyncio.get_running_loop()
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # a loopback yardstick, not a product
+
+    class Accepted(Splice):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            upstream = Splice()
+            upstream.other, self.other = self, upstream
+            connect = loop.create_connection(lambda: upstream, "127.0.0.1", relay_port, ssl=context)
+            loop.create_task(connect).add_done_callback(self.connected)
+
+        def connected(self, task: asyncio.Task[Any]) -> None:
+            if self.transport is None:
+                return
+            if task.cancelled() or task.exception() is not None:
+                self.transport.close()
+            elif self.other is not None and self.other.transport is not None:
+                self.other.transport.writelines(self.early)
+                self.early = []
+
+    await loop.create_server(Accepted, "127.0.0.1", listen_port)
+    print(f"client ready on {listen_port}", flush=True)
+    await loop.create_future()
+
+
+async def agent(tunnel_port: int, targets: list[int]) -> None:
     loop = asyncio.get_running_loop()
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -194,7 +274,8 @@ async def agent(tunnel_port: int, target_port: int) -> None:
 
     def opener(channel: int) -> Leg:
         leg = Leg(tunnel, channel)
-        connect = loop.create_connection(lambda: leg, "127.0.0.1", target_port)
+        target = targets[(channel & 1) % len(targets)]
+        connect = loop.create_connection(lambda: leg, "127.0.0.1", target)
         loop.create_task(connect).add_done_callback(
             lambda task: task.exception() and leg.connection_lost(None)
         )
@@ -206,11 +287,17 @@ async def agent(tunnel_port: int, target_port: int) -> None:
     await loop.create_future()
 
 
+def _ports(text: str) -> list[int]:
+    return [int(port) for port in text.split(",")][:2]
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 5 and argv[0] == "relay":
-        uvloop.run(relay(int(argv[1]), int(argv[2]), argv[3], argv[4]))
+        uvloop.run(relay(_ports(argv[1]), int(argv[2]), argv[3], argv[4]))
     elif len(argv) == 3 and argv[0] == "agent":
-        uvloop.run(agent(int(argv[1]), int(argv[2])))
+        uvloop.run(agent(int(argv[1]), _ports(argv[2])))
+    elif len(argv) == 3 and argv[0] == "client":
+        uvloop.run(client(int(argv[1]), int(argv[2])))
     else:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2

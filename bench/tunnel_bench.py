@@ -52,7 +52,9 @@ if str(REPO) not in sys.path:
 
 from tests.procs import Env, Proc, free_port, rss_kib  # noqa: E402
 
-TOOLS = ("direct", "hatchway", "hatchway-streams", "ssh", "websocat")
+TOOLS = ("direct", "hatchway", "hatchway-streams", "floor", "ssh", "websocat")
+#: bench/floor_relay.py: the least a Python tunnel of hatchway's shape does.
+FLOOR_SCRIPT = Path(__file__).resolve().parent / "floor_relay.py"
 SECTIONS = ("bulk", "latency", "memory")
 #: (label, iperf3 parallel streams, reverse)
 BULK_MODES = (("1 stream", 1, False), ("1 stream -R", 1, True), ("10 streams", 10, False))
@@ -355,6 +357,7 @@ class Bench:
             "direct": self._start_direct,
             "hatchway": lambda: self._start_hatchway(loop),
             "hatchway-streams": lambda: self._start_hatchway_streams(loop),
+            "floor": self._start_floor,
             "ssh": self._start_ssh,
             "websocat": self._start_websocat,
         }
@@ -432,6 +435,51 @@ class Bench:
             ("relay", self.hatchway["relay"].popen.pid),
             ("agent", self.hatchway["agent"].popen.pid),
             ("forward", fwd_iperf.popen.pid),
+        ]
+        return tool
+
+    def _start_floor(self) -> Tool:
+        """bench/floor_relay.py as client, relay and agent: hatchway's chain at the socket
+        level (a TLS connection per user connection to the relay, one TLS tunnel to the
+        agent, uvloop everywhere) with none of its protocol."""
+        assert self.sink is not None and self.banner is not None
+        from hatchway.relay.pki import ensure_tls_files
+
+        d = self.root / "floor"
+        d.mkdir()
+        files = ensure_tls_files(d / "tls", "localhost")
+        relay_ports = f"{free_port()},{free_port()}"
+        tunnel_port = free_port()
+        python = [sys.executable, str(FLOOR_SCRIPT)]
+        relay = self.infra.spawn(
+            "floor-relay",
+            [
+                *python,
+                "relay",
+                relay_ports,
+                str(tunnel_port),
+                str(files.server_cert),
+                str(files.server_key),
+            ],
+        )
+        wait_listening(tunnel_port, relay, 10, "floor relay")
+        targets = f"{self.sink.port},{self.banner.port}"
+        agent = self.infra.spawn("floor-agent", [*python, "agent", str(tunnel_port), targets])
+        ports = [int(port) for port in relay_ports.split(",")]
+        wait_listening(ports[1], relay, 10, "floor relay (waiting for its agent)")
+        listen = []
+        clients = []
+        for port in ports:
+            listen.append(free_port())
+            clients.append(
+                self.infra.spawn("floor-client", [*python, "client", str(listen[-1]), str(port)])
+            )
+            wait_listening(listen[-1], clients[-1], 10, "floor client")
+        tool = Tool("floor", "python floor (floor_relay.py)", listen[0], listen[1])
+        tool.cpu = [
+            ("relay", relay.popen.pid),
+            ("agent", agent.popen.pid),
+            ("client", clients[0].popen.pid),
         ]
         return tool
 
