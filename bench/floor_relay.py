@@ -39,6 +39,8 @@ from typing import Any
 
 import uvloop
 
+from hatchway import allocator
+
 HEADER = struct.Struct("!II")
 #: The length of a frame that opens a channel (it carries no payload).
 OPEN = 0xFFFFFFFF
@@ -149,6 +151,7 @@ class Leg(asyncio.Protocol):
         self.tunnel, self.channel, self.burn = tunnel, channel, burn
         self.transport: asyncio.Transport | None = None
         self.early: list[bytes | memoryview] = []
+        self.paused = False  # its transport is full: the tunnel stops reading
         tunnel.channels[channel] = self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -168,6 +171,8 @@ class Leg(asyncio.Protocol):
         self.tunnel.send(self.channel, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.paused:  # a full leg that went away must not keep the tunnel stopped
+            self.resume_writing()
         if self.tunnel.channels.pop(self.channel, None) is not None:
             self.tunnel.send(self.channel, b"")
 
@@ -181,9 +186,11 @@ class Leg(asyncio.Protocol):
             self.transport.close()
 
     def pause_writing(self) -> None:
+        self.paused = True
         self.tunnel.leg_paused(True)
 
     def resume_writing(self) -> None:
+        self.paused = False
         self.tunnel.leg_paused(False)
 
 
@@ -292,6 +299,7 @@ def _ports(text: str) -> list[int]:
 
 
 def main(argv: list[str]) -> int:
+    allocator.tune()  # what ``python -m hatchway`` does at start, for the same TLS costs
     if len(argv) == 5 and argv[0] == "relay":
         uvloop.run(relay(_ports(argv[1]), int(argv[2]), argv[3], argv[4]))
     elif len(argv) == 3 and argv[0] == "agent":
