@@ -125,6 +125,11 @@ _REWRITTEN_FIELDS = re.compile(
     rb"|te|upgrade):|\nconnection:[ \t]*+(?!(?:keep-alive|close)[ \t]*\r?\n)"
 )
 
+#: The request line of a repeated request (``WebProxy._repeated``): a subset of what
+#: llhttp accepts (a method without a body, an origin-form target of RFC 3986
+#: characters, HTTP/1.1, CRLF). Anything else takes llhttp's path.
+_SIMPLE_REQUEST_LINE = re.compile(rb"(GET|HEAD) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.1\r\n")
+
 _HEAD, _BODY, _END, _RAW, _EOF = range(5)
 _RESERVED = RESERVED_PREFIX.encode()
 #: ``Authorization: Bearer hwt_...`` and the other secrets the relay hands out.
@@ -146,6 +151,7 @@ class _Request:
         "headers",
         "host",
         "method",
+        "origin",
         "sent",
         "size",
         "unprefixed",
@@ -170,6 +176,23 @@ class _Request:
         self.unprefixed = False
         self.size = 0  # what it holds while queued (counted in WebProxy.queued)
         self.sent = False  # its head went to the device
+        # The request parsed by llhttp whose fields this one repeats (_Repeat), if any.
+        self.origin: _Repeat | None = None
+
+
+class _Repeat:
+    """A request llhttp parsed and the proxy accepted, whose fields a later request on
+    the connection may repeat byte for byte (``WebProxy._repeated``)."""
+
+    __slots__ = ("block", "cookies", "headers", "host", "suffix")
+
+    def __init__(self, block: bytes, req: _Request) -> None:
+        self.block = block  # the header lines and the empty line that ends them
+        self.host = req.host
+        self.headers = req.headers  # never changed once parsed
+        self.cookies = req.cookies
+        # What ``WebProxy._head`` builds after the request line: (upstream Host, bytes).
+        self.suffix: tuple[str | None, bytes] | None = None
 
 
 class _Capture:
@@ -239,6 +262,8 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         self._upgrade_req: _Request | None = None
         self._last_head: _Request | None = None
         self._req: _Request | None = None
+        self._repeat: _Repeat | None = None
+        self._begun = 0  # requests llhttp has started
         self._header_bytes = 0
         self._head_started: float | None = first_byte_at
         self._in_body = False
@@ -276,6 +301,10 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             return
         if self.stopped:
             return
+        between = self._req is None and not self._last_request
+        if between and self._repeat is not None and self._repeated(data, self._repeat):
+            return
+        begun = self._begun
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -298,9 +327,57 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             else:
                 self._fail(status, message)
             return
+        if between and self._begun == begun + 1 and self._req is None:
+            self._remember(data)  # this read held exactly one request
         if self.queued > MAX_QUEUED and self.transport is not None:
             self.transport.pause_reading()
         self._pump()
+
+    def _remember(self, data: bytes) -> None:
+        """Keep the header lines of a request llhttp accepted, if a later request may
+        repeat them: one with a simple request line (no body, no upgrade, HTTP/1.1)."""
+        req = self._last_head
+        match = _SIMPLE_REQUEST_LINE.match(data)
+        if (
+            req is None
+            or match is None
+            or req.error is not None
+            or req.chunked
+            or req.upgrade
+            or req.close
+            or req.version != "1.1"
+            or req.method != match[1]
+            or any(name.lower() == b"content-length" for name, _ in req.headers)
+        ):
+            return
+        block = data[match.end() :]
+        if block.find(b"\r\n\r\n") == len(block) - 4:  # nothing after the empty line
+            self._repeat = _Repeat(block, req)
+
+    def _repeated(self, data: bytes, repeat: _Repeat) -> bool:
+        """A request whose header lines are byte for byte those of one llhttp parsed on
+        this connection, after a simple request line, is taken without parsing it again:
+        it is what llhttp would make of it (the same fields; the method, target and
+        version it would read from a line of that form; no body), and it leaves llhttp
+        where it was, between two requests. False if ``data`` is anything else."""
+        block = repeat.block
+        match = _SIMPLE_REQUEST_LINE.match(data)
+        if match is None or len(data) != match.end() + len(block) or not data.endswith(block):
+            return False
+        req = _Request()
+        req.method, req.url = match[1], match[2]
+        if len(req.url) > MAX_URL:
+            return False
+        req.host, req.headers, req.cookies = repeat.host, repeat.headers, repeat.cookies
+        req.origin = repeat
+        req.size = HEAD_OVERHEAD + len(data)
+        self._last_head = req
+        self._queue(_HEAD, req, req.size)
+        self._queue(_END, req)
+        if self.queued > MAX_QUEUED and self.transport is not None:
+            self.transport.pause_reading()
+        self._pump()
+        return True
 
     def eof_received(self) -> bool:
         if self.transport is not None and self.transport.get_extra_info("ssl_object"):
@@ -342,6 +419,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         if self._last_request:
             raise _Ignored  # anything after a request that asked to close
         self._req = _Request()
+        self._begun += 1
         self._header_bytes = 0
         self._head_started = time.monotonic()
 
@@ -580,8 +658,20 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         return True
 
     def _head(self, req: _Request) -> bytes:
+        line = b"%b %b HTTP/%b" % (req.method, req.url, req.version.encode())
+        origin = req.origin
+        if origin is not None:
+            suffix = origin.suffix
+            if suffix is not None and suffix[0] == self.upstream_host:
+                return line + suffix[1]
+            head = self._build_head(req, line)
+            origin.suffix = (self.upstream_host, head[len(line) :])
+            return head
+        return self._build_head(req, line)
+
+    def _build_head(self, req: _Request, line: bytes) -> bytes:
         host = req.host if req.host is not None else self.host.encode("latin-1")
-        lines = [b"%b %b HTTP/%b" % (req.method, req.url, req.version.encode())]
+        lines = [line]
         upstream = self.upstream_host
         if upstream is None:
             lines += map(b": ".join, req.headers)
