@@ -272,8 +272,23 @@ class Multiplexer:
             # A fresh traceback: re-raising the same object would chain every call's
             # frames (and the bytes they hold) onto it.
             raise self.failed.with_traceback(None)
+        channels, events, established = self._channels, self._events, self.established
         try:
             for frame in self._parser.feed(data):
+                ftype, channel_id, payload = frame
+                if ftype is FrameType.DATA and established:
+                    # The common frame in one step; anything unusual about it (an
+                    # unknown or closed channel, no credit, no payload) takes _handle.
+                    ch = channels.get(channel_id)
+                    if (
+                        ch is not None
+                        and ch.state is _State.OPEN
+                        and not ch.remote_eof
+                        and 0 < len(payload) <= ch.recv_credit
+                    ):
+                        ch.recv_credit -= len(payload)
+                        events.append(ev.DataReceived(channel_id, payload))
+                        continue
                 self._handle(frame)
         except RemoteProtocolError as exc:
             self.failed = exc
