@@ -1003,3 +1003,58 @@ def test_the_fast_path_leaves_the_rest_to_the_general_one(
     assert framer_trace(ResponseFramer, exchange, [data]) == framer_trace(
         GeneralPathOnly, exchange, [data]
     )
+
+
+# --- watched fields: what the one pass tells the rewrite hook ----------------------------
+
+WATCH_LINES = [
+    b"Content-Type: text/html",
+    b"Set-Cookie: a=1",
+    b"set-COOKIE: b=2",
+    b"Location: /x",
+    b"Content-Location: /y",
+    b"Clear-Site-Data: *",
+    b"Keep-Alive: timeout=5",
+    b"Proxy-Connection: x",
+    b"TE: trailers",
+    b"Upgrade: websocket",
+    b"Connection: keep-alive",
+    b"Connection: close",
+    b"connection:\tKeep-Alive \t",
+    b"Connection: upgrade",
+    b"Connection: keep-alive, te",
+    b"X-Location: /z",
+    b"Tee: x",
+    b"Set-Cookie2: c=3",
+    b'ETag: "x"',
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(WATCH_LINES), max_size=5))
+def test_a_plain_head_is_one_the_proxy_would_not_rewrite(lines: list[bytes]) -> None:
+    from hatchway.web.proxy import _REWRITTEN_FIELDS, _WATCHED_FIELDS
+
+    heads: list[ResponseHead] = []
+    framer = ResponseFramer(lambda head: heads.append(head), watch=_WATCHED_FIELDS)
+    framer.expect(b"GET")
+    data = b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in lines)
+    data += b"Content-Length: 2\r\n\r\nhi"
+    assert joined(framer.feed(data)) == data
+    (head,) = heads
+    event(f"plain {head.plain}")
+    if head.plain is not None:
+        assert head.plain == (_REWRITTEN_FIELDS.search(head.lower) is None)
+
+
+def test_the_one_pass_says_whether_a_watched_field_is_there() -> None:
+    heads: list[ResponseHead] = []
+    framer = ResponseFramer(lambda head: heads.append(head), watch=frozenset({b"set-cookie"}))
+    for extra in (b"", b"Set-Cookie: a=1\r\n", b"X-Set-Cookie: b\r\n"):
+        framer.expect(b"GET")
+        framer.feed(b"HTTP/1.1 200 OK\r\n" + extra + b"Content-Length: 0\r\n\r\n")
+    assert [head.plain for head in heads] == [True, False, True]
+    framer = ResponseFramer(lambda head: heads.append(head))  # nothing watched
+    framer.expect(b"GET")
+    framer.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert heads[-1].plain is None

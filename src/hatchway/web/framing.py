@@ -18,6 +18,7 @@ A ``ResponseError`` carries in ``pieces`` what ``feed()`` had produced before th
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections import deque
 from collections.abc import Callable
@@ -50,7 +51,17 @@ _WHOLE_HEAD = re.compile(
     rb"(?:[" + _TCHAR + rb"]++:[^\r\n\x00]*+\r?\n)*+\r?\n"
 )
 # The fields that decide framing, in a lowered head that passed _WHOLE_HEAD.
-_FRAMING_FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection):([^\n]*)")
+_FRAMING_NAMES = (b"content-length", b"transfer-encoding", b"connection")
+
+
+@functools.cache
+def _fields_pattern(watched: frozenset[bytes]) -> re.Pattern[bytes]:
+    """The framing fields and the watched ones, found in one pass over a lowered head."""
+    names = b"|".join(re.escape(name) for name in (*_FRAMING_NAMES, *sorted(watched)))
+    return re.compile(rb"\n(" + names + rb"):([^\n]*)")
+
+
+_FRAMING_FIELDS = _fields_pattern(frozenset())
 _FIELD_LINE = re.compile(rb"[" + _TCHAR + rb"]+:[^\r\n\x00]*\r?\n")
 _TOKEN = re.compile(rb"[" + _TCHAR + rb"]+")
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n\x00]*)?\r?\n")
@@ -73,7 +84,7 @@ class ResponseHead:
     ``raw`` on first use (a head that only passes through never needs them), or given.
     """
 
-    __slots__ = ("_headers", "_lower", "raw", "reason", "status", "version")
+    __slots__ = ("_headers", "_lower", "plain", "raw", "reason", "status", "version")
 
     def __init__(
         self,
@@ -89,6 +100,9 @@ class ResponseHead:
         self._headers = headers
         self._lower: bytes | None = None
         self.raw = raw
+        #: True: the framer looked for the fields it was told to watch and found none;
+        #: None: it did not look.
+        self.plain: bool | None = None
 
     def __repr__(self) -> str:
         return f"ResponseHead({self.version!r}, {self.status}, {self.reason!r}, {self.headers!r})"
@@ -181,6 +195,7 @@ class ResponseFramer:
         "_eof",
         "_error",
         "_expected",
+        "_fields",
         "_head_buf",
         "_line_buf",
         "_max_head",
@@ -193,6 +208,7 @@ class ResponseFramer:
         "_run",
         "_state",
         "_trailer_size",
+        "_watched",
     )
 
     def __init__(
@@ -201,10 +217,15 @@ class ResponseFramer:
         *,
         max_head: int = 64 * 1024,
         max_headers: int = 200,
+        watch: frozenset[bytes] = frozenset(),
     ) -> None:
+        """``watch``: lower-case field names whose presence the rewrite hook cares about;
+        a head the one-pass path reads comes with ``plain`` set when it has none."""
         if max_head < 64 or max_headers < 0:
             raise ValueError("max_head must be at least 64 and max_headers not negative")
         self._rewrite = rewrite
+        self._watched = watch
+        self._fields = _fields_pattern(watch)
         self._max_head = max_head
         self._max_headers = max_headers
         # (request was HEAD, request asked for an upgrade), oldest first.
@@ -345,8 +366,8 @@ class ResponseFramer:
             return None
         lower = raw.lower()
         length = -1
-        keep_alive = close = False
-        for name, value in _FRAMING_FIELDS.findall(lower):
+        keep_alive = close = watched = False
+        for name, value in self._fields.findall(lower):
             value = value.strip(b" \t\r")
             if name == b"content-length" and length < 0 and value.isdigit() and len(value) < 19:
                 length = int(value)
@@ -354,6 +375,8 @@ class ResponseFramer:
                 keep_alive = True
             elif name == b"connection" and not (keep_alive or close) and value == b"close":
                 close = True
+            elif name in self._watched:
+                watched = True
             else:  # Transfer-Encoding, a second field, a list of options...
                 return None
         if length < 0 or head_end + length < len(data):
@@ -364,6 +387,8 @@ class ResponseFramer:
 
         head = ResponseHead(version, status, match[3] or b"", None, raw)
         head._lower = lower
+        if self._watched:
+            head.plain = not watched
         replacement = self._rewritten(head)
         self._must_close = close
         remaining = head_end + length - len(data)

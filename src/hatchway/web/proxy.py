@@ -124,6 +124,20 @@ _REWRITTEN_FIELDS = re.compile(
     rb"\n(?:set-cookie|location|content-location|clear-site-data|keep-alive|proxy-connection"
     rb"|te|upgrade):|\nconnection:[ \t]*+(?!(?:keep-alive|close)[ \t]*\r?\n)"
 )
+#: The same names, for the framer to look for in the pass it makes anyway (a Connection
+#: it lets through on that path is only keep-alive or close).
+_WATCHED_FIELDS = frozenset(
+    {
+        b"set-cookie",
+        b"location",
+        b"content-location",
+        b"clear-site-data",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"upgrade",
+    }
+)
 
 #: The request line of a repeated request (``WebProxy._repeated``): a subset of what
 #: llhttp accepts (a method without a body, an origin-form target of RFC 3986
@@ -244,7 +258,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         self.source = source
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.framer = ResponseFramer(self._rewrite_response)
+        self.framer = ResponseFramer(self._rewrite_response, watch=_WATCHED_FIELDS)
         self.events: deque[tuple[int, object]] = deque()
         self.queued = 0
         self.blocked: str | None = None
@@ -1244,8 +1258,8 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
 
         ``Connection: keep-alive`` or ``close`` pass: they say what the relay does with
         the browser's connection too."""
-        lower = head.lower
-        if _REWRITTEN_FIELDS.search(lower) is None:
+        plain = head.plain
+        if plain or (plain is None and _REWRITTEN_FIELDS.search(head.lower) is None):
             return None
         hop = {b"keep-alive", b"proxy-connection", b"te"}
         if head.status != 101:
