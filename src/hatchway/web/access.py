@@ -54,6 +54,8 @@ RELAY_SESSION_TTL = timedelta(hours=12)
 #: A session checked against the store is trusted this long.
 SESSION_CACHE_SECONDS = 5.0
 SESSION_CACHE_SIZE = 50_000
+#: Reads of one session in a row while sessions keep ending, before it is refused.
+LOAD_ATTEMPTS = 3
 #: How often open connections are re-checked (revocation) and timed out.
 SWEEP_INTERVAL = 2.0
 
@@ -143,6 +145,12 @@ class WebAccess:
         # (kind, secret) -> (session or None, trusted until): a secret found as one kind of
         # session is never taken for another (a device session is not a relay login).
         self._cache: dict[tuple[str, str], tuple[WebSessionRecord | None, float]] = {}
+        # One lookup in the store per (kind, secret) at a time, whoever asks: a browser
+        # (or a benchmark) opening many connections at once with one cookie waits for one
+        # query, not one each. Sessions that end bump the generation: a lookup that began
+        # before reads the store again.
+        self._loading: dict[tuple[str, str], asyncio.Task[WebSessionRecord | None]] = {}
+        self._generation = 0
         self.proxies: set[WebProxy] = set()
         self.caches: dict[str, ResponseCache] = {}
         # Sessions used since the last sweep, and when each was last written as used.
@@ -220,13 +228,37 @@ class WebAccess:
         return False, None
 
     async def load(self, secret: str, kind: str) -> WebSessionRecord | None:
+        """The session from the store (and into the cache); callers asking for the same
+        one while it is being read share that read."""
         if len(secret) > 128:
             return None
-        record = await asyncio.to_thread(self.server.store.web_session, secret, kind)
-        if len(self._cache) >= SESSION_CACHE_SIZE:
-            self._cache.clear()
-        self._cache[kind, secret] = (record, time.monotonic() + SESSION_CACHE_SECONDS)
-        return record
+        key = (kind, secret)
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(key))
+            self._loading[key] = task
+            task.add_done_callback(lambda done: self._loaded(key, done))
+            self.server.track(task)
+        # A caller that gives up (its connection closed) leaves the read to the others.
+        return await asyncio.shield(task)
+
+    async def _load(self, key: tuple[str, str]) -> WebSessionRecord | None:
+        kind, secret = key
+        for _ in range(LOAD_ATTEMPTS):
+            generation = self._generation
+            record = await asyncio.to_thread(self.server.store.web_session, secret, kind)
+            if generation == self._generation:
+                if len(self._cache) >= SESSION_CACHE_SIZE:
+                    self._cache.clear()
+                self._cache[key] = (record, time.monotonic() + SESSION_CACHE_SECONDS)
+                return record
+        return None  # sessions kept ending while it read: trust none of it
+
+    def _loaded(self, key: tuple[str, str], task: asyncio.Task[WebSessionRecord | None]) -> None:
+        if self._loading.get(key) is task:
+            del self._loading[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have given up
 
     def used(self, session_id: str) -> None:
         """A session was used (a request, WebSocket traffic, a relay page)."""
@@ -260,6 +292,7 @@ class WebAccess:
         """Sessions ended in the store (a logout, tokens revoked, a password set): trust
         no cached check (derived sessions are cached under their own secrets) and close
         their connections now."""
+        self._generation += 1
         self._cache.clear()
         await self.sweep()
 
