@@ -12,20 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from hatchway.auth.policy import PasswordPolicy
 from hatchway.store.base import WebSessionRecord
 from hatchway.store.sql import SqlStore
 from hatchway.web.access import WebAccess
-
-LENIENT = PasswordPolicy(
-    min_length=1,
-    require_upper=False,
-    require_lower=False,
-    require_digit=False,
-    require_special=False,
-    reject_common=False,
-    reject_user_name=False,
-)
+from tests.test_store import LENIENT
 
 
 class CountingStore:

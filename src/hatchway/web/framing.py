@@ -100,8 +100,8 @@ class ResponseHead:
         self._headers = headers
         self._lower: bytes | None = None
         self.raw = raw
-        #: True: the framer looked for the fields it was told to watch and found none;
-        #: None: it did not look.
+        #: Whether the framer, told to watch some fields, found none of them (True) or
+        #: one at least (False); None when it did not look (its general path).
         self.plain: bool | None = None
 
     def __repr__(self) -> str:
