@@ -448,7 +448,7 @@ class Bench:
         d = self.root / "floor"
         d.mkdir()
         files = ensure_tls_files(d / "tls", "localhost")
-        relay_ports = f"{free_port()},{free_port()}"
+        ports = [free_port(), free_port()]  # the relay's: iperf3's channels, the banner's
         tunnel_port = free_port()
         python = [sys.executable, str(FLOOR_SCRIPT)]
         relay = self.infra.spawn(
@@ -456,7 +456,7 @@ class Bench:
             [
                 *python,
                 "relay",
-                relay_ports,
+                ",".join(map(str, ports)),
                 str(tunnel_port),
                 str(files.server_cert),
                 str(files.server_key),
@@ -465,7 +465,6 @@ class Bench:
         wait_listening(tunnel_port, relay, 10, "floor relay")
         targets = f"{self.sink.port},{self.banner.port}"
         agent = self.infra.spawn("floor-agent", [*python, "agent", str(tunnel_port), targets])
-        ports = [int(port) for port in relay_ports.split(",")]
         wait_listening(ports[1], relay, 10, "floor relay (waiting for its agent)")
         listen = []
         clients = []
