@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tunnel_bench as tb
 
 from hatchway.mux import events as ev
+from hatchway.mux.frames import MAX_WINDOW
 from hatchway.mux.session import Multiplexer, Role
 from hatchway.web.framing import ResponseFramer
 from hatchway.web.proxy import WebProxy
@@ -118,7 +119,10 @@ class Tunnel:
 def open_pair() -> tuple[Multiplexer, Multiplexer, int]:
     """A relay and an agent multiplexer with one open channel."""
     relay = Multiplexer(Role.RELAY, window=1 << 20, max_channels=100)
-    agent = Multiplexer(Role.AGENT, window=1 << 20, max_channels=100)
+    # The agent's window is the relay's credit for requests, which nothing here hands
+    # back: the largest window keeps every request on the path that sends it (a spent
+    # window would queue them behind a backlog instead).
+    agent = Multiplexer(Role.AGENT, window=MAX_WINDOW, max_channels=100)
     relay.mark_established()
     agent.mark_established()
     channel = relay.open_channel("http")
@@ -169,7 +173,7 @@ def proxy_round(request: bytes) -> Callable[[], None]:
                     binding._receive(event.data)
 
     once()
-    if proxy.transport is None or proxy.requests != 1:
+    if proxy.transport is None or proxy.requests != 1 or proxy._backlog is not None:
         raise SystemExit("the proxy did not forward the request: the stubs need updating")
     return once
 
