@@ -13,12 +13,31 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 HATCHWAY = [sys.executable, "-m", "hatchway"]
+
+
+def serve_connections(handle: Callable[[socket.socket], None]) -> socket.socket:
+    """A loopback listener whose connections each go to ``handle`` in a thread of their
+    own, until the listener is closed. Returns the listener (``getsockname()[1]``: its
+    port)."""
+    sock = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock
 
 
 def free_port(host: str = "127.0.0.1") -> int:

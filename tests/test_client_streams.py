@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.procs import HATCHWAY, Env, Proc, device_online, wait_for
+from tests.procs import HATCHWAY, Env, Proc, device_online, serve_connections, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,26 +29,17 @@ class Service:
 
     def __init__(self, mode: str = "echo") -> None:
         self.mode = mode
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.open = 0
         self.accepted = 0
         self.received: list[bytes] = []
         self._lock = threading.Lock()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.open += 1
-                self.accepted += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        self.sock = serve_connections(self._handle)
+        self.port = self.sock.getsockname()[1]
 
     def _handle(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.open += 1
+            self.accepted += 1
         try:
             with conn:
                 conn.settimeout(60)
@@ -194,18 +185,9 @@ class ConnectProxy:
     AUTH = "Basic " + base64.b64encode(b"alice:S3cret-pw").decode()
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.tunnels = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        self.sock = serve_connections(self._handle)
+        self.port = self.sock.getsockname()[1]
 
     def _handle(self, conn: socket.socket) -> None:
         with conn:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import Env, Proc, free_port
+from tests.procs import Env, Proc, free_port, serve_connections
 from tests.webclient import DOMAIN, WebClient, set_cookie_value
 from tests.webstack import WebStack, start_web_stack
 
@@ -31,20 +31,10 @@ class Recorder:
     """A TCP server that records what it receives and answers each request head 200."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.received = bytearray()
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        self.sock = serve_connections(self._handle)
+        self.port = self.sock.getsockname()[1]
 
     def _handle(self, conn: socket.socket) -> None:
         conn.settimeout(30)
