@@ -4,13 +4,22 @@ We use the websockets library for the WebSocket protocol (handshake, framing, ma
 close handshake) but drive it from buffer-level callbacks instead of its asyncio
 layer: no task, queue or await per message on the data path, and backpressure comes
 straight from ``pause_writing``/``resume_writing`` of the transport.
+
+Once the connection is open, the commonest frame, a whole binary message, takes a
+shorter path both ways (``_receive_fast``, ``send_binary``): its header is read or
+written here, its payload masked or unmasked by websockets' own ``apply_mask``. Every
+other frame (control frames, text, fragments, anything malformed or too large) is
+still parsed by websockets, which only ever sees whole frames, so its parser stays at
+a frame boundary and its checks, errors and close handshake are the library's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import struct
 from typing import Any, cast
 
 from websockets.client import ClientProtocol
@@ -19,6 +28,12 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import CLOSED, CONNECTING, OPEN
 from websockets.protocol import Protocol as WsProtocol
+from websockets.streams import StreamReader
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +66,40 @@ def tune_socket(sock: socket.socket) -> None:
         pass
 
 
+#: The first header byte of a whole binary message: FIN, no RSV bits, opcode 2.
+_FIN_BINARY = 0x82
+#: Opcodes whose whole frames may be handed to websockets one at a time (continuation,
+#: text, binary, close, ping, pong): it checks their bits and sizes once it has read
+#: them whole, as it would have anyway. Any other opcode is an error it reports as soon
+#: as it reads the header.
+_KNOWN_OPCODES = frozenset((0x0, 0x1, 0x2, 0x8, 0x9, 0xA))
+#: Masks for the frames a client sends come from os.urandom (as websockets' own do, via
+#: ``secrets``), drawn this many bytes at a time.
+_MASK_POOL = 4096
+#: Below this size a frame's header and payload are joined into one write.
+_JOIN_BELOW = 16 * 1024
+#: The code objects of websockets' frame loop and of the wait in it for a frame's first
+#: byte: a parser suspended there, with nothing buffered, is between two frames.
+_PARSE_CODE = WsProtocol.parse.__code__
+_AT_EOF_CODE = StreamReader.at_eof.__code__
+
+
+def at_frame_boundary(ws: WsProtocol) -> bool:
+    """True if websockets' parser is waiting for the first byte of a frame: no part of
+    a frame has been read, so the next frame may be parsed elsewhere."""
+    outer, gen = None, ws.parser
+    while True:
+        inner = getattr(gen, "gi_yieldfrom", None)
+        if inner is None:
+            break
+        outer, gen = gen, inner
+    return (
+        getattr(gen, "gi_code", None) is _AT_EOF_CODE
+        and getattr(outer, "gi_code", None) is _PARSE_CODE
+        and not ws.reader.buffer
+    )
+
+
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None:
@@ -69,6 +118,17 @@ class WebSocketEndpoint(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         self._lost = False
         self._peer = "?"
+        # The shorter path for whole binary frames (see the module's docstring): on
+        # once the connection is open and websockets' parser sits between frames.
+        self._fast = False
+        self._fast_checked = False
+        self._rbuf = bytearray()  # a frame's first bytes, until the rest arrives
+        self._need = 0  # how many bytes _rbuf needs before it is worth parsing again
+        self._max_frame = 0
+        self._client = isinstance(ws, ClientProtocol)
+        self._masks = b""
+        self._mask_at = 0
+        self._refused = False  # set once a fragmented text message was refused
         # A client waits for the handshake's response; a server gets the request in
         # on_handshake and keeps nothing of it (a relay holds many tunnels).
         self.handshake: asyncio.Future[Response] | None = (
@@ -116,31 +176,145 @@ class WebSocketEndpoint(asyncio.Protocol):
             self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if self._fast:
+            self._receive_fast(data)
+        else:
+            self._receive_slow(data)
+
+    def _receive_slow(self, data: bytes | bytearray) -> None:
+        """Everything goes through websockets' parser."""
         ws = self.ws
         ws.receive_data(data)
         self.flush()
-        for event in ws.events_received():
+        self._take_events()
+        self._after_receive()
+        if ws.state is OPEN and not self._lost:
+            self._try_fast()
+
+    def _take_events(self) -> None:
+        for event in self.ws.events_received():
             if self._lost:
                 return
             if isinstance(event, Frame):
                 opcode = event.opcode
-                if opcode is Opcode.BINARY or opcode is Opcode.CONT:
+                if opcode is Opcode.CLOSE:
+                    self.on_close_frame()
+                elif self._refused:
+                    pass  # closing for what the peer sent: nothing more of its data is read
+                elif opcode is Opcode.BINARY or opcode is Opcode.CONT:
                     self.on_binary(bytes(event.data))
                 elif opcode is Opcode.TEXT:
                     if not event.fin:
+                        self._refused = True
                         self.close(1003, "fragmented text messages are not supported")
-                        return
+                        continue
                     self.on_text(bytes(event.data))
-                elif opcode is Opcode.CLOSE:
-                    self.on_close_frame()
             else:
                 handshake = self.handshake
                 if handshake is not None and not handshake.done():
                     handshake.set_result(cast(Response, event))
                 self.on_handshake(event)
-        self._after_receive()
+
+    def _try_fast(self) -> None:
+        """Take the shorter path from here on if websockets' parser is between frames,
+        outside a fragmented message, with no extension that could touch a frame."""
+        ws = self.ws
+        if not self._fast_checked:
+            self._fast_checked = True
+            sizes = [n for n in (ws.max_message_size, ws.max_fragment_size) if n is not None]
+            self._max_frame = min(sizes) if sizes else 2**63 - 1
+            if ws.extensions or ws.debug:
+                return
+        elif ws.extensions or ws.debug:
+            return
+        if ws.current_size is None and at_frame_boundary(ws):
+            self._fast = True
+
+    def _receive_fast(self, data: bytes) -> None:
+        """Whole binary frames go to ``on_binary`` straight from here; any other whole
+        frame is handed to websockets alone; a frame this path does not take (or cannot
+        yet judge) goes to websockets with everything after it, and the shorter path
+        ends until websockets' parser is between frames again."""
+        rbuf = self._rbuf
+        if rbuf:
+            rbuf += data
+            if len(rbuf) < self._need:
+                return
+            data = bytes(rbuf)
+            rbuf.clear()
+        ws = self.ws
+        masked = not self._client  # a server reads masked frames, a client plain ones
+        mask_bit = 0x80 if masked else 0
+        limit = self._max_frame
+        size = len(data)
+        pos = 0
+        while pos < size:
+            if size - pos < 2:
+                self._stash(data, pos, 2)
+                return
+            head1 = data[pos]
+            head2 = data[pos + 1]
+            # Checked in the order websockets checks them, each as soon as it can be.
+            if head1 != _FIN_BINARY and head1 & 0x0F not in _KNOWN_OPCODES:
+                return self._hand_over(data, pos)
+            if head2 & 0x80 != mask_bit:
+                return self._hand_over(data, pos)
+            length = head2 & 0x7F
+            start = pos + 2
+            if length >= 126:
+                start += 2 if length == 126 else 8
+                if start > size:
+                    self._stash(data, pos, start - pos)
+                    return
+                length = int.from_bytes(data[pos + 2 : start], "big")
+            if length > limit:
+                return self._hand_over(data, pos)
+            if masked:
+                start += 4
+            end = start + length
+            if end > size:
+                self._stash(data, pos, end - pos)
+                return
+            if head1 == _FIN_BINARY:
+                if masked:
+                    self.on_binary(apply_mask(data[start:end], data[start - 4 : start]))
+                else:
+                    self.on_binary(data[start:end])
+            else:
+                # A frame websockets must see (control, text, fragment): alone and
+                # whole, so its parser ends between frames again.
+                ws.receive_data(data[pos:end])
+                self.flush()
+                self._take_events()
+                self._after_receive()
+                if ws.current_size is not None:
+                    self._fast = False
+                    if end < size and ws.state is not CLOSED:
+                        self._receive_slow(data[end:])
+                    return
+            pos = end
+            if self._lost:
+                return
+            if ws.state is not OPEN:
+                # We or the peer began to close: websockets reads the rest.
+                self._fast = False
+                if pos < size and ws.state is not CLOSED:
+                    self._receive_slow(data[pos:])
+                return
+
+    def _stash(self, data: bytes, pos: int, need: int) -> None:
+        self._rbuf += memoryview(data)[pos:]
+        self._need = need
+
+    def _hand_over(self, data: bytes, pos: int) -> None:
+        self._fast = False
+        self._receive_slow(data[pos:] if pos else data)
 
     def eof_received(self) -> bool | None:
+        if self._rbuf:  # a frame cut short: websockets judges it as it would have
+            self._fast = False
+            self.ws.receive_data(bytes(self._rbuf))
+            self._rbuf.clear()
         self.ws.receive_eof()
         self.flush()
         self._after_receive()
@@ -172,9 +346,50 @@ class WebSocketEndpoint(asyncio.Protocol):
         return self.ws.state is OPEN and not self._lost
 
     def send_binary(self, data: bytes | bytearray | memoryview) -> None:
-        if self.is_open:
+        if not self.is_open:
+            return
+        if not self._fast:
             self.ws.send_binary(data)
             self.flush()
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.ws.writes:  # what websockets queued goes first
+            self.flush()
+        # What websockets' Frame.serialize writes for a whole binary message.
+        length = len(data)
+        if self._client:
+            if length < 126:
+                head = bytes((_FIN_BINARY, 0x80 | length))
+            elif length < 65536:
+                head = struct.pack("!BBH", _FIN_BINARY, 0x80 | 126, length)
+            else:
+                head = struct.pack("!BBQ", _FIN_BINARY, 0x80 | 127, length)
+            mask = self._next_mask()
+            head += mask
+            data = apply_mask(data, mask)
+        elif length < 126:
+            head = bytes((_FIN_BINARY, length))
+        elif length < 65536:
+            head = struct.pack("!BBH", _FIN_BINARY, 126, length)
+        else:
+            head = struct.pack("!BBQ", _FIN_BINARY, 127, length)
+        if length < _JOIN_BELOW:
+            transport.write(head + data)
+        else:
+            transport.writelines((head, data))
+        if self.write_paused:
+            self._check_backlog(transport)
+
+    def _next_mask(self) -> bytes:
+        at = self._mask_at
+        masks = self._masks
+        if at + 4 > len(masks):
+            masks = self._masks = os.urandom(_MASK_POOL)
+            at = 0
+        self._mask_at = at + 4
+        return masks[at : at + 4]
 
     def send_text(self, data: bytes) -> None:
         if self.is_open:
@@ -222,15 +437,19 @@ class WebSocketEndpoint(asyncio.Protocol):
             transport.write(chunks[0])
         else:
             transport.writelines(chunks)
-        if self.write_paused:  # past the high-water mark: is the peer reading at all?
-            size = transport.get_write_buffer_size()
-            if size > self.write_buffer_limit():
-                log.warning(
-                    "%s: the peer does not read (%d bytes waiting to be sent), aborting",
-                    self.describe(),
-                    size,
-                )
-                transport.abort()
+        if self.write_paused:
+            self._check_backlog(transport)
+
+    def _check_backlog(self, transport: asyncio.Transport) -> None:
+        """Past the high-water mark: is the peer reading at all?"""
+        size = transport.get_write_buffer_size()
+        if size > self.write_buffer_limit():
+            log.warning(
+                "%s: the peer does not read (%d bytes waiting to be sent), aborting",
+                self.describe(),
+                size,
+            )
+            transport.abort()
 
     def _after_receive(self) -> None:
         if self.ws.close_expected() and self._close_timer is None and not self._lost:
