@@ -100,6 +100,21 @@ def at_frame_boundary(ws: WsProtocol) -> bool:
     )
 
 
+_masks = b""
+_mask_at = 0
+
+
+def _next_mask() -> bytes:
+    """Four fresh bytes from the process's pool of os.urandom output."""
+    global _masks, _mask_at
+    at = _mask_at
+    if at + 4 > len(_masks):
+        _masks = os.urandom(_MASK_POOL)
+        at = 0
+    _mask_at = at + 4
+    return _masks[at : at + 4]
+
+
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None:
@@ -121,13 +136,10 @@ class WebSocketEndpoint(asyncio.Protocol):
         # The shorter path for whole binary frames (see the module's docstring): on
         # once the connection is open and websockets' parser sits between frames.
         self._fast = False
-        self._fast_checked = False
         self._rbuf = bytearray()  # a frame's first bytes, until the rest arrives
         self._need = 0  # how many bytes _rbuf needs before it is worth parsing again
         self._max_frame = 0
         self._client = isinstance(ws, ClientProtocol)
-        self._masks = b""
-        self._mask_at = 0
         self._refused = False  # set once a fragmented text message was refused
         # A client waits for the handshake's response; a server gets the request in
         # on_handshake and keeps nothing of it (a relay holds many tunnels).
@@ -219,15 +231,12 @@ class WebSocketEndpoint(asyncio.Protocol):
         """Take the shorter path from here on if websockets' parser is between frames,
         outside a fragmented message, with no extension that could touch a frame."""
         ws = self.ws
-        if not self._fast_checked:
-            self._fast_checked = True
+        if ws.extensions or ws.debug or ws.current_size is not None:
+            return
+        if not self._max_frame:
             sizes = [n for n in (ws.max_message_size, ws.max_fragment_size) if n is not None]
             self._max_frame = min(sizes) if sizes else 2**63 - 1
-            if ws.extensions or ws.debug:
-                return
-        elif ws.extensions or ws.debug:
-            return
-        if ws.current_size is None and at_frame_boundary(ws):
+        if at_frame_boundary(ws):
             self._fast = True
 
     def _receive_fast(self, data: bytes) -> None:
@@ -366,7 +375,7 @@ class WebSocketEndpoint(asyncio.Protocol):
                 head = struct.pack("!BBH", _FIN_BINARY, 0x80 | 126, length)
             else:
                 head = struct.pack("!BBQ", _FIN_BINARY, 0x80 | 127, length)
-            mask = self._next_mask()
+            mask = _next_mask()
             head += mask
             data = apply_mask(data, mask)
         elif length < 126:
@@ -381,15 +390,6 @@ class WebSocketEndpoint(asyncio.Protocol):
             transport.writelines((head, data))
         if self.write_paused:
             self._check_backlog(transport)
-
-    def _next_mask(self) -> bytes:
-        at = self._mask_at
-        masks = self._masks
-        if at + 4 > len(masks):
-            masks = self._masks = os.urandom(_MASK_POOL)
-            at = 0
-        self._mask_at = at + 4
-        return masks[at : at + 4]
 
     def send_text(self, data: bytes) -> None:
         if self.is_open:
