@@ -6,6 +6,7 @@ shortcut and to one without it, and compare what reaches the device and the brow
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import types
@@ -126,6 +127,7 @@ class Rig:
             cache_for=lambda device: None,
             used=lambda session_id: None,
         )
+        self.access, self.record = access, record
         proxy = WebProxy(access, "dev1", HOST.decode(), "192.0.2.7", time.monotonic())
         if not shortcut:
             proxy._repeated = lambda data, repeat: False  # type: ignore[method-assign]
@@ -140,8 +142,12 @@ class Rig:
 
     def send(self, data: bytes) -> None:
         """One read from the browser; the device answers each request it got."""
-        before = len(self.device)
         self.proxy.data_received(data)
+        self.exchange()
+
+    def exchange(self) -> None:
+        """What the proxy sent reaches the device, which answers each request."""
+        before = len(self.device)
         self.agent.receive_data(b"".join(self.relay.data_to_send()))
         for event in self.agent.events_received():
             if isinstance(event, ev.DataReceived):
@@ -270,3 +276,47 @@ def test_any_request_line_before_repeated_fields_is_treated_as_by_the_parser(
     line: bytes, block: bytes
 ) -> None:
     both([b"GET / HTTP/1.1\r\n" + block, line + block, b"GET /after HTTP/1.1\r\n" + block])
+
+
+def test_a_repeated_request_for_a_relay_page_is_answered_alike() -> None:
+    requests = [b"GET /a HTTP/1.1\r\n" + BLOCK, b"GET /__hatchway/nothing HTTP/1.1\r\n" + BLOCK]
+    (device, statuses, closed), _ = both(requests)
+    assert statuses == b"HTTP/1.1 200 OK\nHTTP/1.1 404 Not Found" and closed
+    assert device.count(b"GET ") == 1
+
+
+async def test_repeated_requests_that_wait_for_the_session_check_keep_their_order() -> None:
+    """The session cache expired: the next request waits for the store, and one behind
+    it waits its turn, with the shortcut as without it."""
+    outcomes = []
+    for shortcut in (True, False):
+        rig = Rig(shortcut)
+        rig.send(b"GET /a HTTP/1.1\r\n" + BLOCK)
+        cached, store_read = rig.access.cached, asyncio.Event()
+
+        async def load(
+            secret: str, kind: str, rig: Rig = rig, store_read: asyncio.Event = store_read
+        ) -> Any:
+            await store_read.wait()
+            return rig.record
+
+        rig.access.cached = lambda secret, kind: (False, None)
+        rig.access.load = load
+        rig.send(b"GET /b HTTP/1.1\r\n" + BLOCK)
+        rig.send(b"GET /c HTTP/1.1\r\n" + BLOCK)
+        assert rig.proxy.blocked == "session" and rig.device.count(b"GET ") == 1
+        rig.access.cached = cached
+        store_read.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        rig.exchange()
+        outcomes.append(rig.outcome())
+        assert REQUEST_LINE.findall(rig.device) == [b"GET"] * 3
+        assert [line.split(b" ")[1] for line in re.findall(rb"GET [^ ]+ ", rig.device)] == [
+            b"/a",
+            b"/b",
+            b"/c",
+        ]
+    assert outcomes[0] == outcomes[1]
+    _, statuses, closed = outcomes[0]
+    assert statuses.count(b"200 OK") == 3 and not closed

@@ -386,6 +386,16 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         req.origin = repeat
         req.size = HEAD_OVERHEAD + len(data)
         self._last_head = req
+        if not self.events and self.blocked is None and self._pending_local is None:
+            # Nothing waits before it: what _pump would do with the two events at once.
+            # (The END of a request without a body sends nothing, and reading was not
+            # paused: this read came in.)
+            if self._start(req) or self.blocked is None:
+                return True  # sent, or answered by the relay (which ends the connection)
+            self.queued += req.size  # it waits, in order, as _pump leaves a blocked head
+            self.events.append((_HEAD, req))
+            self.events.append((_END, req))
+            return True
         self._queue(_HEAD, req, req.size)
         self._queue(_END, req)
         if self.queued > MAX_QUEUED and self.transport is not None:
