@@ -13,7 +13,9 @@ the head rewriting). The session check hits the proxy's per-connection state, as
 keep-alive connection. Each row is the best of several timed rounds, in µs per
 operation, next to a floor measured in the same run: a protocol that only writes what
 it reads. The figures move with the machine: compare rows of one run, and runs side by
-side (before and after a change). See bench/README.md ("Web access").
+side (before and after a change). The last rows time a WebSocket endpoint alone (the
+tunnel's framing on either side), with and without its shorter path for whole binary
+messages. See bench/README.md ("Web access").
 """
 
 from __future__ import annotations
@@ -25,15 +27,22 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tunnel_bench as tb
+from websockets.client import ClientProtocol
+from websockets.http11 import Request
+from websockets.protocol import Protocol as WsProtocol
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
 
 from hatchway.mux import events as ev
 from hatchway.mux.frames import MAX_WINDOW
 from hatchway.mux.session import Multiplexer, Role
+from hatchway.tunnel.endpoint import TUNNEL_MAX_MESSAGE
+from hatchway.tunnel.websocket import WebSocketEndpoint
 from hatchway.web.framing import ResponseFramer
 from hatchway.web.proxy import WebProxy
 
@@ -202,6 +211,50 @@ def mux_round() -> Callable[[], None]:
     return once
 
 
+class Endpoint(WebSocketEndpoint):
+    def on_binary(self, data: bytes) -> None:
+        pass
+
+
+class LibraryEndpoint(Endpoint):
+    """Every frame through websockets' parser and serializer."""
+
+    def _try_fast(self) -> None:
+        pass
+
+
+def open_websockets() -> tuple[WsProtocol, WsProtocol]:
+    """A relay's (server) and an agent's (client) websockets connection, open."""
+    client = ClientProtocol(parse_uri("wss://relay.example/"), max_size=TUNNEL_MAX_MESSAGE)
+    server = ServerProtocol(max_size=TUNNEL_MAX_MESSAGE)
+    client.send_request(client.connect())
+    for chunk in client.data_to_send():
+        server.receive_data(chunk)
+    server.send_response(server.accept(cast(Request, server.events_received()[0])))
+    for chunk in server.data_to_send():
+        client.receive_data(chunk)
+    client.events_received()
+    return server, client
+
+
+def websocket_round(relay_side: bool, cls: type[Endpoint]) -> Callable[[], None]:
+    """One 300-byte binary message from the peer read, one written, by an endpoint on
+    the relay's side (masked in, plain out) or the agent's (plain in, masked out)."""
+    server, client = open_websockets()
+    ws, peer = (server, client) if relay_side else (client, server)
+    endpoint = cls(ws)
+    endpoint.connection_made(Transport())  # type: ignore[arg-type]
+    payload = b"x" * 300
+    peer.send_binary(payload)
+    message = b"".join(peer.data_to_send())
+
+    def once() -> None:
+        endpoint.data_received(message)
+        endpoint.send_binary(payload)
+
+    return once
+
+
 def floor_round() -> Callable[[], None]:
     protocol = Floor(Transport())
 
@@ -231,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.count <= 10_000_000 or not 1 <= args.rounds <= 100:
         parser.error("--count must be 1..10000000 and --rounds 1..100")
+    # A running loop: an agent's endpoint makes its handshake future when it is built.
+    return asyncio.run(measure(args.count, args.rounds))
+
+
+async def measure(count: int, rounds: int) -> int:
     rows = [
         ("floor: a protocol that writes what it reads (request and response)", floor_round()),
         ("response framer: one 615-byte response (head checked, framing read)", framer_round()),
@@ -241,10 +299,14 @@ def main(argv: list[str] | None = None) -> int:
             proxy_round(BROWSER_REQUEST),
         ),
     ]
-    results = [(label, best_us(once, args.count, args.rounds)) for label, once in rows]
+    for side, relay_side in (("relay", True), ("agent", False)):
+        for how, cls in (("websockets' parser", LibraryEndpoint), ("shorter path", Endpoint)):
+            label = f"WebSocket, {side} side: a 300-byte message read and one sent ({how})"
+            rows.append((label, websocket_round(relay_side, cls)))
+    results = [(label, best_us(once, count, rounds)) for label, once in rows]
     floor = results[0][1]
     table = [[label, f"{us:.2f}", f"{us / floor:.1f}x"] for label, us in results]
-    print(f"Python {sys.version.split()[0]}, best of {args.rounds} rounds of {args.count}:\n")
+    print(f"Python {sys.version.split()[0]}, best of {rounds} rounds of {count}:\n")
     print(tb.markdown_table(["operation", "µs", "to floor"], table))
     return 0
 
