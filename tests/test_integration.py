@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from websockets.client import ClientProtocol
 from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
+from websockets.protocol import OPEN
 from websockets.uri import parse_uri
 
 from hatchway.mux import Frame, FrameType
@@ -701,6 +703,52 @@ def test_a_peer_that_sends_but_never_reads_is_dropped(env: Env, path: str, ping:
         relay.wait_output(r"the peer does not read \(\d+ bytes waiting to be sent\), aborting")
     with RawWebSocket(port, env.ca_file) as raw:  # the relay serves on
         assert raw.next_frame().data[0] == FrameType.HELLO
+
+
+def test_a_client_stream_in_odd_frames_reaches_the_device_whole(setup: Setup) -> None:
+    """A client stream written as another WebSocket client may write it: fragmented
+    messages, pings between them, every frame cut into 3-byte TLS records. The relay
+    reads whole binary messages itself and leaves the rest to websockets: the echo
+    service must get every byte in order, and each ping its pong."""
+    token = relay_token(setup.env)
+    path = "/api/v1/connect?device=dev1&service=echo"
+    with RawWebSocket(setup.port, setup.env.ca_file, path, token) as raw:
+        ws = raw.ws
+        while ws.state is not OPEN:  # the 101 comes once the device took the channel
+            ws.receive_data(raw.tls.recv(65536))
+        assert ws.handshake_exc is None
+        raw.send(b"start")  # read whole: the relay's parser is then between frames
+        assert raw.next_frame().data == b"start"
+        sent = bytearray()
+        for n in range(1, 9):
+            piece = bytes([n]) * (n * 100)
+            if n % 3 == 0:  # a message in three fragments
+                third = len(piece) // 3
+                ws.send_binary(piece[:third], fin=False)
+                ws.send_continuation(piece[third : 2 * third], fin=False)
+                ws.send_continuation(piece[2 * third :], fin=True)
+            else:
+                ws.send_binary(piece)
+            if n % 2 == 0:
+                ws.send_ping(b"ping %d" % n)
+            sent += piece
+        wire = b"".join(ws.data_to_send())
+        for start in range(0, len(wire), 3):
+            raw.tls.sendall(wire[start : start + 3])
+        echoed = bytearray()
+        pongs = []
+        while len(echoed) < len(sent) or len(pongs) < 4:
+            frame = raw.next_frame()
+            if frame.opcode is Opcode.BINARY:
+                echoed += frame.data
+            elif frame.opcode is Opcode.PONG:
+                pongs.append(bytes(frame.data))
+            else:
+                raise AssertionError(f"unexpected {frame}")
+        assert bytes(echoed) == bytes(sent)
+        assert pongs == [b"ping 2", b"ping 4", b"ping 6", b"ping 8"]
+        raw.send(b"after")  # and a plain message after all that
+        assert raw.next_frame().data == b"after"
 
 
 def test_forward_mux_reports_open_errors_and_survives_them(setup: Setup) -> None:
