@@ -24,49 +24,10 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from hatchway.tunnel.websocket import WebSocketEndpoint, at_frame_boundary
+from tests.test_tunnel_endpoint import FakeTransport as Transport
 
 MAX_SIZE = 70_000
 SIZES_BY_HAND = (0, 1, 125, 126, 300)
-
-
-class Transport:
-    """Keeps what is written."""
-
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.closed = False
-        self.aborted = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def writelines(self, chunks: Any) -> None:
-        for chunk in chunks:
-            self.write(chunk)
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return default
-
-    def is_closing(self) -> bool:
-        return self.closed or self.aborted
-
-    def is_reading(self) -> bool:
-        return True
-
-    def resume_reading(self) -> None:
-        pass
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.aborted = True
 
 
 class Recorder(WebSocketEndpoint):
