@@ -1,4 +1,6 @@
-"""Keep glibc's allocator from returning memory to the kernel on every large free.
+"""Memory management at start: glibc's allocator thresholds and the garbage collector.
+
+Keep glibc's allocator from returning memory to the kernel on every large free.
 
 The data path allocates and frees buffers of 64 to 256 KiB all the time: a TCP read
 (uvloop hands over up to 256 KiB at once), each TLS read (asyncio's SSL layer asks for
@@ -19,6 +21,7 @@ libraries are left alone.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 
@@ -48,3 +51,19 @@ def tune() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+def freeze_startup() -> int:
+    """Collect the garbage starting up left, then put every object alive now out of the
+    garbage collector's sight (``gc.freeze``); returns how many objects that is.
+
+    A relay holds ~150,000 objects from its start (modules, classes, the ORM's tables
+    and compiled statements) for as long as it runs. A full collection walks every
+    object it tracks, and one over those took 60-90 ms on 2 cores: a pause in which no
+    connection is served, repeated whenever enough connection objects have grown old.
+    Frozen, they are walked no more, and a full collection costs what the live
+    connections own. Objects made later are collected as before.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

@@ -10,7 +10,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from hatchway import __version__
+from hatchway import __version__, allocator
 from hatchway.agent.config import load_agent_config
 from hatchway.agent.runner import Agent
 from hatchway.errors import ConfigError
@@ -67,6 +67,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"hatchway agent: {exc}", file=sys.stderr)
         return 2
+    allocator.freeze_startup()
     try:
         _run(agent.run())
     except KeyboardInterrupt:

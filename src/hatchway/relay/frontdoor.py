@@ -100,6 +100,10 @@ class HttpRequest:
     def on_message_complete(self) -> None:
         self.complete = True
 
+    def detach(self) -> None:
+        """No more head callbacks: the one who asked for them is done."""
+        self._on_head = None
+
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
             if key == name:
@@ -135,6 +139,14 @@ class FrontDoor(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.release()
+        self._detach()
+
+    def _detach(self) -> None:
+        """Break the cycle this door, its parser and its request make (the request's head
+        callback is the door's bound method): what it holds, the TLS transport among
+        it, is then freed as soon as nothing else uses it, not at the next full
+        garbage collection."""
+        self.request.detach()
 
     def release(self) -> None:
         self._stop_timer()
@@ -347,6 +359,7 @@ class FrontDoor(asyncio.Protocol):
     def _hand_over(self, endpoint: asyncio.Protocol) -> None:
         assert self.transport is not None
         self._handed_over = True
+        self._detach()
         self.transport.set_protocol(endpoint)
         endpoint.connection_made(self.transport)
         endpoint.data_received(bytes(self.buffer))

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from hatchway import __version__
+from hatchway import __version__, allocator
 from hatchway.agent.config import SERVICE_NAME_RE
 from hatchway.auth.device import DEVICE_ID_RE
 from hatchway.auth.ldap import (
@@ -738,6 +738,7 @@ async def run_relay(config: RelayConfig, out: Any = sys.stdout) -> None:
     server = RelayServer(config)
     password = server.bootstrap()
     await server.start()
+    log.debug("%d objects of the start frozen", allocator.freeze_startup())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

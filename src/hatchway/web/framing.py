@@ -244,6 +244,11 @@ class ResponseFramer:
         self._out: list[bytes | memoryview] = []
         self._run = 0
 
+    def detach(self) -> None:
+        """Forget the rewrite hook: its owner is done with this framer (and the hook,
+        often a bound method of the owner, no longer keeps the two alive in a cycle)."""
+        self._rewrite = None
+
     # --- public state -----------------------------------------------------------------
 
     @property
