@@ -21,11 +21,15 @@ from pathlib import Path
 
 import httptools
 import pytest
+from websockets.server import ServerProtocol
 
 from hatchway import allocator
 from hatchway.agent.config import AgentConfig, parse_service
 from hatchway.agent.runner import Agent
 from hatchway.relay.server import RelayConfig, RelayServer
+from hatchway.tlsutil import client_context
+from hatchway.tunnel.connect import open_websocket
+from hatchway.tunnel.websocket import WebSocketEndpoint
 from hatchway.web.access import DEVICE_COOKIE
 from tests.procs import free_port
 
@@ -219,3 +223,47 @@ def test_freeze_startup_collects_first_then_freezes() -> None:
         assert frozen == gc.get_freeze_count() > 1000
     finally:
         gc.unfreeze()
+
+
+def server_protocols() -> int:
+    return sum(isinstance(obj, ServerProtocol) for obj in gc.get_objects())
+
+
+class _Endpoint(WebSocketEndpoint):
+    """A client stream that keeps nothing."""
+
+    def on_binary(self, data: bytes) -> None:
+        pass
+
+
+async def test_a_client_websocket_to_the_relay_leaves_nothing_behind(
+    relay: tuple[RelayServer, str],
+) -> None:
+    """``open_websocket`` (the agent's tunnel, the client's streams): once the
+    connection is over, its WebSocket protocol object goes with it."""
+    server, _secret = relay
+    assert server.ca_file is not None
+    token = server.store.create_token("alice", "test", None)
+    url = f"wss://127.0.0.1:{server.port}/api/v1/connect?device=dev1&service=http"
+    gc.collect()
+    gc.disable()
+    try:
+        relay_side = server_protocols()
+        endpoint = await open_websocket(
+            url,
+            _Endpoint,
+            ssl_context=client_context(server.ca_file),
+            headers=[("Authorization", f"Bearer {token}")],
+        )
+        protocol = weakref.ref(endpoint.ws)
+        endpoint.close(1000)
+        deadline = time.monotonic() + 5
+        while not endpoint._lost and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        del endpoint
+        assert protocol() is None, "the WebSocket protocol outlived its connection"
+        while server_protocols() > relay_side and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert server_protocols() == relay_side, "the relay's side outlived the connection"
+    finally:
+        gc.enable()

@@ -283,3 +283,7 @@ async def open_websocket(
         raise ConnectError(f"timed out connecting to {wsuri.host}:{wsuri.port}") from None
     except ConnectionError as exc:
         raise ConnectError(f"connection to {wsuri.host}:{wsuri.port} lost: {exc}") from exc
+    finally:
+        # The request was built (or never will be). The wrapper holds ws's own method:
+        # left on ws, the two would outlive the connection in a reference cycle.
+        del ws.connect

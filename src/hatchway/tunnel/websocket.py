@@ -335,6 +335,11 @@ class WebSocketEndpoint(asyncio.Protocol):
             self._close_timer.cancel()
         if self.ws.state is not CLOSED:
             self.ws.receive_eof()
+        # websockets' parser is a generator that refers to its protocol; once the
+        # connection is over it waits at its end for nothing. Closing it breaks that
+        # cycle: the protocol and what it buffered go with this endpoint, not at the next
+        # full garbage collection.
+        self.ws.parser.close()
         handshake = self.handshake
         if handshake is not None and not handshake.done():
             handshake.set_exception(ConnectionError("connection closed during the handshake"))
