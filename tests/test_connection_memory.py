@@ -26,6 +26,8 @@ from websockets.server import ServerProtocol
 from hatchway import allocator
 from hatchway.agent.config import AgentConfig, parse_service
 from hatchway.agent.runner import Agent
+from hatchway.client.config import Login
+from hatchway.client.streams import LocalSide, StreamClient, serve_forward_streams
 from hatchway.relay.server import RelayConfig, RelayServer
 from hatchway.tlsutil import client_context
 from hatchway.tunnel.connect import open_websocket
@@ -34,6 +36,7 @@ from hatchway.web.access import DEVICE_COOKIE
 from tests.procs import free_port
 
 DOMAIN = "relay.localhost"
+PAGE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 DEVICE_HOST = f"dev1.{DOMAIN}"
 #: The classes a browser connection makes on the relay, by module.
 CONNECTION_CLASSES = {
@@ -58,7 +61,7 @@ async def answer_each_request(reader: asyncio.StreamReader, writer: asyncio.Stre
     """The device's web server: a short page for every request, kept alive."""
     try:
         while await reader.readuntil(b"\r\n\r\n"):
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            writer.write(PAGE)
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
     finally:
@@ -267,3 +270,48 @@ async def test_a_client_websocket_to_the_relay_leaves_nothing_behind(
         assert server_protocols() == relay_side, "the relay's side outlived the connection"
     finally:
         gc.enable()
+
+
+async def test_a_forwarded_connection_leaves_nothing_behind_in_the_client(
+    relay: tuple[RelayServer, str],
+) -> None:
+    """``hatchway forward --no-mux``: a WebSocket per local connection; once the
+    local connection is closed, its stream and local side are gone."""
+    server, _secret = relay
+    assert server.ca_file is not None
+    login = Login(
+        server=f"https://127.0.0.1:{server.port}",
+        user="alice",
+        token=server.store.create_token("alice", "test", None),
+        ca_file=str(server.ca_file),
+    )
+    listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    forwarding = asyncio.create_task(
+        serve_forward_streams(
+            login, "dev1", "http", "127.0.0.1", 0, lambda host, port: listening.set_result(port)
+        )
+    )
+
+    def alive() -> int:
+        return sum(isinstance(obj, (StreamClient, LocalSide)) for obj in gc.get_objects())
+
+    gc.collect()
+    gc.disable()
+    try:
+        port = await asyncio.wait_for(listening, 10)
+        before = alive()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(get("/a"))
+        answer = await asyncio.wait_for(reader.readexactly(len(PAGE)), 10)
+        assert answer == PAGE
+        assert alive() > before  # the stream is there while the connection is
+        writer.close()
+        await writer.wait_closed()
+        deadline = time.monotonic() + 5
+        while alive() > before and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert alive() == before, "the client's stream outlived its connection"
+    finally:
+        gc.enable()
+        forwarding.cancel()
+        await asyncio.gather(forwarding, return_exceptions=True)

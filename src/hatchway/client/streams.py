@@ -286,6 +286,9 @@ class StreamClient(WebSocketEndpoint):
             self.local.reset()
         else:
             self.local.close()
+        # Both ends are over. Letting go of this stream breaks the cycle the two make,
+        # so both go now, not at the next full garbage collection.
+        self.local.stream = None
 
 
 @functools.lru_cache(maxsize=4)
