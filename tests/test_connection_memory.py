@@ -11,11 +11,12 @@ of it is left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import ssl
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -123,15 +124,34 @@ async def close(writer: asyncio.StreamWriter) -> None:
         pass  # the relay closed first
 
 
-async def settled(before: int, timeout: float = 5.0) -> list[object]:
-    """The connection objects beyond ``before`` once the relay saw the close (or what
-    is still there after ``timeout``)."""
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    """What is garbage now is collected; until the end, only reference counting frees."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def settle(count: Callable[[], int], before: int, timeout: float = 5.0) -> int:
+    """``count()`` once it is back to ``before`` (the peer saw the close and let go),
+    or whatever it is after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while True:
-        left = connection_objects()
-        if len(left) <= before or time.monotonic() > deadline:
-            return left[before:] if len(left) > before else []
+    while (now := count()) > before and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    return now
+
+
+def browser_connection_objects() -> int:
+    return len(connection_objects())
+
+
+async def assert_browser_connection_gone(before: int) -> None:
+    if await settle(browser_connection_objects, before) > before:
+        left = sorted({type(o).__qualname__ for o in connection_objects()})
+        raise AssertionError(f"alive without a collection (some of): {left}")
 
 
 def get(path: str, *extra: str) -> bytes:
@@ -159,10 +179,8 @@ async def test_a_closed_connection_leaves_nothing_behind(
 ) -> None:
     server, _secret = relay
     name, request = CASES[case]
-    gc.collect()
-    gc.disable()
-    try:
-        before = len(connection_objects())
+    with collector_off():
+        before = browser_connection_objects()
         reader, writer = await connect(server, name)
         writer.write(request)
         if request.endswith(b"\r\n\r\n"):
@@ -172,12 +190,7 @@ async def test_a_closed_connection_leaves_nothing_behind(
             await writer.drain()
             await asyncio.sleep(0.2)  # the relay has read it
         await close(writer)
-        left = await settled(before)
-        assert not left, (
-            f"alive without a collection: {sorted({type(o).__qualname__ for o in left})}"
-        )
-    finally:
-        gc.enable()
+        await assert_browser_connection_gone(before)
 
 
 async def test_keep_alive_requests_through_the_proxy_leave_nothing_behind(
@@ -187,10 +200,8 @@ async def test_keep_alive_requests_through_the_proxy_leave_nothing_behind(
     first's header lines), then the browser closes its keep-alive connection."""
     server, secret = relay
     cookie = f"Cookie: {DEVICE_COOKIE}={secret}"
-    gc.collect()
-    gc.disable()
-    try:
-        before = len(connection_objects())
+    with collector_off():
+        before = browser_connection_objects()
         reader, writer = await connect(server)
         statuses = []
         for path in ("/a", "/b", "/c"):
@@ -200,14 +211,9 @@ async def test_keep_alive_requests_through_the_proxy_leave_nothing_behind(
             length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
             await asyncio.wait_for(reader.readexactly(length), 10)
         assert statuses == [b"200"] * 3
-        assert len(connection_objects()) > before  # the proxy is there while it is open
+        assert browser_connection_objects() > before  # the proxy is there while it is open
         await close(writer)
-        left = await settled(before)
-        assert not left, (
-            f"alive without a collection: {sorted({type(o).__qualname__ for o in left})}"
-        )
-    finally:
-        gc.enable()
+        await assert_browser_connection_gone(before)
 
 
 def test_freeze_startup_collects_first_then_freezes() -> None:
@@ -248,9 +254,7 @@ async def test_a_client_websocket_to_the_relay_leaves_nothing_behind(
     assert server.ca_file is not None
     token = server.store.create_token("alice", "test", None)
     url = f"wss://127.0.0.1:{server.port}/api/v1/connect?device=dev1&service=http"
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         relay_side = server_protocols()
         endpoint = await open_websocket(
             url,
@@ -260,16 +264,15 @@ async def test_a_client_websocket_to_the_relay_leaves_nothing_behind(
         )
         protocol = weakref.ref(endpoint.ws)
         endpoint.close(1000)
-        deadline = time.monotonic() + 5
-        while not endpoint._lost and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        del endpoint
-        assert protocol() is None, "the WebSocket protocol outlived its connection"
-        while server_protocols() > relay_side and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert server_protocols() == relay_side, "the relay's side outlived the connection"
-    finally:
-        gc.enable()
+        del endpoint  # the transport keeps it until the connection is lost
+
+        def client_side() -> int:
+            return int(protocol() is not None)
+
+        assert await settle(client_side, 0) == 0, "the WebSocket protocol outlived its connection"
+        assert await settle(server_protocols, relay_side) == relay_side, (
+            "the relay's side outlived the connection"
+        )
 
 
 async def test_a_forwarded_connection_leaves_nothing_behind_in_the_client(
@@ -295,23 +298,18 @@ async def test_a_forwarded_connection_leaves_nothing_behind_in_the_client(
     def alive() -> int:
         return sum(isinstance(obj, (StreamClient, LocalSide)) for obj in gc.get_objects())
 
-    gc.collect()
-    gc.disable()
     try:
-        port = await asyncio.wait_for(listening, 10)
-        before = alive()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(get("/a"))
-        answer = await asyncio.wait_for(reader.readexactly(len(PAGE)), 10)
-        assert answer == PAGE
-        assert alive() > before  # the stream is there while the connection is
-        writer.close()
-        await writer.wait_closed()
-        deadline = time.monotonic() + 5
-        while alive() > before and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert alive() == before, "the client's stream outlived its connection"
+        with collector_off():
+            port = await asyncio.wait_for(listening, 10)
+            before = alive()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(get("/a"))
+            answer = await asyncio.wait_for(reader.readexactly(len(PAGE)), 10)
+            assert answer == PAGE
+            assert alive() > before  # the stream is there while the connection is
+            writer.close()
+            await writer.wait_closed()
+            assert await settle(alive, before) == before, "the client's stream outlived it"
     finally:
-        gc.enable()
         forwarding.cancel()
         await asyncio.gather(forwarding, return_exceptions=True)
