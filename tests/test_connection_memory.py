@@ -245,11 +245,13 @@ class _Endpoint(WebSocketEndpoint):
         pass
 
 
+@pytest.mark.parametrize("end", ["close", "abort"])
 async def test_a_client_websocket_to_the_relay_leaves_nothing_behind(
-    relay: tuple[RelayServer, str],
+    relay: tuple[RelayServer, str], end: str
 ) -> None:
     """``open_websocket`` (the agent's tunnel, the client's streams): once the
-    connection is over, its WebSocket protocol object goes with it."""
+    connection is over, closed or cut, its WebSocket protocol object goes with it,
+    on both sides."""
     server, _secret = relay
     assert server.ca_file is not None
     token = server.store.create_token("alice", "test", None)
@@ -263,7 +265,11 @@ async def test_a_client_websocket_to_the_relay_leaves_nothing_behind(
             headers=[("Authorization", f"Bearer {token}")],
         )
         protocol = weakref.ref(endpoint.ws)
-        endpoint.close(1000)
+        if end == "close":
+            endpoint.close(1000)
+        else:  # each side's parser fails on the missing close frame (an EOFError)
+            assert endpoint.transport is not None
+            endpoint.transport.abort()
         del endpoint  # the transport keeps it until the connection is lost
 
         def client_side() -> int:

@@ -338,8 +338,14 @@ class WebSocketEndpoint(asyncio.Protocol):
         # websockets' parser is a generator that refers to its protocol; once the
         # connection is over it waits at its end for nothing. Closing it breaks that
         # cycle: the protocol and what it buffered go with this endpoint, not at the next
-        # full garbage collection.
-        self.ws.parser.close()
+        # full garbage collection. So does dropping the tracebacks of what the parser
+        # failed on (a connection cut short: EOFError; a refused handshake), whose
+        # frames hold the protocol.
+        ws = self.ws
+        ws.parser.close()
+        for exc in (ws.parser_exc, ws.handshake_exc):
+            if exc is not None:
+                exc.__traceback__ = None
         handshake = self.handshake
         if handshake is not None and not handshake.done():
             handshake.set_exception(ConnectionError("connection closed during the handshake"))
