@@ -1,11 +1,12 @@
-"""A closed browser connection's objects go when it closes, by reference counting.
+"""A closed connection's objects go when it closes, by reference counting.
 
-Left in a reference cycle, a connection's proxy, parser and framer (and with them its
-TLS state) would stay until the garbage collector's next full collection: memory held
-for nothing on a relay with many short connections, and a full collection pauses every
-other connection while it walks them. These tests run a real relay in this process,
-with the collector switched off, and check that after each kind of connection nothing
-of it is left.
+Left in a reference cycle, a browser connection's proxy, parser and framer, or a
+WebSocket's protocol (and with them their TLS state and buffers), would stay until the
+garbage collector's next full collection: memory held for nothing on a relay with many
+short connections, and a full collection pauses every other connection while it walks
+them. These tests run a real relay, agent and client in this process, with the
+collector switched off, and check that after each kind of connection nothing of it is
+left.
 """
 
 from __future__ import annotations
