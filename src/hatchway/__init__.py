@@ -12,3 +12,7 @@ Parts, each in its own sub-package:
 """
 
 __version__ = "0.1.0"
+
+from hatchway import extensions as _extensions
+
+_extensions.install_switch()
