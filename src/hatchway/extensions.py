@@ -17,13 +17,14 @@ Standard library only: the agent imports this (through ``hatchway/__init__.py``)
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from importlib.machinery import ModuleSpec
 
 #: Compiled by setup.py; their own imports must be these, hatchway.errors,
 #: hatchway.text and the standard library (mypyc type-checks them at build time).
@@ -43,20 +44,23 @@ def disabled() -> bool:
 
 def is_compiled(module: ModuleType) -> bool:
     """Whether ``module`` was loaded from a C extension."""
-    return not str(getattr(module, "__file__", "") or "").endswith(".py")
+    return not (module.__file__ or "").endswith(".py")
 
 
-class _SourceFinder(importlib.abc.MetaPathFinder):
-    """Finds the ``.py`` file of a compiled module ahead of the extension beside it."""
+class _SourceFinder:
+    """A finder on ``sys.meta_path``: the ``.py`` file of a compiled module, ahead of the
+    extension beside it."""
 
     def find_spec(
         self,
         fullname: str,
         path: Sequence[str] | None,
         target: ModuleType | None = None,
-    ) -> importlib.machinery.ModuleSpec | None:
+    ) -> ModuleSpec | None:
         if fullname not in COMPILED_MODULES or path is None:
             return None
+        import importlib.util
+
         leaf = fullname.rpartition(".")[2] + ".py"
         for entry in path:
             source = os.path.join(entry, leaf)
