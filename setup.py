@@ -22,7 +22,18 @@ def extensions() -> list[Extension]:
     from mypyc.build import mypycify
 
     paths = [os.path.join("src", *name.split(".")) + ".py" for name in spec["COMPILED_MODULES"]]
-    built = list(mypycify(paths, opt_level="3", group_name="hatchway"))
+    # The build has only its build requirements (setuptools, mypy): the modules the
+    # compiled ones import from the relay's dependencies are not installed. Those
+    # become Any, and the strict checks that Any trips are off for this check only;
+    # `mypy` on the source (scripts/test.sh) is where the types are held to strict.
+    flags = [
+        "--follow-imports=silent",
+        "--ignore-missing-imports",
+        "--allow-subclassing-any",
+        "--allow-untyped-calls",
+        "--no-warn-return-any",
+    ]
+    built = list(mypycify([*flags, *paths], opt_level="3", group_name="hatchway"))
     for ext in built:
         ext.optional = True
     return built

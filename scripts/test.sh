@@ -28,5 +28,6 @@ if [ $# -eq 0 ]; then
   # (what a build without a C compiler runs).
   HATCHWAY_NO_EXTENSIONS=1 .venv/bin/pytest -q \
     tests/test_mux_frames.py tests/test_mux_session.py tests/test_web_framing.py \
-    tests/test_tunnel_endpoint.py tests/test_web_repeat.py tests/test_extensions.py
+    tests/test_tunnel_endpoint.py tests/test_web_repeat.py tests/test_web.py \
+    tests/test_connection_memory.py tests/test_extensions.py
 fi

@@ -1,8 +1,8 @@
 """The modules built as C extensions, and the switch that runs them as Python instead.
 
 ``setup.py`` compiles the modules named here with mypyc when the package is built:
-the multiplexer and the web proxy's response framer, pure logic on the standard
-library that every DATA frame and every proxied response goes through. The ``.py``
+the multiplexer, and the web proxy with its response framer, which every DATA frame
+and every proxied request and response go through. The ``.py``
 files stay in the package beside the extensions, and a build that cannot compile (no
 C compiler on a small device) installs them alone, as plain Python: the behaviour is
 the same either way, only the speed differs.
@@ -26,13 +26,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from importlib.machinery import ModuleSpec
 
-#: Compiled by setup.py; their own imports must be these, hatchway.errors,
-#: hatchway.text and the standard library (mypyc type-checks them at build time).
+#: Compiled by setup.py. mypyc type-checks them when it compiles them, where only the
+#: build requirements are installed: what they import from outside the standard
+#: library and hatchway is taken as Any then (setup.py's flags), so it runs as
+#: ordinary Python calls from the compiled code.
 COMPILED_MODULES = (
     "hatchway.mux.events",
     "hatchway.mux.frames",
     "hatchway.mux.session",
     "hatchway.web.framing",
+    "hatchway.web.proxy",
 )
 ENV_SWITCH = "HATCHWAY_NO_EXTENSIONS"
 

@@ -165,6 +165,11 @@ class FrontDoor(asyncio.Protocol):
         # times out holds its descriptor until the TLS close is over.
         self._respond(408, {"error": "timeout", "message": "request timed out"})
 
+    def _was_handed_over(self) -> bool:
+        # Asked again after the parser ran, whose callbacks may hand the connection over:
+        # through a call, as mypy keeps the narrowing of the check at the top.
+        return self._handed_over
+
     def data_received(self, data: bytes) -> None:
         if self._handed_over:
             return
@@ -179,7 +184,7 @@ class FrontDoor(asyncio.Protocol):
             if self.request.device is not None:
                 self._web()
                 return
-            if self._handed_over:
+            if self._was_handed_over():
                 return
             status = self.request.too_large
             if status:

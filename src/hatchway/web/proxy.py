@@ -393,7 +393,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             # Nothing waits before it: what _pump would do with the two events at once.
             # (The END of a request without a body sends nothing, and reading was not
             # paused: this read came in.)
-            if self._start(req) or self.blocked is None:
+            if self._start(req) or not self._waiting():
                 return True  # sent, or answered by the relay (which ends the connection)
             self.queued += req.size  # it waits, in order, as _pump leaves a blocked head
             self.events.append((_HEAD, req))
@@ -600,7 +600,7 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             if kind == _HEAD:
                 req = cast(_Request, item)
                 if not self._start(req):
-                    if self.blocked is not None:
+                    if self._waiting():
                         events.appendleft((kind, item))
                     return
                 self.queued -= req.size
@@ -633,6 +633,12 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
             and not transport.is_reading()
         ):
             transport.resume_reading()
+
+    def _waiting(self) -> bool:
+        """Whether requests are held back (``blocked``), asked after ``_start``, which may
+        have set it: read through a call, as mypy keeps the narrowing of a
+        ``self.blocked is None`` made before it (and the compiled module trusts mypy)."""
+        return self.blocked is not None
 
     _send_chunked = False
 
