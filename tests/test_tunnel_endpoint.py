@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import pytest
 from websockets.client import ClientProtocol
@@ -16,12 +17,14 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from hatchway.agent.config import AgentConfig, ServiceTarget
-from hatchway.agent.runner import AgentTunnel
+from hatchway.agent.runner import Agent, AgentTunnel
 from hatchway.auth.device import derive_device_key
 from hatchway.mux import Frame, FrameParser, FrameType, GoAwayReason, Multiplexer, OpenFailure, Role
 from hatchway.mux.events import ChannelRequested
+from hatchway.relay.server import RelayConfig, RelayServer
 from hatchway.tunnel.endpoint import TUNNEL_HIGH_WATER, ChannelBinding, TunnelEndpoint
 from hatchway.tunnel.websocket import WRITE_BUFFER_CAP
+from tests.procs import free_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -236,3 +239,30 @@ async def test_a_tunnel_out_of_channel_ids_refuses_the_open_and_goes_away() -> N
     ]
     assert [f.opcode for f in others] == [Opcode.CLOSE]
     assert tunnel.ws.state is CLOSING and tunnel.bindings == {}
+
+
+async def test_relay_shuts_down_while_a_dropped_tunnel_is_closing(tmp_path: Path) -> None:
+    """An agent's connection ends and the relay shuts down at once, before the TLS close
+    is over: asyncio's SSL transport, once closed twice (by the EOF and by the closed
+    WebSocket), raises on every call until connection_lost, and the shutdown must not
+    ask it anything."""
+    config = RelayConfig(data_dir=tmp_path / "relay", host="127.0.0.1", port=free_port())
+    server = RelayServer(config)
+    secret = server.store.add_device("dev1")
+    await server.start()
+    agent = Agent(
+        AgentConfig(
+            server=f"https://127.0.0.1:{config.port}",
+            device="dev1",
+            secret=secret,
+            ca_file=server.ca_file,
+        )
+    )
+    async with asyncio.timeout(20):
+        tunnel = await agent.connect_once()
+        tunnel.abort()
+        await tunnel.done
+        # Straight on, in the same loop turn as the relay's side of the close: this
+        # raised AttributeError from asyncio's sslproto.
+        await server.shutdown()
+    assert server.registry.get("dev1") is None

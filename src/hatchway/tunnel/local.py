@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 def pause_reading(transport: asyncio.Transport | None) -> None:
     """Stop reading from a (still open) transport; harmless if already paused."""
-    if transport is not None and transport.is_reading():
+    if transport is not None and not transport.is_closing() and transport.is_reading():
         transport.pause_reading()
 
 

@@ -411,9 +411,12 @@ class WebSocketEndpoint(asyncio.Protocol):
         """Start the closing handshake; the TCP connection follows."""
         if self._lost:
             return
-        if self.transport is not None and not self.transport.is_reading():
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and not transport.is_reading():
             # Reading may be paused by backpressure; the peer's close frame must be read.
-            self.transport.resume_reading()
+            # (A transport that is closing must not be asked: asyncio's SSL transport,
+            # closed twice, raises on every call until connection_lost.)
+            transport.resume_reading()
         if self.ws.state is OPEN:
             try:
                 # A close reason is at most 123 bytes of UTF-8.
@@ -466,8 +469,14 @@ class WebSocketEndpoint(asyncio.Protocol):
         if self.ws.close_expected() and self._close_timer is None and not self._lost:
             loop = asyncio.get_running_loop()
             self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.abort)
-        if self.ws.state is CLOSED and self.transport is not None and not self._lost:
-            self.transport.close()
+        transport = self.transport
+        if (
+            self.ws.state is CLOSED
+            and transport is not None
+            and not self._lost
+            and not transport.is_closing()
+        ):
+            transport.close()
 
     def peer_address(self) -> str:
         return self._peer

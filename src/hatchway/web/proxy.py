@@ -1249,7 +1249,8 @@ class WebProxy(asyncio.Protocol, ChannelBinding):
         """Called every couple of seconds by ``WebAccess``."""
         if self.transport is None or self.raw:
             return
-        if not self.transport.is_reading() and not self.stopped:
+        transport = self.transport
+        if not transport.is_closing() and not transport.is_reading() and not self.stopped:
             # Paused by the relay (the device is slow to take the body, or a session check
             # or channel open is under way): the client is not the one stalling.
             self.last_read = now
