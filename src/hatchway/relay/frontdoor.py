@@ -1,7 +1,7 @@
 """The relay's front door: every TLS connection starts here.
 
 It reads one HTTP request (head bounded to ``MAX_HEAD``, body to ``MAX_BODY``, both
-within ``REQUEST_TIMEOUT``) and routes it:
+within ``REQUEST_TIMEOUT`` of the TCP accept) and routes it:
 
 - ``GET /api/v1/tunnel`` with a WebSocket upgrade: a device tunnel;
 - ``GET /api/v1/connect?device=D&service=S`` with a WebSocket upgrade: a client stream,
@@ -30,7 +30,7 @@ from hatchway.relay import api
 from hatchway.relay.api import asgi
 from hatchway.relay.client_tunnels import ClientTunnel
 from hatchway.relay.streams import ClientStream, error_response
-from hatchway.relay.tunnels import SUBPROTOCOL, RelayTunnel
+from hatchway.relay.tunnels import HANDSHAKE_TIMEOUT, SUBPROTOCOL, RelayTunnel
 from hatchway.tunnel.endpoint import TUNNEL_MAX_MESSAGE
 from hatchway.web import ui
 from hatchway.web.access import split_host, valid_host
@@ -120,9 +120,13 @@ class FrontDoor(asyncio.Protocol):
     device tunnel's handshake, a client's bearer token) or the connection closed.
     """
 
-    def __init__(self, server: RelayServer, source: str) -> None:
+    def __init__(self, server: RelayServer, source: str, accepted: float | None = None) -> None:
         self.server = server
         self.source = source
+        # When the TCP connection was accepted (the loop's clock): the limits on reading
+        # the request head and on a device tunnel's handshake count from then, so an
+        # unauthenticated connection lasts at most that long, TLS handshake included.
+        self.accepted = asyncio.get_running_loop().time() if accepted is None else accepted
         self.transport: asyncio.Transport | None = None
         self.request = HttpRequest(self._head_complete)
         self.first_byte_at: float | None = None
@@ -135,7 +139,8 @@ class FrontDoor(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
         self.transport = transport
-        self._timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self._expired)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(self.accepted + REQUEST_TIMEOUT, self._expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.release()
@@ -316,7 +321,8 @@ class FrontDoor(asyncio.Protocol):
                     extensions=None,
                     max_size=TUNNEL_MAX_MESSAGE,
                 )
-                self._hand_over(RelayTunnel(ws, self.server, self.release))
+                deadline = self.accepted + HANDSHAKE_TIMEOUT
+                self._hand_over(RelayTunnel(ws, self.server, self.release, deadline))
                 return
             if url.path in ("/api/v1/connect", "/api/v1/client"):
                 self.transport.pause_reading()

@@ -37,7 +37,7 @@ from hatchway.relay.api import UNAUTHORIZED, ApiError
 from hatchway.relay.frontdoor import FrontDoor
 from hatchway.relay.pki import certificate_fingerprint, ensure_tls_files
 from hatchway.relay.registry import LocalRegistry
-from hatchway.relay.tunnels import RelayTunnel
+from hatchway.relay.tunnels import HANDSHAKE_TIMEOUT, RelayTunnel
 from hatchway.store.base import ChannelRecord, UserRecord
 from hatchway.store.sql import SqlStore
 from hatchway.tlsutil import reload_server_context, server_context
@@ -213,17 +213,17 @@ class RelayServer:
                 continue
             tune_socket(conn)
             self._handshaking += 1
-            self.track(loop.create_task(self._handshake(conn, source)))
+            self.track(loop.create_task(self._handshake(conn, source, loop.time())))
 
-    async def _handshake(self, conn: socket.socket, source: str) -> None:
+    async def _handshake(self, conn: socket.socket, source: str, accepted: float) -> None:
         loop = asyncio.get_running_loop()
-        door = FrontDoor(self, source)
+        door = FrontDoor(self, source, accepted)
         try:
             await loop.connect_accepted_socket(
                 lambda: door,
                 conn,
                 ssl=self.ssl_context,
-                ssl_handshake_timeout=10.0,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
                 ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:

@@ -30,7 +30,8 @@ log = logging.getLogger("hatchway.relay.tunnel")
 SUBPROTOCOL = "hatchway.v1"
 #: A Host header value a device may ask the relay to send to one of its web services.
 _HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
-#: From the TCP accept to an authenticated tunnel.
+#: From the TCP accept to an authenticated tunnel (TLS handshake, upgrade request and
+#: HELLO exchange together).
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -40,6 +41,7 @@ class RelayTunnel(TunnelEndpoint):
         ws: ServerProtocol,
         server: RelayServer,
         release_source: Callable[[], None] | None = None,
+        deadline: float | None = None,
     ) -> None:
         super().__init__(
             ws, Role.RELAY, window=server.config.window, max_channels=server.config.max_channels
@@ -51,6 +53,9 @@ class RelayTunnel(TunnelEndpoint):
         self.device_id: str | None = None
         self.nonce = new_nonce()
         self._handshake_timer: asyncio.TimerHandle | None = None
+        # The loop time by which the device must have proved itself (HANDSHAKE_TIMEOUT
+        # from the TCP accept); without one, from when the tunnel starts here.
+        self._deadline = deadline
         self._auth_task: asyncio.Task[None] | None = None
         self.server.unauthenticated.add(self)
 
@@ -60,7 +65,8 @@ class RelayTunnel(TunnelEndpoint):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         loop = asyncio.get_running_loop()
-        self._handshake_timer = loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+        deadline = self._deadline if self._deadline is not None else loop.time() + HANDSHAKE_TIMEOUT
+        self._handshake_timer = loop.call_at(deadline, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
         if not self.mux.established:
