@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from websockets.http11 import Request, Response
@@ -102,6 +103,7 @@ class _Opening:
         self.device_side = _DeviceSide(self)
         self.client_side.peer, self.device_side.peer = self.device_side, self.client_side
         self.started_at = datetime.now(UTC)
+        self.started = time.monotonic()  # the duration: not stepped by clock changes
         self.timer = asyncio.get_running_loop().call_later(OPEN_TIMEOUT, self.expired)
         self.outcome = "opening"
 
@@ -169,14 +171,14 @@ class _Opening:
 
     def _record(self) -> None:
         self.tunnel.server.client_channels.discard(self)
-        ended = datetime.now(UTC)
+        duration = time.monotonic() - self.started
         record = ChannelRecord(
             user=self.tunnel.user.name,
             device=self.device,
             service=self.service,
             source=self.tunnel.peer_address(),
             started_at=self.started_at,
-            ended_at=ended,
+            ended_at=self.started_at + timedelta(seconds=duration),
             bytes_up=self.client_side.bytes_from_tunnel,
             bytes_down=self.client_side.bytes_to_tunnel,
             outcome=self.outcome,
@@ -192,7 +194,7 @@ class _Opening:
             record.outcome,
             record.bytes_up,
             record.bytes_down,
-            (ended - self.started_at).total_seconds(),
+            duration,
         )
         self.tunnel.server.record_channel(record)
 

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hatchway.relay.channel")
 
+#: A client stream's write buffer above which the channel's credit is held back.
+STREAM_HIGH_WATER = 128 * 1024
 OPEN_TIMEOUT = 15.0
 CLOSE_INTERNAL_ERROR = 1011
 EOF_MESSAGE = b"eof"
@@ -218,6 +220,14 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
             self.forward_eof()
         else:
             self.close(1003, "unexpected text message")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.transport is not None:
+            # Credit is held back once this much waits to be sent to the client: what a
+            # client that stops reading makes the relay hold is about a window plus this
+            # (a TLS transport's default is 512 KiB).
+            self.transport.set_write_buffer_limits(high=STREAM_HIGH_WATER)
 
     def on_writable(self) -> None:
         self.sink_resumed()
