@@ -242,6 +242,29 @@ def test_relay_sends_goaway_timeout_to_a_tunnel_that_never_authenticates(
     assert health(port, ca_file)
 
 
+def test_refused_connections_are_logged_once_per_interval(host_relay: HostRelay) -> None:
+    """Past its 64 pending connections a source is refused at once; a source that
+    connects in a loop gets one log line per interval, not one per connection."""
+    port = host_relay.port
+    refused = "too many pending connections, refused"
+    before = host_relay.relay.output().count(refused)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(64)]
+    try:
+        for _ in range(100):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                try:
+                    assert sock.recv(1) == b""  # closed at once, nothing said
+                except ConnectionResetError:
+                    pass
+        time.sleep(0.5)
+        lines = [line for line in host_relay.relay.output().splitlines() if refused in line]
+        assert len(lines) - before == 1, lines[before:]
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: health(port, host_relay.env.ca_file), 15, "the relay to serve again")
+
+
 # --- relay, agent and client in a namespace with only lo -----------------------------------
 
 

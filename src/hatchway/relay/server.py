@@ -65,6 +65,11 @@ def source_key(address: str) -> str:
 MAX_PENDING_PER_SOURCE = 64
 #: TLS handshakes in progress at once, all sources together.
 MAX_PENDING_HANDSHAKES = 4096
+#: A source refused for too many pending connections is logged at most this often
+#: (seconds), with a count of the refusals in between; at most this many sources are
+#: remembered for that.
+REFUSAL_LOG_INTERVAL = 10.0
+MAX_REFUSAL_SOURCES = 10_000
 #: How long a closing TLS connection waits for the peer's close_notify.
 TLS_SHUTDOWN_TIMEOUT = 5.0
 #: How often the built-in CA's server certificate is checked for renewal.
@@ -132,6 +137,9 @@ class RelayServer:
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._handshaking = 0
+        # Sources refused for too many pending connections: (when last logged, how many
+        # refused since).
+        self._refusals: dict[str, tuple[float, int]] = {}
         # token -> (user, valid until): saves a database round trip per channel open.
         self._token_cache: dict[str, tuple[UserRecord, tuple[str, ...], float]] = {}
         self._access_cache: dict[str, tuple[Any, float]] = {}
@@ -208,12 +216,26 @@ class RelayServer:
                 continue
             source = str(addr[0])
             if self._handshaking >= MAX_PENDING_HANDSHAKES or not self.admit(source):
-                log.warning("%s: too many pending connections, refused", source)
                 conn.close()
+                self._log_refusal(source)
                 continue
             tune_socket(conn)
             self._handshaking += 1
             self.track(loop.create_task(self._handshake(conn, source, loop.time())))
+
+    def _log_refusal(self, source: str) -> None:
+        """One line per source per REFUSAL_LOG_INTERVAL, with how many were refused
+        since the last: a source that connects in a loop cannot flood the log."""
+        now = time.monotonic()
+        last, unlogged = self._refusals.get(source, (-REFUSAL_LOG_INTERVAL, 0))
+        if now - last < REFUSAL_LOG_INTERVAL:
+            self._refusals[source] = (last, unlogged + 1)
+            return
+        if len(self._refusals) >= MAX_REFUSAL_SOURCES:
+            self._refusals.clear()
+        self._refusals[source] = (now, 0)
+        more = f" ({unlogged} more since the last message)" if unlogged else ""
+        log.warning("%s: too many pending connections, refused%s", source, more)
 
     async def _handshake(self, conn: socket.socket, source: str, accepted: float) -> None:
         loop = asyncio.get_running_loop()

@@ -123,7 +123,11 @@ class RelayTunnel(TunnelEndpoint):
         if self.closed:
             return
         if key is None or not verify_device_proof(key, device, self.nonce, proof):
-            log.warning("device %r from %s: authentication failed", device, self.peer_address())
+            log.warning(
+                "device %r from %s: authentication failed",
+                printable(device, 64),  # the peer's say-so: inert and short in the log
+                self.peer_address(),
+            )
             self.shutdown(GoAwayReason.AUTH_FAILED, "authentication failed", CLOSE_POLICY)
             return
         self.device_id = device
