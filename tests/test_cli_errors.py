@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -200,6 +201,16 @@ def test_ssh_quotes_its_proxy_command_and_checks_names(
         err = out.stderr.decode()
         assert out.returncode != 0 and message in err and "Traceback" not in err, err
     assert not planted.exists()
+    # What no connection could get past is said before OpenSSH starts.
+    (tmp_path / "a").unlink()
+    for target, message in [
+        ("dev3", "device dev3 is offline"),
+        ("nope", "no device nope you may see"),
+        ("dev2", "service ssh is not exposed by dev2"),
+    ]:
+        out = _run([*HATCHWAY, "ssh", target, "true"], environ)
+        assert message in _one_sentence(out, 1)
+    assert not (tmp_path / "a").exists()  # ssh never ran
 
 
 @pytest.mark.parametrize(
@@ -225,3 +236,91 @@ def test_open_checks_the_device_first(
     if args[0] != "nope":
         url = env.hatchway("open", *args, "--print-url", "--no-check").stdout.decode()
         assert "grant=" in url
+
+
+def test_forward_checks_the_target_before_listening(online: tuple[Env, Service, str]) -> None:
+    """What no connection could get past is one sentence at start, and nothing listens;
+    an offline device is only noted (it may come back while forward runs)."""
+    env, _, _ = online
+    for args, message in [
+        (["nope", "ssh"], "no device nope you may see"),
+        (["dev1", "vnc"], "service vnc is not exposed by dev1"),
+        (["dev1", "bad!svc"], "invalid service name"),
+        (["dev1", "ssh", "--bind", ""], "--bind: give an address"),
+    ]:
+        out = env.hatchway("forward", *args, check=False, timeout=30)
+        assert message in _one_sentence(out, 1)
+        assert out.stdout == b""
+    offline = env.spawn("forward-dev3", [*HATCHWAY, "forward", "dev3", "ssh"])
+    offline.wait_output(r"listening on 127\.0\.0\.1:\d+")
+    assert "device dev3 is offline for now" in offline.output()
+    offline.stop()
+
+
+def test_closed_standard_streams_are_not_a_crash(online: tuple[Env, Service, str]) -> None:
+    """Started with standard input or output closed (``<&-``, ``>&-``): no traceback
+    and no abort from libuv; a forward whose output pipe is gone says so."""
+    env, _, _ = online
+    environ = env.environ()
+    out = _run(["bash", "-c", 'exec "$@" <&-', "sh", *HATCHWAY, "proxy", "dev1", "ssh"], environ)
+    assert "standard input must be" in _one_sentence(out, 1)
+    port = free_port()
+    forward = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            'exec "$@" >&-',
+            "sh",
+            *HATCHWAY,
+            "forward",
+            "dev1",
+            "ssh",
+            "--local-port",
+            str(port),
+        ],
+        env=environ,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: _connects(port), 20, "forward listening with stdout closed")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+        assert forward.poll() is None
+    finally:
+        forward.terminate()
+        _, err = forward.communicate(timeout=30)
+    assert b"Traceback" not in err and b"Assertion" not in err, err
+    # A pipe whose reader is gone: the port cannot be told, so forward stops.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run(
+            [*HATCHWAY, "forward", "dev1", "ssh"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env=environ,
+            timeout=30,
+        )
+    finally:
+        os.close(write_end)
+    assert "cannot write the listening address" in _one_sentence(out, 1)
+
+
+def test_login_with_an_empty_password_on_stdin_asks_nothing_of_the_relay(
+    online: tuple[Env, Service, str],
+) -> None:
+    env, _, url = online
+    out = env.hatchway(
+        "login", url, "--user", "admin", "--password-stdin", "--ca-file", str(env.ca_file),
+        input=b"", check=False,
+    )  # fmt: skip
+    assert "no password on standard input" in _one_sentence(out, 1)
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True

@@ -869,9 +869,14 @@ def test_forward_mux_reports_open_errors_and_survives_them(setup: Setup) -> None
     fwd, port = setup.env.start_forward("dev1", "closed")
     closed_without_data(port)
     fwd.wait_output("dev1 refused the connection to closed", timeout=10)
-    other, port2 = setup.env.start_forward("nope", "echo")
-    closed_without_data(port2)
-    other.wait_output("device nope does not exist", timeout=10)
+    # What no connection could get past is said before listening, and forward stops.
+    for device, service, said in (
+        ("nope", "echo", "no device nope you may see"),
+        ("dev1", "vnc", "service vnc is not exposed by dev1"),
+    ):
+        out = setup.env.hatchway("forward", device, service, check=False, timeout=30)
+        assert out.returncode == 1, out
+        assert out.stdout == b"" and out.stderr.decode() == f"hatchway: {said}\n", out
     # The client tunnel is still up: a good target on it works.
     _, port3 = setup.env.start_forward("dev1", "echo")
     assert roundtrip(port3, b"after errors") == b"after errors"

@@ -9,6 +9,7 @@ import os
 import shlex
 import shutil
 import sys
+import urllib.parse
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +25,8 @@ from hatchway.cliutil import login as _login
 from hatchway.errors import HatchwayError
 
 T = TypeVar("T")
+#: ``hatchway devices`` lists at most this many (a page holds far fewer).
+MAX_LISTED_DEVICES = 1_000_000
 
 data_dir_option = click.option(
     "--data-dir",
@@ -232,6 +235,8 @@ def login(url: str, name: str, password_stdin: bool, ca_file: Path | None, otp: 
     _guard(prepare_config_dir)
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            _fail("no password on standard input (--password-stdin)")
     else:
         password = click.prompt("password", hide_input=True)
     ca = str(ca_file.resolve()) if ca_file else None
@@ -266,8 +271,9 @@ def devices(as_json: bool) -> None:
     login_ = _login()
     items: list[dict[str, Any]] = []
     after: str | None = None
+    cursors: set[str] = set()
     while True:
-        path = "/api/v1/devices" + (f"?after={after}" if after else "")
+        path = "/api/v1/devices" + (f"?after={urllib.parse.quote(after)}" if after else "")
 
         def page(path: str = path) -> Any:
             return call(login_.server, "GET", path, ca_file=login_.ca_file, token=login_.token)
@@ -277,6 +283,13 @@ def devices(as_json: bool) -> None:
         after = answer.get("next")
         if not after:
             break
+        # A relay whose pages go round in a circle, or a list past any relay's size, is
+        # not followed for ever.
+        if not isinstance(after, str) or after in cursors:
+            _fail("the relay's device list does not move on; stopped")
+        cursors.add(after)
+        if len(items) > MAX_LISTED_DEVICES:
+            _fail(f"more than {MAX_LISTED_DEVICES} devices: use the REST API (docs/API.md)")
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return
@@ -396,7 +409,6 @@ def open_(
 def _check_web_target(login_: Any, device_id: str, service: str | None) -> None:
     """Fail as ``forward`` would when the device is offline or does not expose the
     service, rather than hand out a URL that leads to an error page."""
-    import urllib.parse
 
     from hatchway.client.relay_api import call
     from hatchway.errors import RelayError
@@ -415,6 +427,37 @@ def _check_web_target(login_: Any, device_id: str, service: str | None) -> None:
         if "http" not in services and "https" not in services:
             _fail(f"{device_id} exposes no web UI (no http or https service)")
     elif service not in services:
+        _fail(f"service {service} is not exposed by {device_id}")
+
+
+def _check_stream_target(
+    login_: Any, device_id: str, service: str, *, offline_ok: bool = True
+) -> None:
+    """Before ``forward`` listens or ``ssh`` starts: fail at once for what no
+    connection could get past (a relay that cannot be reached or refuses the token, a
+    device that does not exist for this user, a service the online device does not
+    expose). An offline device fails ``ssh``; for ``forward`` it is only noted: it may
+    come back while ``forward`` runs."""
+    from hatchway.client.relay_api import call
+    from hatchway.errors import RelayError
+
+    path = "/api/v1/devices/" + urllib.parse.quote(device_id, safe="")
+    try:
+        item = call(login_.server, "GET", path, ca_file=login_.ca_file, token=login_.token)
+    except RelayError as exc:
+        if exc.code == "insufficient_scope":
+            return  # a token made only to connect: its connections will tell
+        _fail(str(exc))
+    except HatchwayError as exc:  # a relay URL or proxy that cannot be used
+        _fail(str(exc))
+    if not item.get("online"):
+        if not offline_ok:
+            _fail(f"device {device_id} is offline")
+        click.echo(
+            f"hatchway: device {device_id} is offline for now: connections fail until it is back",
+            err=True,
+        )
+    elif service not in (item.get("services") or []):
         _fail(f"service {service} is not exposed by {device_id}")
 
 
@@ -438,16 +481,25 @@ def _check_web_target(login_: Any, device_id: str, service: str | None) -> None:
 )
 def forward(device_id: str, service: str, local_port: int, bind: str, mux: bool) -> None:
     """Forward a local port to a device's service."""
+    from hatchway.agent.config import validate_service_name
+    from hatchway.auth.device import validate_device_id
     from hatchway.client.session import serve_forward_mux
     from hatchway.client.streams import serve_forward_streams
 
     serve_forward = serve_forward_mux if mux else serve_forward_streams
-
+    if not bind.strip():
+        _fail("--bind: give an address (0.0.0.0 for every interface)")
+    _guard(lambda: validate_device_id(device_id))
+    _guard(lambda: validate_service_name(service))
     login_ = _login()
+    _check_stream_target(login_, device_id, service)
 
     def listening(host: str, port: int) -> None:
-        click.echo(f"listening on {host}:{port}")
-        sys.stdout.flush()
+        try:
+            click.echo(f"listening on {host}:{port}")
+            sys.stdout.flush()
+        except OSError:  # a closed pipe: whoever wanted the port is gone
+            _fail("cannot write the listening address to standard output")
 
     try:
         _run(serve_forward(login_, device_id, service, bind, local_port, listening))
@@ -492,10 +544,11 @@ def ssh(target: str, ssh_args: tuple[str, ...], service: str) -> None:
         _fail(f"expected [USER@]DEVICE, got {target!r}")
     _guard(lambda: validate_device_id(device_id))
     _guard(lambda: validate_service_name(service))
-    _login()  # fail early with a clear message
+    login_ = _login()  # fail early with a clear message
     ssh_bin = shutil.which("ssh")
     if ssh_bin is None:
-        _fail("OpenSSH's ssh is not installed")
+        _fail("OpenSSH's ssh is not installed (no ssh on PATH)")
+    _check_stream_target(login_, device_id, service, offline_ok=False)
     # ssh hands ProxyCommand to the shell and expands %-tokens in it first: quote every
     # word for the shell, then double every % (a path may hold both).
     words = [sys.executable, "-m", "hatchway", "proxy", device_id, service]

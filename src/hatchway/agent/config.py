@@ -12,6 +12,7 @@ from typing import Any
 
 from hatchway.auth.device import validate_device_id
 from hatchway.errors import ConfigError
+from hatchway.files import read_small_text
 from hatchway.tunnel.connect import (
     ProxyConfig,
     proxy_from_environment,
@@ -21,6 +22,8 @@ from hatchway.tunnel.connect import (
 
 SERVICE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 MAX_SECRET_FILE = 4096
+#: An agent's TOML file: a few services and options, far below this.
+MAX_CONFIG_FILE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -158,13 +161,9 @@ def _service_table(name: str, value: object, base: Path) -> ServiceTarget:
 def read_secret_file(path: Path) -> str:
     try:
         st = path.stat()
-        if st.st_size > MAX_SECRET_FILE:
-            raise ConfigError(f"secret file {path} is too large to be a device secret")
-        secret = path.read_text(encoding="utf-8").strip()
+        secret = read_small_text(path, MAX_SECRET_FILE, "the secret file").strip()
     except OSError as exc:
         raise ConfigError(f"cannot read the secret file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"the secret file {path} is not UTF-8 text") from None
     if not secret:
         raise ConfigError(f"the secret file {path} is empty")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -190,11 +189,9 @@ def load_agent_config(
     data: dict[str, Any] = {}
     if config_file is not None:
         try:
-            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
+            data = tomllib.loads(read_small_text(config_file, MAX_CONFIG_FILE, "the config file"))
         except OSError as exc:
             raise ConfigError(f"cannot read {config_file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{config_file} is not UTF-8 text (TOML must be)") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{config_file}: {exc}") from None
         unknown = set(data) - {"server", "device", "secret_file", "services", "ca_file", "proxy"}

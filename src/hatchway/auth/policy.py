@@ -64,9 +64,9 @@ class PasswordPolicy:
         if self.require_special and not any(not c.isalnum() for c in password):
             out.append("a special character")
         if self.reject_common and _variants(password) & common_passwords():
-            out.append("not a common password or a variation of one")
+            out.append("not to be a common password or a variation of one")
         if self.reject_user_name and user and len(user) >= 3 and user.lower() in password.lower():
-            out.append("not the user name")
+            out.append("not to contain the user name")
         return out
 
     def check(self, password: str, user: str | None = None) -> None:

@@ -18,8 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hatchway.errors import ConfigError
+from hatchway.files import read_small_text
 
 LOGIN_FILE = "login.json"
+#: A saved login is a few hundred bytes.
+MAX_LOGIN_FILE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ def load_login() -> Login:
     """The stored login; ``HATCHWAY_TOKEN`` replaces its token (a scoped token, say)."""
     path = config_dir() / LOGIN_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_small_text(path, MAX_LOGIN_FILE, "the login file"))
         return Login(
             server=str(data["server"]),
             user=str(data["user"]),

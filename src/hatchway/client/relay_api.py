@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import ssl
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,7 +16,94 @@ from hatchway.errors import RelayError
 from hatchway.tlsutil import client_context
 from hatchway.tunnel.connect import proxy_from_environment, validate_relay_url
 
+#: Each read or connect may take this long (seconds)...
 TIMEOUT = 15.0
+#: ... and a whole call, from the connect to the last byte of the answer, this long: a
+#: relay (or proxy) that sends a byte now and then cannot hold the CLI for ever.
+DEADLINE = 60.0
+#: The largest answer read (a page of the device list is far smaller).
+MAX_ANSWER = 16 * 1024 * 1024
+
+
+class _Watchdog:
+    """Shuts down the sockets of one call once its deadline passes: whatever urllib
+    is waiting for then fails at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.expired = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            self._shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
+class _WatchedHandler(urllib.request.HTTPSHandler):
+    """An HTTPS handler whose connections hand their socket to a watchdog (the socket
+    to the proxy, when there is one: a CONNECT tunnel runs over it)."""
+
+    def __init__(self, context: ssl.SSLContext, watchdog: _Watchdog) -> None:
+        super().__init__(context=context)
+        self._watchdog = watchdog
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        watchdog = self._watchdog
+
+        class Connection(http.client.HTTPSConnection):
+            def connect(self) -> None:
+                # http.client's own steps, with each socket watched as soon as it exists:
+                # the plain one (to the relay, or to the proxy for a CONNECT), then the
+                # TLS one, before its handshake.
+                sock = self._create_connection(  # type: ignore[attr-defined]
+                    (self.host, self.port),
+                    self.timeout,
+                    self.source_address,  # type: ignore[attr-defined]
+                )
+                watchdog.watch(sock)
+                self.sock = sock
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+                if self._tunnel_host:  # type: ignore[attr-defined]
+                    self._tunnel()  # type: ignore[attr-defined]
+                tls = self._context.wrap_socket(  # type: ignore[attr-defined]
+                    sock,
+                    server_hostname=self._tunnel_host or self.host,  # type: ignore[attr-defined]
+                    do_handshake_on_connect=False,
+                )
+                self.sock = tls
+                watchdog.watch(tls)
+                tls.do_handshake()
+
+        return self.do_open(Connection, req, context=self._context)  # type: ignore[attr-defined]
 
 
 def error_from_body(status: int, body: bytes) -> RelayError:
@@ -26,7 +115,9 @@ def error_from_body(status: int, body: bytes) -> RelayError:
         return RelayError(status, "http", f"the relay answered {status}: {text}")
 
 
-def _opener(server: str, ca_file: str | None) -> tuple[urllib.request.OpenerDirector, str | None]:
+def _opener(
+    server: str, ca_file: str | None, watchdog: _Watchdog
+) -> tuple[urllib.request.OpenerDirector, str | None]:
     """An opener that verifies the relay and goes through the proxy ``hatchway proxy``
     and ``forward`` would use (HTTPS_PROXY unless NO_PROXY exempts the relay), and the
     Proxy-Authorization value for it."""
@@ -35,7 +126,7 @@ def _opener(server: str, ca_file: str | None) -> tuple[urllib.request.OpenerDire
     proxies = {"https": f"http://{proxy.address()}"} if proxy is not None else {}
     context = client_context(Path(ca_file) if ca_file else None)
     opener = urllib.request.build_opener(
-        urllib.request.ProxyHandler(proxies), urllib.request.HTTPSHandler(context=context)
+        urllib.request.ProxyHandler(proxies), _WatchedHandler(context, watchdog)
     )
     return opener, proxy.authorization if proxy is not None else None
 
@@ -51,7 +142,27 @@ def call(
 ) -> Any:
     """Call the API; RelayError (or ConfigError for a bad URL or proxy) with a sentence
     for a person when it fails."""
-    opener, proxy_authorization = _opener(server, ca_file)
+    with _Watchdog(DEADLINE) as watchdog:
+        try:
+            return _call(server, method, path, ca_file, token, body, watchdog)
+        except RelayError:
+            if watchdog.expired:
+                raise RelayError(
+                    0, "timeout", f"the relay {server} did not answer within {DEADLINE:.0f} s"
+                ) from None
+            raise
+
+
+def _call(
+    server: str,
+    method: str,
+    path: str,
+    ca_file: str | None,
+    token: str | None,
+    body: dict[str, Any] | None,
+    watchdog: _Watchdog,
+) -> Any:
+    opener, proxy_authorization = _opener(server, ca_file, watchdog)
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(server.rstrip("/") + path, data=data, method=method)
     request.add_header("Accept", "application/json")
@@ -63,7 +174,7 @@ def call(
         request.add_header("Proxy-Authorization", proxy_authorization)
     try:
         with opener.open(request, timeout=TIMEOUT) as response:
-            raw = response.read(1024 * 1024 * 16)
+            raw = response.read(MAX_ANSWER)
     except urllib.error.HTTPError as exc:
         raise error_from_body(exc.code, exc.read(64 * 1024)) from None
     except urllib.error.URLError as exc:

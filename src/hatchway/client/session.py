@@ -18,6 +18,7 @@ from websockets.client import ClientProtocol
 from hatchway.client.config import Login
 from hatchway.client.streams import abort_with_reset, open_relay_websocket, serve_local
 from hatchway.errors import RelayError
+from hatchway.mux.frames import ResetReason
 from hatchway.mux.session import DEFAULT_MAX_CHANNELS, DEFAULT_WINDOW, PROTOCOL_VERSION, Role
 from hatchway.tunnel.connect import (
     relay_websocket_url,
@@ -29,6 +30,10 @@ log = logging.getLogger("hatchway.client")
 
 SUBPROTOCOL = "hatchway.v1"
 WELCOME_TIMEOUT = 10.0
+#: A channel the relay has not answered by then is given up: the relay answers within
+#: its own 15 s (it gives up on the device then), so this only ends the wait for a
+#: relay that keeps the tunnel alive but never answers.
+OPEN_TIMEOUT = 20.0
 
 
 class ClientTunnelEndpoint(TunnelEndpoint):
@@ -61,20 +66,51 @@ class ForwardBinding(TcpBinding):
     def __init__(self, target: str) -> None:
         super().__init__()
         self.target = target
+        self._open_timer: asyncio.TimerHandle | None = None
+
+    def expect_open(self) -> None:
+        """The OPEN is on its way: give up on it after OPEN_TIMEOUT."""
+        loop = asyncio.get_running_loop()
+        self._open_timer = loop.call_later(OPEN_TIMEOUT, self._open_expired)
+
+    def _stop_open_timer(self) -> None:
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+            self._open_timer = None
+
+    def _open_expired(self) -> None:
+        self._open_timer = None
+        if self.finished:
+            return
+        print(
+            f"hatchway: {self.target}: the relay did not answer within {OPEN_TIMEOUT:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.reset_channel(ResetReason.CANCEL, "open timed out")
+        if self.transport is not None:
+            self.transport.abort()
 
     def on_open_ok(self) -> None:
+        self._stop_open_timer()
         self.start()
 
     def on_open_failed(self, reason: int, message: str) -> None:
+        self._stop_open_timer()
         print(f"hatchway: {message}", file=sys.stderr, flush=True)
         super().on_open_failed(reason, message)
 
     def on_reset(self, reason: int, message: str) -> None:
+        self._stop_open_timer()
         # The channel broke (the device or its tunnel went away, the relay reset it):
         # the application must see a reset, not an orderly end of a truncated stream.
         print(f"hatchway: {self.target}: {message or 'channel reset'}", file=sys.stderr, flush=True)
         if self.transport is not None:
             abort_with_reset(self.transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_open_timer()
+        super().connection_lost(exc)
 
 
 class RelaySession:
@@ -138,4 +174,5 @@ async def _open(session: RelaySession, target: str, binding: ForwardBinding) -> 
         return
     if binding.closed.done():
         return  # the local connection went away meanwhile
-    tunnel.open_binding(target, binding)
+    if tunnel.open_binding(target, binding):
+        binding.expect_open()

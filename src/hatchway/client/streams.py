@@ -354,7 +354,10 @@ async def run_stdio(login: Login, device: str, service: str) -> str:
     output closes, since ssh stops its ProxyCommand once that happens."""
     for name, stream in (("input", sys.stdin), ("output", sys.stdout)):
         mode = os.fstat(stream.fileno()).st_mode
-        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)):
+        # A character device only if it is a terminal: the event loop cannot wait on
+        # /dev/null (what a closed standard stream is given at start, see __main__).
+        terminal = stat.S_ISCHR(mode) and os.isatty(stream.fileno())
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or terminal):
             raise ConfigError(f"standard {name} must be a pipe, a socket or a terminal")
     loop = asyncio.get_running_loop()
     local = LocalSide()

@@ -49,6 +49,10 @@ WRITE_BUFFER_CAP = 16 * 1024 * 1024
 #: TCP keepalive on every socket: a vanished peer is noticed in about 60 s even on
 #: client streams, which carry no keepalive of their own.
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
+# No TCP_USER_TIMEOUT: it would also notice a peer that vanished with data unacknowledged
+# (keepalive probes only go out on an idle connection), but Linux then also ends a
+# connection whose peer is there and merely stopped reading (a zero window: a paused
+# download) once that lasts as long. A tunnel notices a dead peer by its PINGs.
 
 
 def tune_socket(sock: socket.socket) -> None:
