@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -44,6 +45,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def relay_health(port: int, ca_file: Path) -> bool:
+    """A full TLS connection and API request to the relay on 127.0.0.1 succeeds."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as tcp,
+            context.wrap_socket(tcp, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            return tls.recv(100).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
 
 
 def wait_for(

@@ -26,7 +26,7 @@ from hatchway.mux import Frame, FrameType
 from hatchway.mux.session import DEFAULT_WINDOW
 from hatchway.relay.streams import STREAM_HIGH_WATER
 from hatchway.tunnel.endpoint import TUNNEL_HIGH_WATER
-from tests.procs import Env, Proc, device_online, free_port, rss_kib, wait_for
+from tests.procs import Env, Proc, device_online, free_port, relay_health, rss_kib, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -694,20 +694,7 @@ def test_pending_connections_are_limited_per_source(env: Env) -> None:
     extra.close()
     for sock in idle:
         sock.close()
-    context = ssl.create_default_context(cafile=str(env.ca_file))
-
-    def health() -> bool:
-        try:
-            with (
-                socket.create_connection(("127.0.0.1", port), timeout=5) as tcp,
-                context.wrap_socket(tcp, server_hostname="localhost") as tls,
-            ):
-                tls.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
-                return tls.recv(100).startswith(b"HTTP/1.1 200")
-        except OSError:
-            return False
-
-    wait_for(health, 10, "the relay to serve again")
+    wait_for(lambda: relay_health(port, env.ca_file), 10, "the relay to serve again")
 
 
 def test_unauthenticated_tunnels_hold_their_sources_slot(env: Env) -> None:

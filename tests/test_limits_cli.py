@@ -48,7 +48,7 @@ from tests.netns import (
     remove_stale_namespaces,
     sh,
 )
-from tests.procs import Env, Proc, device_online, free_port, wait_for
+from tests.procs import Env, Proc, device_online, free_port, relay_health, wait_for
 from tests.test_integration import RawWebSocket
 from tests.test_nat_e2e import logs_on_failure
 
@@ -84,20 +84,6 @@ def host_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostRelay]:
         yield HostRelay(env, relay, port)
     finally:
         env.stop_all()
-
-
-def health(port: int, ca_file: Path) -> bool:
-    """A full TLS connection and API request to the relay succeeds."""
-    context = ssl.create_default_context(cafile=str(ca_file))
-    try:
-        with (
-            socket.create_connection(("127.0.0.1", port), timeout=5) as tcp,
-            context.wrap_socket(tcp, server_hostname="localhost") as tls,
-        ):
-            tls.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            return tls.recv(100).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
 
 
 def client_hello(ca_file: Path) -> bytes:
@@ -148,7 +134,7 @@ def test_relay_drops_a_tls_handshake_that_does_not_finish_in_10_s(host_relay: Ho
     try:
         partial.sendall(hello[: len(hello) // 2])
         # The slow clients do not hold the relay up.
-        assert health(port, ca_file)
+        assert relay_health(port, ca_file)
         closed = wait_all_closed({"silent": silent, "partial": partial}, started, LATEST + 5)
     finally:
         silent.close()
@@ -156,7 +142,7 @@ def test_relay_drops_a_tls_handshake_that_does_not_finish_in_10_s(host_relay: Ho
     print(f"\nclosed after: {', '.join(f'{k} {v:.1f} s' for k, v in sorted(closed.items()))}")
     for name, after in closed.items():
         assert EARLIEST <= after <= LATEST, f"{name} closed after {after:.1f} s"
-    assert health(port, ca_file)
+    assert relay_health(port, ca_file)
 
 
 class LateWebSocket(RawWebSocket):
@@ -239,7 +225,7 @@ def test_relay_sends_goaway_timeout_to_a_tunnel_that_never_authenticates(
     # have heard the GOAWAY at ~16 s).
     assert timings["late upgrade"][0] < 6.0 + EARLIEST
     host_relay.relay.wait_output(r"tunnel handshake timed out", timeout=5)
-    assert health(port, ca_file)
+    assert relay_health(port, ca_file)
 
 
 def test_refused_connections_are_logged_once_per_interval(host_relay: HostRelay) -> None:
@@ -262,7 +248,7 @@ def test_refused_connections_are_logged_once_per_interval(host_relay: HostRelay)
     finally:
         for sock in held:
             sock.close()
-    wait_for(lambda: health(port, host_relay.env.ca_file), 15, "the relay to serve again")
+    wait_for(lambda: relay_health(port, host_relay.env.ca_file), 15, "the relay to serve again")
 
 
 # --- relay, agent and client in a namespace with only lo -----------------------------------
