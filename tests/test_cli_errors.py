@@ -262,8 +262,16 @@ def test_closed_standard_streams_are_not_a_crash(online: tuple[Env, Service, str
     and no abort from libuv; a forward whose output pipe is gone says so."""
     env, _, _ = online
     environ = env.environ()
-    out = _run(["bash", "-c", 'exec "$@" <&-', "sh", *HATCHWAY, "proxy", "dev1", "ssh"], environ)
-    assert "standard input must be" in _one_sentence(out, 1)
+    # Standard input closed, or /dev/null: nothing to send, the device's half-close
+    # comes back (the echo service), and proxy ends cleanly.
+    for redirect in ("<&-", "</dev/null"):
+        command = f'exec "$@" {redirect}'
+        out = _run(["bash", "-c", command, "sh", *HATCHWAY, "proxy", "dev1", "ssh"], environ)
+        assert (out.returncode, out.stdout, out.stderr) == (0, b"", b""), (redirect, out)
+    out = _run(
+        ["bash", "-c", 'exec "$@" </dev/zero', "sh", *HATCHWAY, "proxy", "dev1", "ssh"], environ
+    )
+    assert "standard input must be a pipe" in _one_sentence(out, 1)
     port = free_port()
     forward = subprocess.Popen(
         [

@@ -406,19 +406,34 @@ def open_(
     click.echo(f"opened {device_id} in the browser")
 
 
-def _check_web_target(login_: Any, device_id: str, service: str | None) -> None:
-    """Fail as ``forward`` would when the device is offline or does not expose the
-    service, rather than hand out a URL that leads to an error page."""
-
+def _device_item(login_: Any, device_id: str, *, refusal_is_final: bool) -> dict[str, Any] | None:
+    """The relay's entry for the device (online state, services), for the checks made
+    before ``open``, ``forward`` and ``ssh`` go on. None when the check cannot be made
+    with this token: one made only to connect, or (unless ``refusal_is_final``) any
+    refusal, which the relay's page will explain. A relay that cannot be reached, a
+    relay URL or proxy that cannot be used: a sentence and exit 1."""
     from hatchway.client.relay_api import call
     from hatchway.errors import RelayError
 
     path = "/api/v1/devices/" + urllib.parse.quote(device_id, safe="")
     try:
-        item = call(login_.server, "GET", path, ca_file=login_.ca_file, token=login_.token)
+        item: dict[str, Any] = call(
+            login_.server, "GET", path, ca_file=login_.ca_file, token=login_.token
+        )
     except RelayError as exc:
-        if exc.status == 0:
-            raise
+        if exc.status == 0 or (refusal_is_final and exc.code != "insufficient_scope"):
+            _fail(str(exc))
+        return None
+    except HatchwayError as exc:
+        _fail(str(exc))
+    return item
+
+
+def _check_web_target(login_: Any, device_id: str, service: str | None) -> None:
+    """Fail as ``forward`` would when the device is offline or does not expose the
+    service, rather than hand out a URL that leads to an error page."""
+    item = _device_item(login_, device_id, refusal_is_final=False)
+    if item is None:
         return  # not visible with this token: the relay's answer to the grant says why
     if not item.get("online"):
         _fail(f"device {device_id} is offline")
@@ -438,18 +453,9 @@ def _check_stream_target(
     device that does not exist for this user, a service the online device does not
     expose). An offline device fails ``ssh``; for ``forward`` it is only noted: it may
     come back while ``forward`` runs."""
-    from hatchway.client.relay_api import call
-    from hatchway.errors import RelayError
-
-    path = "/api/v1/devices/" + urllib.parse.quote(device_id, safe="")
-    try:
-        item = call(login_.server, "GET", path, ca_file=login_.ca_file, token=login_.token)
-    except RelayError as exc:
-        if exc.code == "insufficient_scope":
-            return  # a token made only to connect: its connections will tell
-        _fail(str(exc))
-    except HatchwayError as exc:  # a relay URL or proxy that cannot be used
-        _fail(str(exc))
+    item = _device_item(login_, device_id, refusal_is_final=True)
+    if item is None:
+        return  # a token made only to connect: its connections will tell
     if not item.get("online"):
         if not offline_ok:
             _fail(f"device {device_id} is offline")

@@ -348,21 +348,34 @@ async def open_stream(login: Login, device: str, service: str, local: LocalSide)
     return stream
 
 
+def _readable_stdin() -> Any:
+    """Standard input as the event loop can wait on it: a pipe, a socket or a
+    terminal. /dev/null (also what a standard input closed at start is given, see
+    ``__main__``) is read as an empty pipe: the event loop cannot wait on it, and it
+    means "nothing to send"."""
+    fd = sys.stdin.fileno()
+    st = os.fstat(fd)
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode) or os.isatty(fd):
+        return sys.stdin
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev:
+        read_end, write_end = os.pipe()
+        os.close(write_end)
+        return os.fdopen(read_end, "rb")
+    raise ConfigError("standard input must be a pipe, a socket or a terminal")
+
+
 async def run_stdio(login: Login, device: str, service: str) -> str:
     """Join stdin/stdout to the service (OpenSSH ProxyCommand). Return why the stream
     broke ('' when it ended normally), already told on standard error: before standard
     output closes, since ssh stops its ProxyCommand once that happens."""
-    for name, stream in (("input", sys.stdin), ("output", sys.stdout)):
-        mode = os.fstat(stream.fileno()).st_mode
-        # A character device only if it is a terminal: the event loop cannot wait on
-        # /dev/null (what a closed standard stream is given at start, see __main__).
-        terminal = stat.S_ISCHR(mode) and os.isatty(stream.fileno())
-        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or terminal):
-            raise ConfigError(f"standard {name} must be a pipe, a socket or a terminal")
+    stdin = _readable_stdin()
+    mode = os.fstat(sys.stdout.fileno()).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)):
+        raise ConfigError("standard output must be a pipe, a socket or a terminal")
     loop = asyncio.get_running_loop()
     local = LocalSide()
     local.report = lambda reason: print(f"hatchway: {reason}", file=sys.stderr, flush=True)
-    await loop.connect_read_pipe(lambda: _LocalProtocol(local, True, False), sys.stdin)
+    await loop.connect_read_pipe(lambda: _LocalProtocol(local, True, False), stdin)
     await loop.connect_write_pipe(lambda: _StdoutProtocol(local, False, True), sys.stdout)
     stream = await open_stream(login, device, service, local)
     await local.done
