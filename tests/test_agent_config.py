@@ -93,6 +93,7 @@ def test_flags_win_over_the_file(tmp_path: Path, secret: Path) -> None:
         ({"services": ["ssh"]}, "expected NAME=HOST:PORT"),
         ({"services": ["ssh=host"]}, "expected HOST:PORT"),
         ({"services": ["ssh=host:0"]}, "out of range"),
+        ({"services": ["ssh=a:22", "ssh=b:22"]}, "service ssh is given twice"),
         ({"services": ["ssh=host:70000"]}, "out of range"),
         ({"services": ["Bad Name=host:1"]}, "invalid service name"),
         ({"proxy": "socks5://p:1"}, "unsupported proxy scheme"),

@@ -28,7 +28,7 @@ from hatchway.mux import events as ev
 from hatchway.mux.session import DEFAULT_WINDOW, PROTOCOL_VERSION, Role
 from hatchway.relay.pki import TlsFiles, ensure_tls_files
 from hatchway.tunnel.endpoint import TunnelEndpoint
-from tests.procs import HATCHWAY
+from tests.procs import HATCHWAY, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -282,3 +282,74 @@ async def test_forward_gives_up_on_an_open_the_relay_never_answers(
     assert seen == ["open dev1/ssh", "reset 0"]
     assert 0.5 < took < 5, took
     assert "dev1/ssh: the relay did not answer within 1 s" in capsys.readouterr().err
+
+
+def _logged_in(tmp_path: Path, server: str, ca_file: Path) -> dict[str, str]:
+    """An environment whose saved login names ``server``."""
+    config = tmp_path / "config"
+    config.mkdir(mode=0o700, exist_ok=True)
+    login = {"server": server, "user": "admin", "token": "t0ken", "ca_file": str(ca_file)}
+    (config / "login.json").write_text(json.dumps(login))
+    (config / "login.json").chmod(0o600)
+    environ = {k: v for k, v in os.environ.items() if k.lower() not in ("https_proxy", "no_proxy")}
+    return {**environ, "HATCHWAY_CONFIG_DIR": str(config)}
+
+
+def test_the_client_says_whether_the_proxy_or_the_relay_failed(
+    raw_server: Callable[[Callable[[socket.socket], None]], int], tls: TlsFiles, tmp_path: Path
+) -> None:
+    """With HTTPS_PROXY set, the client only ever dials the proxy: a refused or
+    unknown proxy, or one that refuses the CONNECT, is named as the proxy; a port that
+    does not speak TLS is named as such."""
+    closed = free_port()
+    environ = _logged_in(tmp_path, f"https://localhost:{closed}", tls.ca_cert)
+
+    def refuse_connect(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+
+    strict = raw_server(refuse_connect)
+    cases = [
+        (
+            f"http://127.0.0.1:{closed}",
+            f"cannot reach the proxy 127.0.0.1:{closed}: connection refused",
+        ),
+        (
+            "http://noproxy.invalid:3128",
+            "cannot reach the proxy noproxy.invalid:3128: host not found",
+        ),
+        (
+            f"http://127.0.0.1:{strict}",
+            f"the proxy 127.0.0.1:{strict} refused to connect to the relay: "
+            "407 Proxy Authentication Required",
+        ),
+    ]
+    for proxy, message in cases:
+        out = subprocess.run(
+            [*HATCHWAY, "devices"],
+            capture_output=True,
+            env={**environ, "HTTPS_PROXY": proxy},
+            timeout=30,
+        )
+        assert (out.returncode, out.stderr.decode()) == (1, f"hatchway: {message}\n"), proxy
+    # The stream path (proxy, forward, the agent) names an unknown proxy too.
+    out = subprocess.run(
+        [*HATCHWAY, "proxy", "dev1", "ssh"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env={**environ, "HTTPS_PROXY": "http://noproxy.invalid:3128"},
+        timeout=30,
+    )
+    assert (out.returncode, out.stderr.decode()) == (
+        1,
+        "hatchway: cannot reach proxy noproxy.invalid:3128: host not found\n",
+    )
+    # No proxy, and a port that answers in plain text.
+    plain = raw_server(lambda conn: conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n"))
+    environ = _logged_in(tmp_path, f"https://localhost:{plain}", tls.ca_cert)
+    out = subprocess.run([*HATCHWAY, "devices"], capture_output=True, env=environ, timeout=30)
+    assert out.returncode == 1
+    assert out.stderr.decode() == (
+        f"hatchway: cannot reach the relay https://localhost:{plain}: "
+        "it does not speak TLS there (is that the relay's port?)\n"
+    )

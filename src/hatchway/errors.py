@@ -66,3 +66,28 @@ class RelayError(HatchwayError):
         self.status = status
         self.code = code
         self.message = message
+
+
+def network_error_text(exc: BaseException) -> str:
+    """What went wrong with a connection, in words a person reads in a sentence
+    ("cannot reach the relay R: connection refused"), not the C library's."""
+    import socket
+    import ssl
+
+    if isinstance(exc, socket.gaierror):
+        return (
+            "host not found"
+            if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+            else (f"name lookup failed ({exc.strerror})")
+        )
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason == "WRONG_VERSION_NUMBER":
+            return "it does not speak TLS there (is that the relay's port?)"
+        return f"TLS failed ({exc.reason or exc})"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__

@@ -232,8 +232,12 @@ def load_agent_config(
         raise ConfigError('[services] must be a table of NAME = "HOST:PORT"')
     for name, target in table.items():
         targets[name] = _service_table(name, target, base)
-    for spec in services or []:
+    flagged: set[str] = set()
+    for spec in services or []:  # a flag replaces the config file's service of its name
         target = parse_service(spec)
+        if target.name in flagged:
+            raise ConfigError(f"service {target.name} is given twice (--service)")
+        flagged.add(target.name)
         targets[target.name] = target
     if not targets:
         raise ConfigError("no service exposed: add --service NAME=HOST:PORT")

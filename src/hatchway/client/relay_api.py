@@ -12,15 +12,17 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from hatchway.errors import RelayError
+from hatchway.errors import RelayError, network_error_text
 from hatchway.tlsutil import client_context
-from hatchway.tunnel.connect import proxy_from_environment, validate_relay_url
+from hatchway.tunnel.connect import ProxyConfig, proxy_from_environment, validate_relay_url
 
 #: Each read or connect may take this long (seconds)...
 TIMEOUT = 15.0
 #: ... and a whole call, from the connect to the last byte of the answer, this long: a
 #: relay (or proxy) that sends a byte now and then cannot hold the CLI for ever.
 DEADLINE = 60.0
+#: How http.client words a proxy's refusal of the CONNECT.
+_TUNNEL_FAILED = "Tunnel connection failed:"
 #: The largest answer read (a page of the device list is far smaller).
 MAX_ANSWER = 16 * 1024 * 1024
 
@@ -106,6 +108,24 @@ class _WatchedHandler(urllib.request.HTTPSHandler):
         return self.do_open(Connection, req, context=self._context)  # type: ignore[attr-defined]
 
 
+def _unreachable(server: str, proxy: ProxyConfig | None, exc: object) -> RelayError:
+    """A call that got no answer from the relay, blaming the right one of the two."""
+    text = str(exc)
+    if proxy is not None:
+        if text.startswith(_TUNNEL_FAILED):  # http.client: the proxy refused the CONNECT
+            answer = text[len(_TUNNEL_FAILED) :].strip()
+            return RelayError(
+                0, "proxy", f"the proxy {proxy.address()} refused to connect to the relay: {answer}"
+            )
+        if isinstance(exc, ConnectionRefusedError | socket.gaierror):  # only the proxy is dialled
+            return RelayError(
+                0, "proxy", f"cannot reach the proxy {proxy.address()}: {network_error_text(exc)}"
+            )
+    if isinstance(exc, BaseException):
+        text = network_error_text(exc)
+    return RelayError(0, "unreachable", f"cannot reach the relay {server}: {text}")
+
+
 def error_from_body(status: int, body: bytes) -> RelayError:
     try:
         data = json.loads(body)
@@ -117,7 +137,7 @@ def error_from_body(status: int, body: bytes) -> RelayError:
 
 def _opener(
     server: str, ca_file: str | None, watchdog: _Watchdog
-) -> tuple[urllib.request.OpenerDirector, str | None]:
+) -> tuple[urllib.request.OpenerDirector, ProxyConfig | None]:
     """An opener that verifies the relay and goes through the proxy ``hatchway proxy``
     and ``forward`` would use (HTTPS_PROXY unless NO_PROXY exempts the relay), and the
     Proxy-Authorization value for it."""
@@ -128,7 +148,7 @@ def _opener(
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler(proxies), _WatchedHandler(context, watchdog)
     )
-    return opener, proxy.authorization if proxy is not None else None
+    return opener, proxy
 
 
 def call(
@@ -162,7 +182,8 @@ def _call(
     body: dict[str, Any] | None,
     watchdog: _Watchdog,
 ) -> Any:
-    opener, proxy_authorization = _opener(server, ca_file, watchdog)
+    opener, proxy = _opener(server, ca_file, watchdog)
+    proxy_authorization = proxy.authorization if proxy is not None else None
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(server.rstrip("/") + path, data=data, method=method)
     request.add_header("Accept", "application/json")
@@ -185,9 +206,9 @@ def _call(
                 "tls",
                 f"the relay's certificate was refused: {reason.verify_message} (use --ca-file?)",
             ) from None
-        raise RelayError(0, "unreachable", f"cannot reach the relay {server}: {reason}") from None
+        raise _unreachable(server, proxy, reason) from None
     except (TimeoutError, OSError, http.client.HTTPException) as exc:
-        raise RelayError(0, "unreachable", f"cannot reach the relay {server}: {exc}") from None
+        raise _unreachable(server, proxy, exc) from None
     try:
         return json.loads(raw)
     except ValueError:

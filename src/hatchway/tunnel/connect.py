@@ -22,7 +22,7 @@ from websockets.datastructures import Headers
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from hatchway.errors import ConfigError, HatchwayError
+from hatchway.errors import ConfigError, HatchwayError, network_error_text
 from hatchway.tunnel.websocket import WebSocketEndpoint
 
 MAX_PROXY_RESPONSE = 16 * 1024
@@ -165,7 +165,12 @@ def relay_websocket_url(server: str, path: str) -> str:
 
 async def _open_via_proxy(proxy: ProxyConfig, host: str, port: int) -> socket.socket:
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+    try:
+        infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+    except OSError as exc:  # not the relay's fault: say whose
+        raise ConnectError(
+            f"cannot reach proxy {proxy.address()}: {network_error_text(exc)}"
+        ) from None
     last: OSError | None = None
     sock: socket.socket | None = None
     for family, type_, proto, _, addr in infos:
@@ -178,7 +183,8 @@ async def _open_via_proxy(proxy: ProxyConfig, host: str, port: int) -> socket.so
             sock.close()
             sock, last = None, exc
     if sock is None:
-        raise ConnectError(f"cannot reach proxy {proxy.host}:{proxy.port}: {last}")
+        reason = network_error_text(last) if last is not None else "no address"
+        raise ConnectError(f"cannot reach proxy {proxy.address()}: {reason}")
     try:
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
