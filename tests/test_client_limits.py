@@ -342,7 +342,7 @@ def test_the_client_says_whether_the_proxy_or_the_relay_failed(
     )
     assert (out.returncode, out.stderr.decode()) == (
         1,
-        "hatchway: cannot reach proxy noproxy.invalid:3128: host not found\n",
+        "hatchway: cannot reach the proxy noproxy.invalid:3128: host not found\n",
     )
     # No proxy, and a port that answers in plain text.
     plain = raw_server(lambda conn: conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n"))

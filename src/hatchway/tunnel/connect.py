@@ -169,7 +169,7 @@ async def _open_via_proxy(proxy: ProxyConfig, host: str, port: int) -> socket.so
         infos = await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
     except OSError as exc:  # not the relay's fault: say whose
         raise ConnectError(
-            f"cannot reach proxy {proxy.address()}: {network_error_text(exc)}"
+            f"cannot reach the proxy {proxy.address()}: {network_error_text(exc)}"
         ) from None
     last: OSError | None = None
     sock: socket.socket | None = None
@@ -184,7 +184,7 @@ async def _open_via_proxy(proxy: ProxyConfig, host: str, port: int) -> socket.so
             sock, last = None, exc
     if sock is None:
         reason = network_error_text(last) if last is not None else "no address"
-        raise ConnectError(f"cannot reach proxy {proxy.address()}: {reason}")
+        raise ConnectError(f"cannot reach the proxy {proxy.address()}: {reason}")
     try:
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
