@@ -40,7 +40,7 @@ class Recorder(WebSocketEndpoint):
             self.ws.send_response(self.ws.accept(event))
             self.flush()
 
-    def on_binary(self, data: bytes) -> None:
+    def on_binary(self, data: bytes | memoryview) -> None:
         assert type(data) is bytes
         self.got.append(("binary", data))
 
@@ -49,6 +49,16 @@ class Recorder(WebSocketEndpoint):
 
     def on_close_frame(self) -> None:
         self.got.append(("close", b""))
+
+
+class ViewRecorder(Recorder):
+    """Takes memoryviews, as a tunnel does (``binary_views``); keeps copies of them."""
+
+    binary_views = True
+
+    def on_binary(self, data: bytes | memoryview) -> None:
+        assert isinstance(data, (bytes, memoryview))
+        self.got.append(("binary", bytes(data)))
 
 
 class LibraryOnly(Recorder):
@@ -185,9 +195,9 @@ def traffic(draw: st.DrawFn) -> tuple[str, bytes, list[int], bool]:
 
 
 def feed_both(
-    side: str, data: bytes, cuts: list[int], eof: bool = False
+    side: str, data: bytes, cuts: list[int], eof: bool = False, fast_cls: type[Recorder] = Recorder
 ) -> tuple[Recorder, Recorder]:
-    fast, slow = open_endpoint(Recorder, side), open_endpoint(LibraryOnly, side)
+    fast, slow = open_endpoint(fast_cls, side), open_endpoint(LibraryOnly, side)
     assert fast._fast and not slow._fast
     bounds = [0, *cuts, len(data)]
     for start, end in itertools.pairwise(bounds):
@@ -208,9 +218,11 @@ def feed_both(
     return fast, slow
 
 
-def run(side: str, data: bytes, cuts: list[int], eof: bool = False) -> tuple[Recorder, Recorder]:
+def run(
+    side: str, data: bytes, cuts: list[int], eof: bool = False, fast_cls: type[Recorder] = Recorder
+) -> tuple[Recorder, Recorder]:
     async def main() -> tuple[Recorder, Recorder]:
-        return feed_both(side, data, cuts, eof)
+        return feed_both(side, data, cuts, eof, fast_cls)
 
     return asyncio.run(main())
 
@@ -221,6 +233,16 @@ def test_the_shorter_path_reads_what_websockets_reads(
     case: tuple[str, bytes, list[int], bool],
 ) -> None:
     run(*case)
+
+
+@settings(max_examples=200, deadline=None)
+@given(traffic())
+def test_memoryviews_carry_what_websockets_reads(
+    case: tuple[str, bytes, list[int], bool],
+) -> None:
+    """With ``binary_views`` (a tunnel's endpoint) the payloads come as views of the
+    received bytes, also out of a frame put together from several reads."""
+    run(*case, fast_cls=ViewRecorder)
 
 
 @pytest.mark.parametrize("side", ["server", "client"])
@@ -325,6 +347,43 @@ async def test_a_client_masks_each_frame_afresh() -> None:
         masks.add(head[offset : offset + 4])
     assert written(endpoint) == [(Opcode.BINARY.value, p, True) for p in payloads]
     assert len(masks) > len(payloads) - 5  # 32 random bits each: a repeat or two at most
+
+
+#: Parts of one message: frame headers around payloads, odd sizes to turn the mask.
+PARTS = [b"h" * 9, bytes(range(256)) * 70, b"", b"\x01" * 3, b"\x02" * 16_385, b"w" * 13]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, len(PARTS)])
+async def test_a_message_sent_in_parts_is_the_message_joined(count: int) -> None:
+    """``send_message`` writes what ``send_binary`` of the joined parts would: byte for
+    byte from a server, the same frame (afresh masked) from a client."""
+    parts = PARTS[:count]
+    joined = b"".join(parts)
+    server = open_endpoint(Recorder, "server")
+    transport = server.transport
+    assert isinstance(transport, Transport)
+    server.send_message(parts)
+    assert bytes(transport.written) == Frame(Opcode.BINARY, joined).serialize(
+        mask=False, extensions=[]
+    )
+    client = open_endpoint(Recorder, "client")
+    client.send_message(parts)
+    client.send_message([b"a", b"bc", b"defgh"])
+    assert written(client) == [(Opcode.BINARY.value, joined, True), (2, b"abcdefgh", True)]
+
+
+async def test_small_parts_go_out_with_the_header_large_ones_alone() -> None:
+    """A tunnel's message is headers around large payloads: the headers join the
+    WebSocket header (no TLS record each), the payloads are not copied into one."""
+    endpoint = open_endpoint(Recorder, "server")
+    transport = endpoint.transport
+    assert isinstance(transport, Transport)
+    calls: list[list[bytes]] = []
+    transport.writelines = lambda items: calls.append([bytes(i) for i in items])
+    big = b"x" * 70_000
+    endpoint.send_message([b"H1", big, b"H2", b"H3", big])
+    head = struct.pack("!BBQ", 0x82, 127, 140_006)
+    assert calls == [[head + b"H1", big, b"H2H3", big]]
 
 
 async def test_nothing_is_sent_once_closing() -> None:

@@ -87,7 +87,7 @@ class LocalSide:
         self._early_eof = False
 
     # from the device
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.write_transport is not None and not self.write_transport.is_closing():
             self.write_transport.write(data)
 
@@ -256,7 +256,7 @@ class StreamClient(WebSocketEndpoint):
         #: Why the stream broke ("" when it ended normally or the local side ended it).
         self.close_reason = ""
 
-    def on_binary(self, data: bytes) -> None:
+    def on_binary(self, data: bytes | memoryview) -> None:
         self.local.write(data)
         if self.local.write_paused and self.transport is not None:
             self.transport.pause_reading()

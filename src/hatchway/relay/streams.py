@@ -212,7 +212,7 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
 
     # --- WebSocket → channel ----------------------------------------------------------
 
-    def on_binary(self, data: bytes) -> None:
+    def on_binary(self, data: bytes | memoryview) -> None:
         self.forward(data)
 
     def on_text(self, data: bytes) -> None:

@@ -288,7 +288,9 @@ class TunnelEndpoint(WebSocketEndpoint):
             self._flush_mux()
         self._tick_handle = asyncio.get_running_loop().call_later(PING_INTERVAL / 3, self._tick)
 
-    def on_binary(self, data: bytes) -> None:
+    binary_views = True  # the multiplexer copies each payload it keeps
+
+    def on_binary(self, data: bytes | memoryview) -> None:
         if self.mux.failed is not None:
             return  # after a protocol error, nothing more is read (the tunnel is closing)
         self._last_rx = time.monotonic()
@@ -347,10 +349,10 @@ class TunnelEndpoint(WebSocketEndpoint):
             batch.append(chunk)
             size += len(chunk)
             if size >= TUNNEL_SEND_MESSAGE:
-                self.send_binary(batch[0] if len(batch) == 1 else b"".join(batch))
+                self.send_message(batch)
                 batch, size = [], 0
         if batch:
-            self.send_binary(batch[0] if len(batch) == 1 else b"".join(batch))
+            self.send_message(batch)
 
     def dispatch(self) -> None:
         """Hand the multiplexer's events to the bindings."""

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Sequence
 from typing import Any, cast
 
 from websockets.client import ClientProtocol
@@ -119,6 +120,18 @@ def _next_mask() -> bytes:
     return _masks[at : at + 4]
 
 
+def _masked(parts: Sequence[bytes | bytearray | memoryview], mask: bytes) -> list[bytes]:
+    """``parts`` masked as one payload: each part with the mask turned to where it
+    starts, so no part is copied more than once."""
+    out = []
+    offset = 0
+    for part in parts:
+        turn = offset % 4
+        out.append(apply_mask(part, mask[turn:] + mask[:turn] if turn else mask))
+        offset += len(part)
+    return out
+
+
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None:
@@ -129,6 +142,9 @@ class WebSocketEndpoint(asyncio.Protocol):
     """Base class: subclasses override the ``on_*`` hooks."""
 
     transport: asyncio.Transport | None
+    #: ``on_binary`` may be given a memoryview of the received bytes (valid for the
+    #: call only) instead of a copy: set by subclasses that copy what they keep.
+    binary_views = False
 
     def __init__(self, ws: WsProtocol) -> None:
         self.ws = ws
@@ -156,8 +172,9 @@ class WebSocketEndpoint(asyncio.Protocol):
     def on_handshake(self, event: Request | Response) -> None:
         """The opening handshake's request (server) or response (client) arrived."""
 
-    def on_binary(self, data: bytes) -> None:
-        """A binary frame (or a continuation of one) arrived."""
+    def on_binary(self, data: bytes | memoryview) -> None:
+        """A binary frame (or a continuation of one) arrived: a memoryview only where
+        ``binary_views`` is set."""
 
     def on_text(self, data: bytes) -> None:
         """A text frame arrived."""
@@ -243,7 +260,7 @@ class WebSocketEndpoint(asyncio.Protocol):
         if at_frame_boundary(ws):
             self._fast = True
 
-    def _receive_fast(self, data: bytes) -> None:
+    def _receive_fast(self, data: bytes | bytearray) -> None:
         """Whole binary frames go to ``on_binary`` straight from here; any other whole
         frame is handed to websockets alone; a frame this path does not take (or cannot
         yet judge) goes to websockets with everything after it, and the shorter path
@@ -253,8 +270,11 @@ class WebSocketEndpoint(asyncio.Protocol):
             rbuf += data
             if len(rbuf) < self._need:
                 return
-            data = bytes(rbuf)
-            rbuf.clear()
+            # The stash becomes the data as it is (no copy); a later stash starts anew,
+            # so nothing resizes a buffer that a view below may still refer to.
+            data, self._rbuf = rbuf, bytearray()
+        view = memoryview(data)
+        views = self.binary_views
         ws = self.ws
         masked = not self._client  # a server reads masked frames, a client plain ones
         mask_bit = 0x80 if masked else 0
@@ -290,9 +310,9 @@ class WebSocketEndpoint(asyncio.Protocol):
                 return
             if head1 == _FIN_BINARY:
                 if masked:
-                    self.on_binary(apply_mask(data[start:end], data[start - 4 : start]))
+                    self.on_binary(apply_mask(view[start:end], data[start - 4 : start]))
                 else:
-                    self.on_binary(data[start:end])
+                    self.on_binary(view[start:end] if views else bytes(view[start:end]))
             else:
                 # A frame websockets must see (control, text, fragment): alone and
                 # whole, so its parser ends between frames again.
@@ -315,11 +335,11 @@ class WebSocketEndpoint(asyncio.Protocol):
                     self._receive_slow(data[pos:])
                 return
 
-    def _stash(self, data: bytes, pos: int, need: int) -> None:
+    def _stash(self, data: bytes | bytearray, pos: int, need: int) -> None:
         self._rbuf += memoryview(data)[pos:]
         self._need = need
 
-    def _hand_over(self, data: bytes, pos: int) -> None:
+    def _hand_over(self, data: bytes | bytearray, pos: int) -> None:
         self._fast = False
         self._receive_slow(data[pos:] if pos else data)
 
@@ -370,10 +390,15 @@ class WebSocketEndpoint(asyncio.Protocol):
         return self.ws.state is OPEN and not self._lost
 
     def send_binary(self, data: bytes | bytearray | memoryview) -> None:
+        self.send_message((data,))
+
+    def send_message(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Send ``parts``, in order, as one binary message: they are not joined first
+        (a tunnel's message is frame headers around large payloads)."""
         if not self.is_open:
             return
         if not self._fast:
-            self.ws.send_binary(data)
+            self.ws.send_binary(parts[0] if len(parts) == 1 else b"".join(parts))
             self.flush()
             return
         transport = self.transport
@@ -382,7 +407,7 @@ class WebSocketEndpoint(asyncio.Protocol):
         if self.ws.writes:  # what websockets queued goes first
             self.flush()
         # What websockets' Frame.serialize writes for a whole binary message.
-        length = len(data)
+        length = sum(map(len, parts))
         if self._client:
             if length < 126:
                 head = bytes((_FIN_BINARY, 0x80 | length))
@@ -392,17 +417,31 @@ class WebSocketEndpoint(asyncio.Protocol):
                 head = struct.pack("!BBQ", _FIN_BINARY, 0x80 | 127, length)
             mask = _next_mask()
             head += mask
-            data = apply_mask(data, mask)
+            parts = _masked(parts, mask)
         elif length < 126:
             head = bytes((_FIN_BINARY, length))
         elif length < 65536:
             head = struct.pack("!BBH", _FIN_BINARY, 126, length)
         else:
             head = struct.pack("!BBQ", _FIN_BINARY, 127, length)
-        if length < _JOIN_BELOW:
-            transport.write(head + data)
+        # Small parts are joined with what precedes them (the header, other frames'
+        # headers), so they do not each cost a TLS record; large ones go as they are.
+        writes: list[bytes | bytearray | memoryview] = []
+        small: list[bytes | bytearray | memoryview] = [head]
+        for part in parts:
+            if len(part) < _JOIN_BELOW:
+                small.append(part)
+                continue
+            if small:
+                writes.append(small[0] if len(small) == 1 else b"".join(small))
+                small = []
+            writes.append(part)
+        if small:
+            writes.append(small[0] if len(small) == 1 else b"".join(small))
+        if len(writes) == 1:
+            transport.write(writes[0])
         else:
-            transport.writelines((head, data))
+            transport.writelines(writes)
         if self.write_paused:
             self._check_backlog(transport)
 
