@@ -20,9 +20,11 @@ from hatchway.agent.runner import (
     BACKOFF_MIN,
     Agent,
     AgentTunnel,
+    goaway_text,
     reconnect_delay,
 )
 from hatchway.errors import ConfigError
+from hatchway.mux.frames import GoAwayReason
 from hatchway.tunnel.connect import (
     ConnectError,
     ProxyConfig,
@@ -310,3 +312,15 @@ def test_agent_waits_the_jittered_delays_between_attempts(
     ceilings = [2, 4, 8, 16, 30, 30, 30, 30]
     assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True)), delays
     assert delays[0] != 1.0
+
+
+def test_every_goaway_reason_reads_as_a_sentence() -> None:
+    """What the agent logs when the relay ends its tunnel, for each reason the protocol
+    has (and one it does not know yet)."""
+    texts = {reason: goaway_text(reason, "detail") for reason in GoAwayReason}
+    assert texts[GoAwayReason.AUTH_FAILED] == (
+        "the relay refused this device's credentials (detail)"
+    )
+    assert texts[GoAwayReason.SHUTDOWN] == "the relay is shutting down (detail)"
+    assert len(set(texts.values())) == len(texts)  # each reason its own words
+    assert goaway_text(99, "") == "the relay closed the tunnel"

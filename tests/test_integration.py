@@ -320,7 +320,17 @@ def test_agent_with_a_wrong_secret_is_refused(setup: Setup, tmp_path: Path) -> N
     wrong.write_text("not-the-secret\n")
     wrong.chmod(0o600)
     impostor = setup.env.start_agent(setup.url, "dev1", wrong, ["echo=127.0.0.1:9"])
-    impostor.wait_output("refused this device's credentials", timeout=20)
+    # Each attempt is one line (at ERROR: someone must fix the secret) that says why
+    # and when the next one is.
+    refused = (
+        r"ERROR hatchway\.agent: cannot connect: the relay refused this device's "
+        r"credentials \(authentication failed\); reconnecting in \d+\.\d s$"
+    )
+    impostor.wait_output(f"(?ms){refused}.*{refused}", timeout=20)
+    impostor.stop()
+    lines = [line for line in impostor.output().splitlines() if " hatchway." in line]
+    attempts = [line for line in lines if re.search(refused, line)]
+    assert len(attempts) >= 2 and len(lines) == len(attempts), lines
     assert "authentication failed" in setup.relay.output()
     # The genuine device stays online.
     assert device_online(setup.env, "dev1")
@@ -330,7 +340,11 @@ def test_second_connection_replaces_the_first(setup: Setup) -> None:
     secret = setup.env.root / "dev1.secret"
     second = setup.env.start_agent(setup.url, "dev1", secret, [f"echo=127.0.0.1:{setup.echo.port}"])
     second.wait_output("connected to", timeout=20)
-    setup.agent.wait_output("replaced this tunnel", timeout=10)
+    setup.agent.wait_output(
+        r"WARNING hatchway\.agent: tunnel to https://localhost:\d+ closed: the relay replaced "
+        r"this tunnel with a newer one of the same device \(.+\); reconnecting in",
+        timeout=10,
+    )
     setup.agent.stop()
     # Only the second one serves now, with its own (smaller) service list.
     wait_for(lambda: device_online(setup.env, "dev1"), 40, "dev1 online again")

@@ -109,3 +109,33 @@ def test_a_config_dir_that_cannot_be_one_is_refused_before_the_relay_is_asked(
     a_file.write_text("x")
     assert "is not a directory" in _refused(env, a_file)
     assert "cannot create the configuration directory" in _refused(env, a_file / "below")
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b'{"server": "https://relay", "tok', "damaged (Unterminated string starting at"),
+        (b"", "damaged (Expecting value: line 1 column 1 (char 0))"),
+        (b"[1, 2]", "damaged (no valid server)"),
+        (b'{"server": "https://relay", "user": "a"}', "damaged (no valid token)"),
+        (b'{"server": "https://relay", "user": 5, "token": "t"}', "damaged (no valid user)"),
+        (
+            b'{"server": "https://relay", "user": "a", "token": "t", "ca_file": 7}',
+            "damaged (no valid ca_file)",
+        ),
+        (b"\xff\xfe", "is not UTF-8 text"),
+    ],
+)
+def test_a_damaged_login_file_is_said_in_one_sentence(env: Env, content: bytes, said: str) -> None:
+    """What a client reads back from its login file is checked: a file cut short or
+    edited by hand stops the command with what is wrong and what to do, not a
+    Python error ("list indices must be integers", "'server'")."""
+    env.config_dir.mkdir(mode=0o700)
+    (env.config_dir / "login.json").write_bytes(content)
+    out = env.hatchway("devices", check=False)
+    err = out.stderr.decode()
+    assert out.returncode == 1, err
+    assert err.startswith(f"hatchway: the login file {env.config_dir / 'login.json'} "), err
+    assert said in err and len(err.strip().splitlines()) == 1, err
+    if said != "is not UTF-8 text":
+        assert err.rstrip().endswith("; log in again"), err

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import errno
 import logging
+import os
 import random
 import socket
 import ssl
@@ -21,9 +21,10 @@ from hatchway.auth.device import derive_device_key, device_proof
 from hatchway.errors import HatchwayError, LocalProtocolError
 from hatchway.mux.frames import GoAwayReason, OpenFailure
 from hatchway.mux.session import DEFAULT_MAX_CHANNELS, DEFAULT_WINDOW, PROTOCOL_VERSION, Role
+from hatchway.text import printable
 from hatchway.tlsutil import client_context
 from hatchway.tunnel.connect import ConnectError, open_websocket
-from hatchway.tunnel.endpoint import TUNNEL_MAX_MESSAGE, TunnelEndpoint
+from hatchway.tunnel.endpoint import CLOSE_GOING_AWAY, TUNNEL_MAX_MESSAGE, TunnelEndpoint
 from hatchway.tunnel.local import TcpBinding
 
 log = logging.getLogger("hatchway.agent")
@@ -44,6 +45,9 @@ class AgentTunnel(TunnelEndpoint):
         self.established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.auth_refused = False
+        #: Why the relay ended the tunnel (its GOAWAY), in words, for the one log line
+        #: each attempt gets.
+        self.ended_by_relay: str | None = None
         self._hello_sent = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -99,12 +103,10 @@ class AgentTunnel(TunnelEndpoint):
         self.request_flush()
 
     def on_goaway(self, reason: int, message: str) -> None:
-        if reason == GoAwayReason.AUTH_FAILED:
-            self.auth_refused = True
-            log.error("the relay refused this device's credentials: %s", message)
-        elif reason == GoAwayReason.REPLACED:
-            log.warning("the relay replaced this tunnel: %s", message)
-        super().on_goaway(reason, message)
+        # Not logged here: the reconnect loop says it, once, with what it does next.
+        self.auth_refused = reason == GoAwayReason.AUTH_FAILED
+        self.ended_by_relay = goaway_text(reason, printable(message, 200))
+        self.close(CLOSE_GOING_AWAY, "going away")
 
     def on_channel_requested(self, channel: int, service: str) -> None:
         target = self.config.services.get(service)
@@ -140,7 +142,9 @@ class AgentTunnel(TunnelEndpoint):
             text = f"TLS failed: {getattr(exc, 'verify_message', None) or exc.reason or exc}"
         except OSError as exc:
             failure = OpenFailure.UNREACHABLE
-            text = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+            # The system's words for the errno: asyncio's own loop puts "Connect call
+            # failed (address)" where the reason belongs.
+            text = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
         else:
             if self.closed or not self.mux.is_requested(channel):
                 # The tunnel closed, or the relay gave up on the channel meanwhile.
@@ -228,21 +232,27 @@ class Agent:
             raise ConnectError("the relay did not complete the tunnel handshake in time") from None
         if not tunnel.established.done():
             raise ConnectError(
-                "the relay refused this device's credentials"
-                if tunnel.auth_refused
-                else "the relay closed the tunnel during the handshake"
+                tunnel.ended_by_relay or "the relay closed the tunnel during the handshake",
+                auth_refused=tunnel.auth_refused,
             )
         return tunnel
 
     async def run(self) -> None:
+        """Connect, serve, and start again, forever: one log line per attempt that
+        failed or tunnel that ended, saying why and when the next attempt is."""
         attempt = 0
         while True:
+            level, why = logging.WARNING, ""
             try:
                 tunnel = await self.connect_once()
+            except ConnectError as exc:
+                level = logging.ERROR if exc.auth_refused else logging.WARNING
+                why = f"cannot connect: {exc}"
             except HatchwayError as exc:
-                log.warning("cannot connect: %s", exc)
+                why = f"cannot connect: {exc}"
             except Exception:  # never give up: a device has nobody to restart it
                 log.exception("unexpected error while connecting")
+                why = "cannot connect"
             else:
                 attempt = 0
                 self.tunnel = tunnel
@@ -250,11 +260,31 @@ class Agent:
                 log.info("connected to %s as %s", self.config.server, self.config.device)
                 await tunnel.done
                 self.connected.clear()
-                log.warning("tunnel to %s closed", self.config.server)
+                why = f"tunnel to {self.config.server} closed"
+                if tunnel.ended_by_relay:
+                    why += f": {tunnel.ended_by_relay}"
             delay = reconnect_delay(attempt)
             attempt = min(attempt + 1, 10)
-            log.info("reconnecting in %.1f s", delay)
+            log.log(level, "%s; reconnecting in %.1f s", why, delay)
             await asyncio.sleep(delay)
+
+
+def goaway_text(reason: int, message: str) -> str:
+    """What a relay's GOAWAY means, in the words the agent logs."""
+    detail = f" ({message})" if message else ""
+    if reason == GoAwayReason.AUTH_FAILED:
+        return f"the relay refused this device's credentials{detail}"
+    if reason == GoAwayReason.REPLACED:
+        return f"the relay replaced this tunnel with a newer one of the same device{detail}"
+    if reason == GoAwayReason.VERSION:
+        return f"the relay does not speak this agent's protocol version{detail}"
+    if reason == GoAwayReason.SHUTDOWN:
+        return f"the relay is shutting down{detail}"
+    if reason == GoAwayReason.TIMEOUT:
+        return f"the relay timed the tunnel out{detail}"
+    if reason == GoAwayReason.PROTOCOL_ERROR:
+        return f"the relay reported a protocol error{detail}"
+    return f"the relay closed the tunnel{detail}"
 
 
 def reconnect_delay(

@@ -135,14 +135,24 @@ def load_login() -> Login:
     """The stored login; ``HATCHWAY_TOKEN`` replaces its token (a scoped token, say)."""
     path = config_dir() / LOGIN_FILE
     try:
-        data = json.loads(read_small_text(path, MAX_LOGIN_FILE, "the login file"))
-        return Login(
-            server=str(data["server"]),
-            user=str(data["user"]),
-            token=os.environ.get("HATCHWAY_TOKEN") or str(data["token"]),
-            ca_file=data.get("ca_file"),
-        )
+        text = read_small_text(path, MAX_LOGIN_FILE, "the login file")
     except FileNotFoundError:
         raise ConfigError("not logged in: run 'hatchway login URL --user NAME' first") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}; log in again") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {_why(exc)}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"the login file {path} is damaged ({exc}); log in again") from None
+    if not isinstance(data, dict):
+        data = {}
+
+    def field(name: str) -> str:
+        value = data.get(name)
+        if not isinstance(value, str):
+            raise ConfigError(f"the login file {path} is damaged (no valid {name}); log in again")
+        return value
+
+    server, user, token = field("server"), field("user"), field("token")
+    ca_file = field("ca_file") if data.get("ca_file") is not None else None
+    return Login(server, user, os.environ.get("HATCHWAY_TOKEN") or token, ca_file)

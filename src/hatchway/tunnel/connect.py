@@ -33,10 +33,14 @@ E = TypeVar("E", bound=WebSocketEndpoint)
 class ConnectError(HatchwayError):
     """The relay could not be reached or refused the WebSocket handshake."""
 
-    def __init__(self, message: str, status: int | None = None, body: bytes = b"") -> None:
+    def __init__(
+        self, message: str, status: int | None = None, body: bytes = b"", auth_refused: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = body
+        #: The relay refused the device's credentials (its GOAWAY said so).
+        self.auth_refused = auth_refused
 
 
 def _redacted(url: str) -> str:
@@ -257,7 +261,9 @@ async def open_websocket(
         except ssl.SSLError as exc:
             raise ConnectError(f"TLS handshake with the relay failed: {exc.reason}") from exc
         except OSError as exc:
-            raise ConnectError(f"cannot reach {wsuri.host}:{wsuri.port}: {exc}") from exc
+            raise ConnectError(
+                f"cannot reach {wsuri.host}:{wsuri.port}: {network_error_text(exc)}"
+            ) from exc
         assert endpoint.handshake is not None  # a client endpoint
         try:
             response = await endpoint.handshake

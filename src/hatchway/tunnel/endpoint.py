@@ -401,12 +401,10 @@ class TunnelEndpoint(WebSocketEndpoint):
                 log.warning("%s: %s", self.describe(), exc)
                 self.close(CLOSE_PROTOCOL_ERROR, "protocol error")
         elif isinstance(event, ev.GoAwayReceived):
-            log.info(
-                "%s: peer is going away (%s: %s)", self.describe(), event.reason, event.message
-            )
             self.on_goaway(event.reason, event.message)
 
     def on_goaway(self, reason: int, message: str) -> None:
+        log.info("%s: peer is going away (%s: %s)", self.describe(), reason, message)
         self.close(CLOSE_GOING_AWAY, "going away")
 
     def describe(self) -> str:
