@@ -257,6 +257,28 @@ def test_forward_checks_the_target_before_listening(online: tuple[Env, Service, 
     offline.stop()
 
 
+def test_forward_says_why_it_cannot_listen(online: tuple[Env, Service, str]) -> None:
+    """A port in use, an address not on this host, a name that does not resolve: the
+    system's reason in a sentence, not asyncio's wrapping of it."""
+    env, _, _ = online
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        for args, message in [
+            (
+                ["--local-port", str(port)],
+                f"cannot listen on 127.0.0.1:{port}: address already in use",
+            ),
+            (
+                ["--bind", "192.0.2.1"],
+                "cannot listen on 192.0.2.1: cannot assign requested address",
+            ),
+            (["--bind", "nohost.invalid"], "cannot listen on nohost.invalid: host not found"),
+        ]:
+            out = env.hatchway("forward", "dev1", "ssh", *args, check=False, timeout=30)
+            assert _one_sentence(out, 1) == f"hatchway: {message}\n"
+            assert out.stdout == b""
+
+
 def test_closed_standard_streams_are_not_a_crash(online: tuple[Env, Service, str]) -> None:
     """Started with standard input or output closed (``<&-``, ``>&-``): no traceback
     and no abort from libuv; a forward whose output pipe is gone says so."""

@@ -22,7 +22,7 @@ from hatchway.cliutil import api as _api
 from hatchway.cliutil import fail as _fail
 from hatchway.cliutil import guard as _guard
 from hatchway.cliutil import login as _login
-from hatchway.errors import HatchwayError
+from hatchway.errors import HatchwayError, network_error_text
 
 T = TypeVar("T")
 #: ``hatchway devices`` lists at most this many (a page holds far fewer).
@@ -512,7 +512,8 @@ def forward(device_id: str, service: str, local_port: int, bind: str, mux: bool)
     except HatchwayError as exc:
         _fail(str(exc))
     except OSError as exc:
-        _fail(f"cannot listen on {bind}:{local_port}: {exc.strerror or exc}")
+        where = f"{bind}:{local_port}" if local_port else bind
+        _fail(f"cannot listen on {where}: {network_error_text(exc)}")
     except KeyboardInterrupt:
         pass
 

@@ -71,6 +71,7 @@ class RelayError(HatchwayError):
 def network_error_text(exc: BaseException) -> str:
     """What went wrong with a connection, in words a person reads in a sentence
     ("cannot reach the relay R: connection refused"), not the C library's."""
+    import os
     import socket
     import ssl
 
@@ -88,6 +89,9 @@ def network_error_text(exc: BaseException) -> str:
         return "no answer in time"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror[:1].lower() + exc.strerror[1:]
+    if isinstance(exc, OSError) and (exc.errno or exc.strerror):
+        # The system's words for the errno: asyncio puts its own around them ("error
+        # while attempting to bind on address ('127.0.0.1', 80): ...").
+        text = os.strerror(exc.errno) if exc.errno else str(exc.strerror)
+        return text[:1].lower() + text[1:]
     return str(exc) or type(exc).__name__
