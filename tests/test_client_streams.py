@@ -158,8 +158,10 @@ def test_proxy_reports_a_stream_cut_short(running: Running, victim: str) -> None
         (running.relay if victim == "relay" else running.agent).stop(signal.SIGKILL)
         assert proc.wait(30) == 1
         err = proc.stderr.read().decode()
-    expected = "the connection to the relay was lost" if victim == "relay" else "tunnel closed"
-    assert expected in err
+    expected = (
+        "the connection to the relay was lost" if victim == "relay" else "the tunnel to dev1 closed"
+    )
+    assert err == f"hatchway: {expected}\n"
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
@@ -175,7 +177,10 @@ def test_forward_resets_the_local_connection_when_the_stream_breaks(
         (running.relay if victim == "relay" else running.agent).stop(signal.SIGKILL)
         with pytest.raises(ConnectionResetError):
             conn.recv(10)  # not b"": the application must not take it for a clean end
-    fwd.wait_output("dev1/echo: ", timeout=10)
+    said = (
+        "the connection to the relay was lost" if victim == "relay" else "the tunnel to dev1 closed"
+    )
+    fwd.wait_output(f"hatchway: dev1/echo: {said}\n", timeout=10)
     assert "Traceback" not in fwd.output()
 
 

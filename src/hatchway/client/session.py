@@ -45,6 +45,9 @@ class ClientTunnelEndpoint(TunnelEndpoint):
     def describe(self) -> str:
         return "client tunnel"
 
+    def closed_text(self) -> str:
+        return "the connection to the relay was lost"  # as `proxy` says it
+
     def on_hello(self, info: dict[str, Any]) -> None:
         if info.get("welcome") is not True or info.get("version") != PROTOCOL_VERSION:
             self.close(1002, "unexpected HELLO")

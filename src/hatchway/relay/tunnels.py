@@ -62,6 +62,10 @@ class RelayTunnel(TunnelEndpoint):
     def describe(self) -> str:
         return f"device {self.device_id or '?'} ({self.peer_address()})"
 
+    def closed_text(self) -> str:
+        # As a stream that finds the tunnel gone is told (relay/streams.py).
+        return f"the tunnel to {self.device_id} closed" if self.device_id else "the tunnel closed"
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         loop = asyncio.get_running_loop()

@@ -318,9 +318,10 @@ class TunnelEndpoint(WebSocketEndpoint):
             if handle is not None:
                 handle.cancel()
         bindings, self.bindings = self.bindings, {}
+        text = self.closed_text()
         for binding in bindings.values():
             binding.finished = True
-            binding.on_reset(ResetReason.TUNNEL_CLOSED, "the tunnel closed")
+            binding.on_reset(ResetReason.TUNNEL_CLOSED, text)
         self.on_tunnel_closed()
 
     def shutdown(self, reason: GoAwayReason, message: str, code: int = CLOSE_GOING_AWAY) -> None:
@@ -409,3 +410,7 @@ class TunnelEndpoint(WebSocketEndpoint):
 
     def describe(self) -> str:
         return f"tunnel {self.peer_address()}"
+
+    def closed_text(self) -> str:
+        """What the channels of this tunnel are told when it ends (a client shows it)."""
+        return "the tunnel closed"
