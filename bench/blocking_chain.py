@@ -13,8 +13,10 @@ The client frames what it reads as ``[u32 length][payload]`` on its TLS connecti
 relay parses the frames and writes them on to the agent (as hatchway's relay re-frames
 a channel's data for the device); the agent writes the payloads to the sink. A byte
 crosses four loopback TCP hops and two TLS legs (four AES-GCM passes), as through
-hatchway. The ``plain`` row is the same chain without TLS. The baseline is the same
-sender writing straight to the sink, measured in the same run.
+hatchway. The ``plain`` row is the same chain without TLS. The last row runs the relay
+as an event loop does it (uvloop, ``asyncio.Protocol``, asyncio's TLS layer through a
+memory BIO, hatchway's allocator setting), the rest of the chain unchanged. The
+baseline is the same sender writing straight to the sink, measured in the same run.
 
     .venv/bin/python bench/blocking_chain.py --seconds 5 --runs 3
 
@@ -36,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 LENGTH = struct.Struct("!I")
 #: What the sender writes per call (iperf3's default) and what every hop reads at most.
@@ -105,9 +108,84 @@ def pass_frames(src: socket.socket, dst: socket.socket, keep_header: bool) -> No
             have -= pos
 
 
+def loop_relay(listen_port: int, next_port: int, cert: str) -> None:
+    """The relay as an event loop does it: uvloop, ``asyncio.Protocol`` on both sides,
+    asyncio's TLS layer (a memory BIO) instead of ``SSLSocket``; frames parsed and
+    written on whole, the upstream paused while the downstream's buffer is full."""
+    import asyncio
+
+    import uvloop
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    from hatchway import allocator
+
+    allocator.tune()  # as every hatchway process does
+    server_ctx, client_ctx = _contexts(cert)
+    loop = uvloop.new_event_loop()
+    done = loop.create_future()
+
+    class Down(asyncio.Protocol):
+        def __init__(self, up: asyncio.Transport) -> None:
+            self.up = up
+
+        def pause_writing(self) -> None:
+            self.up.pause_reading()
+
+        def resume_writing(self) -> None:
+            self.up.resume_reading()
+
+    class Up(asyncio.Protocol):
+        down: asyncio.Transport
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.buf = bytearray()
+            up = cast(asyncio.Transport, transport)
+            up.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            up.pause_reading()
+            loop.create_task(self._connect(up))
+
+        async def _connect(self, up: asyncio.Transport) -> None:
+            down, _ = await loop.create_connection(
+                lambda: Down(up),
+                "127.0.0.1",
+                next_port,
+                ssl=client_ctx,
+                server_hostname="localhost",
+            )
+            down.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.down = down
+            up.resume_reading()
+
+        def data_received(self, data: bytes) -> None:
+            buf = self.buf
+            buf += data
+            pos, have = 0, len(buf)
+            while have - pos >= 4:
+                (size,) = LENGTH.unpack_from(buf, pos)
+                if have - pos - 4 < size:
+                    break
+                self.down.write(buf[pos : pos + 4 + size])  # a copy: buf changes below
+                pos += 4 + size
+            del buf[:pos]
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.down.close()
+            loop.call_later(0.5, done.set_result, None)
+
+    server = loop.run_until_complete(
+        loop.create_server(Up, "127.0.0.1", listen_port, ssl=server_ctx)
+    )
+    print("ready", flush=True)
+    loop.run_until_complete(asyncio.wait_for(done, LIFETIME))
+    server.close()
+
+
 def role(argv: list[str]) -> None:
     """One process of the chain: ROLE LISTEN_PORT NEXT_PORT CERT|-"""
     name, listen_port, next_port, cert = argv[0], int(argv[1]), int(argv[2]), argv[3]
+    if name == "loop-relay":
+        loop_relay(listen_port, next_port, cert)
+        return
     tls = cert != "-"
     server_ctx, client_ctx = _contexts(cert) if tls else (None, None)
     listener = _listen(listen_port)
@@ -218,6 +296,7 @@ def main() -> int:
         "direct": (["sink"], "-"),
         "blocking chain, plain TCP": (["client", "relay", "agent", "sink"], "-"),
         "blocking chain, TLS": (["client", "relay", "agent", "sink"], "TLS"),
+        "same, relay on uvloop": (["client", "loop-relay", "agent", "sink"], "TLS"),
     }
     results: dict[str, list[tuple[float, dict[str, float]]]] = {name: [] for name in rows}
     with tempfile.TemporaryDirectory(prefix="blocking-chain-") as tmp:
@@ -235,7 +314,8 @@ def main() -> int:
         median = statistics.median(gbits)
         cpu = "-"
         if name != "direct":
-            parts = [statistics.median(c[p] for _, c in runs) for p in ("client", "relay", "agent")]
+            relay = "relay" if "relay" in runs[0][1] else "loop-relay"
+            parts = [statistics.median(c[p] for _, c in runs) for p in ("client", relay, "agent")]
             cpu = " / ".join(f"{v:.0f}" for v in parts)
         each = " / ".join(f"{g:.2f}" for g in gbits)
         print(f"| {name} | {median:.2f} ({each}) | {median / direct:.2f} | {cpu} |")

@@ -127,22 +127,49 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its living descendants (all threads)."""
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its living descendants."""
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             fields = _stat_fields(int(entry.name))
             if fields is not None:
                 parents.setdefault(int(fields[1]), []).append(int(entry.name))
-    total, todo = 0.0, [pid]
+    found, todo = [], [pid]
     while todo:
         current = todo.pop()
+        found.append(current)
+        todo += parents.get(current, [])
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its living descendants (all threads)."""
+    total = 0.0
+    for current in _tree(pid):
         fields = _stat_fields(current)
         if fields is not None:
             total += (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
-        todo += parents.get(current, [])
     return total
+
+
+def tree_wait_seconds(pid: int) -> float:
+    """How long the threads of ``pid`` and its descendants were ready to run but waited
+    for a core (the second field of each thread's ``/proc/.../schedstat``)."""
+    total = 0
+    for current in _tree(pid):
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
+def machine_idle() -> tuple[int, int]:
+    """(idle + iowait, all) jiffies of every core so far, from ``/proc/stat``."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -336,6 +363,9 @@ class Bench:
         self.bulk: dict[tuple[str, str], list[float]] = {}
         self.bulk_errors: dict[tuple[str, str], str] = {}
         self.bulk_cpu: dict[tuple[str, str], list[dict[str, float]]] = {}
+        # per run: the processes' waits for a core, and the machine's idle (% of a core)
+        self.bulk_wait: dict[tuple[str, str], list[dict[str, float]]] = {}
+        self.bulk_idle: dict[tuple[str, str], list[float]] = {}
         self.latency: dict[str, list[float]] = {}
         self.latency_errors: dict[str, str] = {}
         self.relay_open: dict[str, list[float]] = {}
@@ -685,6 +715,8 @@ class Bench:
                     if key in self.bulk_errors:
                         continue
                     cpu0 = {name: tree_cpu_seconds(pid) for name, pid in tool.cpu}
+                    wait0 = {name: tree_wait_seconds(pid) for name, pid in tool.cpu}
+                    idle0 = machine_idle()
                     t0 = time.monotonic()
                     try:
                         bps = run_iperf(tool.iperf_port, args.seconds, parallel, reverse)
@@ -693,6 +725,13 @@ class Bench:
                             name: 100 * (tree_cpu_seconds(pid) - cpu0[name]) / elapsed
                             for name, pid in tool.cpu
                         }
+                        waited = {
+                            name: 100 * (tree_wait_seconds(pid) - wait0[name]) / elapsed
+                            for name, pid in tool.cpu
+                        }
+                        idle1 = machine_idle()
+                        cores = os.cpu_count() or 1
+                        idle = 100 * cores * (idle1[0] - idle0[0]) / max(1, idle1[1] - idle0[1])
                     except BenchError as exc:
                         self.bulk_errors[key] = str(exc)
                         self.fail(f"bulk {tool.name} {label} run {run}", str(exc))
@@ -700,10 +739,13 @@ class Bench:
                         continue
                     self.bulk.setdefault(key, []).append(bps)
                     self.bulk_cpu.setdefault(key, []).append(cpu)
+                    self.bulk_wait.setdefault(key, []).append(waited)
+                    self.bulk_idle.setdefault(key, []).append(idle)
                     log(
                         f"[bulk] run {run}/{args.runs} {tool.label:<34} {label:<12} "
                         f"{bps / 1e9:6.2f} Gbit/s  CPU % "
                         + " ".join(f"{name} {value:.0f}" for name, value in cpu.items())
+                        + f"  idle {idle:.0f}"
                     )
                     time.sleep(0.3)
 
@@ -931,6 +973,30 @@ class Bench:
             log("CPU use of the tunnel's processes during the bulk tests (% of one core, median):")
             log("")
             log(markdown_table(["tool", *(label for label, _, _ in BULK_MODES)], cpu_rows))
+        wait_rows = []
+        for tool in self.tools.values():
+            cells = [tool.label]
+            for label, _, _ in BULK_MODES:
+                waits = self.bulk_wait.get((tool.name, label))
+                idles = self.bulk_idle.get((tool.name, label))
+                if not idles:
+                    cells.append("-")
+                    continue
+                parts = [f"idle {statistics.median(idles):.0f}"]
+                parts += [
+                    f"{name} {statistics.median(w[name] for w in waits or []):.0f}"
+                    for name, _ in tool.cpu
+                ]
+                cells.append(", ".join(parts))
+            wait_rows.append(cells)
+        if wait_rows:
+            log("")
+            log(
+                "The machine's idle CPU, and how long each of the tunnel's processes waited "
+                "for a core while ready to run, during the bulk tests (% of one core, median):"
+            )
+            log("")
+            log(markdown_table(["tool", *(label for label, _, _ in BULK_MODES)], wait_rows))
         for tool in self.tools.values():
             for note in tool.notes:
                 log(f"\nnote on {tool.label}: {note}")
