@@ -135,7 +135,7 @@ def loop_relay(listen_port: int, next_port: int, cert: str) -> None:
             self.up.resume_reading()
 
     class Up(asyncio.Protocol):
-        down: asyncio.Transport
+        down: asyncio.Transport | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.buf = bytearray()
@@ -164,12 +164,14 @@ def loop_relay(listen_port: int, next_port: int, cert: str) -> None:
                 (size,) = LENGTH.unpack_from(buf, pos)
                 if have - pos - 4 < size:
                     break
+                assert self.down is not None  # reading starts once it is there
                 self.down.write(buf[pos : pos + 4 + size])  # a copy: buf changes below
                 pos += 4 + size
             del buf[:pos]
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self.down.close()
+            if self.down is not None:
+                self.down.close()
             loop.call_later(0.5, done.set_result, None)
 
     server = loop.run_until_complete(
