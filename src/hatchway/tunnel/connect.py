@@ -151,7 +151,7 @@ def validate_relay_url(server: str, what: str = "relay URL") -> urllib.parse.Spl
     shown = f"{what} {_redacted(server)}"
     parts = _split(server, shown)
     if parts.scheme not in ("https", "wss"):
-        raise ConfigError(f"{shown} must start with https:// (TLS is required)")
+        raise ConfigError(f"{shown} must start with https:// or wss:// (TLS is required)")
     _check_host(parts.hostname, parts.netloc, shown)
     _port_of(parts, shown)
     if parts.username is not None or parts.password is not None:
