@@ -269,22 +269,21 @@ class Agent:
             await asyncio.sleep(delay)
 
 
+#: What each GOAWAY reason means, in the words the agent logs.
+_GOAWAY_TEXT: dict[int, str] = {
+    GoAwayReason.AUTH_FAILED: "the relay refused this device's credentials",
+    GoAwayReason.REPLACED: "the relay replaced this tunnel with a newer one of the same device",
+    GoAwayReason.VERSION: "the relay does not speak this agent's protocol version",
+    GoAwayReason.SHUTDOWN: "the relay is shutting down",
+    GoAwayReason.TIMEOUT: "the relay timed the tunnel out",
+    GoAwayReason.PROTOCOL_ERROR: "the relay reported a protocol error",
+}
+
+
 def goaway_text(reason: int, message: str) -> str:
-    """What a relay's GOAWAY means, in the words the agent logs."""
-    detail = f" ({message})" if message else ""
-    if reason == GoAwayReason.AUTH_FAILED:
-        return f"the relay refused this device's credentials{detail}"
-    if reason == GoAwayReason.REPLACED:
-        return f"the relay replaced this tunnel with a newer one of the same device{detail}"
-    if reason == GoAwayReason.VERSION:
-        return f"the relay does not speak this agent's protocol version{detail}"
-    if reason == GoAwayReason.SHUTDOWN:
-        return f"the relay is shutting down{detail}"
-    if reason == GoAwayReason.TIMEOUT:
-        return f"the relay timed the tunnel out{detail}"
-    if reason == GoAwayReason.PROTOCOL_ERROR:
-        return f"the relay reported a protocol error{detail}"
-    return f"the relay closed the tunnel{detail}"
+    """What a relay's GOAWAY means, with its message, in the words the agent logs."""
+    text = _GOAWAY_TEXT.get(reason, "the relay closed the tunnel")
+    return f"{text} ({message})" if message else text
 
 
 def reconnect_delay(
