@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tunnel benchmark: hatchway against direct loopback TCP, ``ssh -L`` and websocat.
+"""Tunnel benchmark: hatchway against direct loopback TCP, ``ssh -L``, websocat and nginx.
 
 Run by hand from the repository root with the project's venv::
 
@@ -52,10 +52,12 @@ if str(REPO) not in sys.path:
 
 from tests.procs import Env, Proc, free_port, rss_kib  # noqa: E402
 
-TOOLS = ("direct", "hatchway", "hatchway-streams", "floor", "ssh", "websocat")
+TOOLS = ("direct", "hatchway", "hatchway-streams", "floor", "nginx", "ssh", "websocat")
 #: bench/floor_relay.py: the least a Python tunnel of hatchway's shape does.
 FLOOR_SCRIPT = Path(__file__).resolve().parent / "floor_relay.py"
 SECTIONS = ("bulk", "latency", "memory")
+#: Debian's nginx loads its stream proxy as a module (package libnginx-mod-stream).
+NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 #: (label, iperf3 parallel streams, reverse)
 BULK_MODES = (("1 stream", 1, False), ("1 stream -R", 1, True), ("10 streams", 10, False))
 BANNER = b"!"
@@ -388,6 +390,7 @@ class Bench:
             "hatchway": lambda: self._start_hatchway(loop),
             "hatchway-streams": lambda: self._start_hatchway_streams(loop),
             "floor": self._start_floor,
+            "nginx": self._start_nginx,
             "ssh": self._start_ssh,
             "websocat": self._start_websocat,
         }
@@ -510,6 +513,64 @@ class Bench:
             ("agent", agent.popen.pid),
             ("client", clients[0].popen.pid),
         ]
+        return tool
+
+    def _start_nginx(self) -> Tool:
+        """Three nginx stream proxies in hatchway's chain: client (TCP in, TLS out), relay
+        (TLS in and out) and agent (TLS in, TCP out), a TLS connection per user connection
+        on both legs. Hatchway's shape in C, with none of its protocol."""
+        assert self.sink is not None and self.banner is not None
+        from hatchway.relay.pki import ensure_tls_files
+
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(nginx).exists():
+            raise BenchError("nginx is not installed (apt-get install nginx)")
+        if not NGINX_STREAM_MODULE.exists():
+            raise BenchError(
+                "nginx's stream module is missing (apt-get install libnginx-mod-stream)"
+            )
+        d = self.root / "nginx"
+        d.mkdir()
+        files = ensure_tls_files(d / "tls", "localhost")
+        listen = {"client": [free_port(), free_port()]}
+        listen["relay"] = [free_port(), free_port()]
+        listen["agent"] = [free_port(), free_port()]
+        upstream = {
+            "client": listen["relay"],
+            "relay": listen["agent"],
+            "agent": [self.sink.port, self.banner.port],
+        }
+        server_tls = (
+            f"ssl_certificate {files.server_cert}; ssl_certificate_key {files.server_key}; "
+            "ssl_protocols TLSv1.2 TLSv1.3;"
+        )
+        upstream_tls = (
+            f"proxy_ssl on; proxy_ssl_verify on; proxy_ssl_trusted_certificate {files.ca_cert}; "
+            "proxy_ssl_name localhost; proxy_ssl_protocols TLSv1.2 TLSv1.3;"
+        )
+        pids = []
+        for role in ("agent", "relay", "client"):
+            servers = "\n".join(
+                f"server {{ listen 127.0.0.1:{port}{'' if role == 'client' else ' ssl'}; "
+                f"{'' if role == 'client' else server_tls} "
+                f"proxy_pass 127.0.0.1:{target}; {'' if role == 'agent' else upstream_tls} "
+                "proxy_buffer_size 256k; tcp_nodelay on; }"
+                for port, target in zip(listen[role], upstream[role], strict=True)
+            )
+            conf = d / f"{role}.conf"
+            conf.write_text(
+                f"load_module {NGINX_STREAM_MODULE};\n"
+                f"worker_processes 1; daemon off; pid {d / role}.pid;\n"
+                f"error_log {d / role}.log warn;\n"
+                "events { worker_connections 256; }\n"
+                f"stream {{\n{servers}\n}}\n"
+            )
+            proc = self.infra.spawn(f"nginx-{role}", [nginx, "-c", str(conf), "-e", "stderr"])
+            for port in listen[role]:
+                wait_listening(port, proc, 10, f"nginx ({role})")
+            pids.append((role, proc.popen.pid))
+        tool = Tool("nginx", "nginx stream chain (C)", listen["client"][0], listen["client"][1])
+        tool.cpu = [pids[1], pids[0], pids[2]]  # relay, agent, client, like the other rows
         return tool
 
     def _start_ssh(self) -> Tool:
@@ -1319,7 +1380,7 @@ def code_revision() -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark hatchway against direct TCP, ssh -L and websocat (loopback)."
+        description="Benchmark hatchway against direct TCP, ssh -L, websocat and nginx (loopback)."
     )
     parser.add_argument("--seconds", type=int, default=5, help="iperf3 -t (default 5)")
     parser.add_argument("--runs", type=int, default=3, help="bulk runs; the median is shown")
