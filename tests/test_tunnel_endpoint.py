@@ -219,6 +219,75 @@ async def test_agent_survives_open_then_reset_of_an_unexposed_service() -> None:
     assert frames[0].payload[0] == OpenFailure.UNKNOWN_SERVICE
 
 
+# --- the peer's data and EOF behind the WINDOW that frees a backlog ---------------------
+
+
+class Sink(ChannelBinding):
+    """Records what reaches the local side, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[object] = []
+
+    def deliver(self, data: bytes) -> None:
+        self.seen.append(bytes(data))
+
+    def deliver_eof(self) -> None:
+        self.seen.append("eof")
+
+    def pause_source(self) -> None:
+        pass
+
+    def resume_source(self) -> None:
+        pass
+
+    def on_closed(self) -> None:
+        self.seen.append("closed")
+
+    def on_reset(self, reason: int, message: str) -> None:
+        self.seen.append(("reset", reason))
+
+
+async def test_data_and_eof_behind_the_window_that_frees_a_pending_eof_arrive() -> None:
+    """The local side sent more than the credit, then EOF: both wait. The peer's WINDOW,
+    its answer and its EOF come in one message. The WINDOW lets the backlog and the EOF
+    go, which ends the channel in the multiplexer; the answer and the EOF behind it
+    must still reach the local side, before the channel is closed."""
+
+    class Accepting(TunnelEndpoint):
+        def on_channel_requested(self, channel: int, service: str) -> None:
+            self.sink = Sink()
+            self.attach(channel, self.sink)
+
+    tunnel = agent_side(Accepting)
+    tunnel.mux.mark_established()
+    relay = Multiplexer(Role.RELAY, window=16)
+    relay.mark_established()
+    channel = relay.open_channel("svc")
+    from_relay(tunnel, Opcode.BINARY, b"".join(relay.data_to_send()))
+    sink = tunnel.sink  # type: ignore[attr-defined]
+    frames, _ = sent(tunnel)
+    relay.receive_data(b"".join(f.serialize() for f in frames))  # OPEN_OK
+    sink.forward(b"A" * 32)  # 16 go, 16 wait for credit
+    sink.forward_eof()  # waits behind them
+    frames, _ = sent(tunnel)
+    relay.receive_data(b"".join(f.serialize() for f in frames))
+    relay.events_received()
+
+    relay.consumed(channel, 16)
+    relay.send_data(channel, b"answer")
+    relay.send_eof(channel)
+    from_relay(tunnel, Opcode.BINARY, b"".join(relay.data_to_send()))
+
+    assert sink.seen == [b"answer", "eof", "closed"]
+    assert tunnel.bindings == {}
+    frames, _ = sent(tunnel)
+    assert [(f.type, f.payload) for f in frames] == [
+        (FrameType.DATA, b"A" * 16),
+        (FrameType.EOF, b""),
+    ]
+
+
 # --- channel ids used up --------------------------------------------------------------------
 
 

@@ -196,6 +196,7 @@ class TunnelEndpoint(WebSocketEndpoint):
         self._tick_handle: asyncio.TimerHandle | None = None
         self._last_rx = time.monotonic()
         self._last_ping = self._last_rx
+        self._dispatching = False
         self.closed = False
 
     # --- hooks --------------------------------------------------------------------------
@@ -356,9 +357,20 @@ class TunnelEndpoint(WebSocketEndpoint):
             self.send_message(batch)
 
     def dispatch(self) -> None:
-        """Hand the multiplexer's events to the bindings."""
-        for event in self.mux.events_received():
-            self._dispatch_one(event)
+        """Hand the multiplexer's events to the bindings, in order.
+
+        A binding may make new events while it handles one (its EOF closes a channel
+        whose peer had ended already): those wait behind the rest of the batch, so a
+        channel's data and EOF still reach it before it is closed."""
+        if self._dispatching:
+            return
+        self._dispatching = True
+        try:
+            while events := self.mux.events_received():
+                for event in events:
+                    self._dispatch_one(event)
+        finally:
+            self._dispatching = False
 
     def _dispatch_one(self, event: ev.Event) -> None:
         bindings = self.bindings
