@@ -22,10 +22,11 @@ from websockets.frames import Opcode
 from websockets.protocol import OPEN
 from websockets.uri import parse_uri
 
-from hatchway.mux import Frame, FrameType
+from hatchway.mux import Frame, FrameParser, FrameType, GoAwayReason, OpenFailure
 from hatchway.mux.session import DEFAULT_WINDOW
 from hatchway.relay.streams import STREAM_HIGH_WATER
 from hatchway.tunnel.endpoint import TUNNEL_HIGH_WATER
+from tests.apiclient import Api
 from tests.procs import Env, Proc, device_online, free_port, relay_health, rss_kib, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -766,6 +767,73 @@ def test_open_and_reset_in_one_message_keep_the_client_tunnel(setup: Setup) -> N
         assert opened[:5] == bytes([FrameType.OPEN_OK]) + (3).to_bytes(4, "big")
     output = setup.relay.output()
     assert "Traceback" not in output and "protocol error" not in output
+
+
+def _frames_until_closed(raw: RawWebSocket) -> list[Frame]:
+    """The hatchway frames the relay sends until it closes the WebSocket."""
+    parser, frames = FrameParser(), []
+    while (message := raw.next_frame()).opcode is not Opcode.CLOSE:
+        frames += parser.feed(message.data)
+    return frames
+
+
+@pytest.mark.parametrize("open_after", [True, False])
+def test_a_client_tunnel_ends_with_its_token(setup: Setup, open_after: bool) -> None:
+    """A client tunnel outlives its token by nothing: an OPEN after the logout is
+    refused (checked in the store, not from a cache), and the relay closes the tunnel
+    with GOAWAY, also when the tunnel sits idle (the sweep)."""
+    env = setup.env
+    env.login(setup.url, "admin", setup.password)
+    token = relay_token(env)
+    api = Api(setup.url, env.ca_file, token)
+    with RawWebSocket(setup.port, env.ca_file, "/api/v1/client", token) as raw:
+        raw.next_frame()  # the welcome
+        raw.send(Frame(FrameType.OPEN, 1, b"\x00\x01\x00\x00dev1/echo").serialize())
+        assert raw.next_frame().data[0] == FrameType.OPEN_OK  # the token is in the cache
+        assert api.call("POST", "/api/v1/logout")[0] == 200
+        if open_after:
+            raw.send(Frame(FrameType.OPEN, 3, b"\x00\x01\x00\x00dev1/echo").serialize())
+        raw.tls.settimeout(10)  # the sweep runs every 2 s
+        frames = _frames_until_closed(raw)
+    assert FrameType.OPEN_OK not in [f.type for f in frames]
+    goaway = frames[-1]
+    assert goaway.type == FrameType.GOAWAY and goaway.payload[0] == GoAwayReason.AUTH_FAILED
+    assert b"revoked or has expired" in goaway.payload
+    refused = [f for f in frames if f.type == FrameType.OPEN_FAILED]
+    if refused:  # unless the sweep closed the tunnel before the OPEN arrived
+        assert [(f.channel, f.payload[0]) for f in refused] == [(3, OpenFailure.NOT_PERMITTED)]
+    assert "its token was revoked or expired, closing the tunnel" in setup.relay.output()
+
+
+def test_refused_opens_on_a_client_tunnel_are_logged_and_audited(setup: Setup) -> None:
+    """Like a refused client stream: a channel log line and an audit record each."""
+    env = setup.env
+    env.hatchway(
+        "user", "add", "mallory", "--role", "user", "--password-stdin",
+        "--data-dir", str(env.data_dir), input=b"Vivid-Lantern-482!\n",
+    )  # fmt: skip
+    env.login(setup.url, "mallory", "Vivid-Lantern-482!")
+    targets = [b"dev1/echo", b"secret-plc/ssh", b"dev1/\x1b[31m"]
+    with RawWebSocket(setup.port, env.ca_file, "/api/v1/client", relay_token(env)) as raw:
+        raw.next_frame()  # the welcome
+        for i, target in enumerate(targets):
+            raw.send(Frame(FrameType.OPEN, 2 * i + 1, b"\x00\x01\x00\x00" + target).serialize())
+            (frame,) = FrameParser().feed(raw.next_frame().data)
+            assert frame.type == FrameType.OPEN_FAILED
+    wait_for(lambda: setup.relay.output().count("user=mallory") >= 3, 10, "channel log lines")
+    lines = [line for line in setup.relay.output().splitlines() if "user=mallory" in line]
+    assert "device=dev1 service=echo" in lines[0] and "open-failed: not permitted" in lines[0]
+    assert "device=secret-plc service=ssh" in lines[1]
+    assert "\x1b" not in lines[2] and "open-failed: invalid service name" in lines[2]
+    data = ["--data-dir", str(env.data_dir)]
+
+    def channels() -> list[dict[str, object]]:
+        out = env.hatchway("audit", "list", "--json", "--kind", "channel", *data, prefix=())
+        return [json.loads(line) for line in out.stdout.decode().splitlines()]
+
+    wait_for(lambda: len(channels()) >= 3, 15, "audit records")
+    records = [r for r in channels() if r["actor"] == "mallory"]
+    assert [r["device"] for r in records] == ["dev1", "secret-plc", "dev1"]
 
 
 @pytest.mark.parametrize("ping", ["hatchway", "websocket"])

@@ -19,12 +19,13 @@ from websockets.protocol import CONNECTING
 from websockets.server import ServerProtocol
 
 from hatchway import __version__
-from hatchway.mux.frames import OpenFailure, ResetReason
+from hatchway.mux.frames import GoAwayReason, OpenFailure, ResetReason
 from hatchway.mux.session import PROTOCOL_VERSION, Role
 from hatchway.relay.api import ApiError
 from hatchway.relay.splice import SpliceBinding
 from hatchway.relay.streams import OPEN_TIMEOUT, describe_failure
 from hatchway.store.base import ChannelRecord, UserRecord
+from hatchway.text import printable
 from hatchway.tunnel.endpoint import TunnelEndpoint
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class ClientTunnel(TunnelEndpoint):
             return
         self.mux.mark_established()
         self.start_keepalive()
+        self.server.client_tunnels.add(self)  # its token is re-checked by the sweep
         self.mux.send_hello(
             {
                 "version": PROTOCOL_VERSION,
@@ -78,17 +80,71 @@ class ClientTunnel(TunnelEndpoint):
     def on_hello(self, info: dict[str, Any]) -> None:
         """The client sends none; the established mux refuses any that arrives."""
 
+    def on_tunnel_closed(self) -> None:
+        self.server.client_tunnels.discard(self)
+
+    def token_revoked(self) -> None:
+        """The token this tunnel was opened with is no longer valid: its channels end
+        with the tunnel, and the client has to log in again."""
+        log.info("%s: its token was revoked or expired, closing the tunnel", self.describe())
+        self.server.client_tunnels.discard(self)
+        self.shutdown(GoAwayReason.AUTH_FAILED, "the login token was revoked or has expired")
+
     def on_channel_requested(self, channel: int, target: str) -> None:
+        # The token is checked on every open: from the cache while a check of it is
+        # fresh, else in the store (the cache is dropped whenever a token is revoked).
+        if self.server.token_cached(self.token, "connect"):
+            self._open(channel, target)
+            return
+        task = asyncio.get_running_loop().create_task(self._check_token_and_open(channel, target))
+        self.server.track(task)
+
+    async def _check_token_and_open(self, channel: int, target: str) -> None:
+        try:
+            await self.server.authenticate_bearer(f"Bearer {self.token}", "connect")
+        except ApiError as exc:
+            if not self.closed and self.mux.is_requested(channel):
+                self._refuse(channel, target, OpenFailure.NOT_PERMITTED, exc.message)
+            if exc.status == 401 and self in self.server.client_tunnels:
+                self.token_revoked()
+            return
+        except Exception:
+            log.exception("%s: cannot check its token", self.describe())
+            if not self.closed and self.mux.is_requested(channel):
+                self._refuse(channel, target, OpenFailure.SHUTTING_DOWN, "relay error")
+            return
+        if not self.closed and self.mux.is_requested(channel):
+            self._open(channel, target)
+
+    def _open(self, channel: int, target: str) -> None:
         device, _, service = target.partition("/")
         try:
             device_tunnel = self.server.authorize_stream(self.user, device, service)
         except ApiError as exc:
-            self.reject(
-                channel, _API_FAILURES.get(exc.code, OpenFailure.NOT_PERMITTED), exc.message
-            )
+            failure = _API_FAILURES.get(exc.code, OpenFailure.NOT_PERMITTED)
+            self._refuse(channel, target, failure, exc.message)
             return
         opening = _Opening(self, channel, device, service)
         device_tunnel.open_binding(service, opening.device_side)
+
+    def _refuse(self, channel: int, target: str, reason: OpenFailure, text: str) -> None:
+        """Refuse a channel the relay did not let through, and log and audit that."""
+        self.reject(channel, reason, text)
+        device, _, service = target.partition("/")
+        now = datetime.now(UTC)
+        record = ChannelRecord(
+            user=self.user.name,
+            device=printable(device, 128),
+            service=printable(service, 64),
+            source=self.peer_address(),
+            started_at=now,
+            ended_at=now,
+            bytes_up=0,
+            bytes_down=0,
+            outcome=f"open-failed: {text}",
+        )
+        _log_channel(channel, record, 0.0)
+        self.server.record_channel(record)
 
 
 class _Opening:
@@ -183,20 +239,23 @@ class _Opening:
             bytes_down=self.client_side.bytes_to_tunnel,
             outcome=self.outcome,
         )
-        log.info(
-            "channel %s user=%s device=%s service=%s from=%s: %s, %d bytes up, %d bytes down, "
-            "%.3f s",
-            self.channel,
-            record.user,
-            record.device,
-            record.service,
-            record.source,
-            record.outcome,
-            record.bytes_up,
-            record.bytes_down,
-            duration,
-        )
+        _log_channel(self.channel, record, duration)
         self.tunnel.server.record_channel(record)
+
+
+def _log_channel(channel: int, record: ChannelRecord, duration: float) -> None:
+    log.info(
+        "channel %s user=%s device=%s service=%s from=%s: %s, %d bytes up, %d bytes down, %.3f s",
+        channel,
+        record.user,
+        record.device,
+        record.service,
+        record.source,
+        record.outcome,
+        record.bytes_up,
+        record.bytes_down,
+        duration,
+    )
 
 
 class _ClientSide(SpliceBinding):

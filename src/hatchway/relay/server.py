@@ -146,6 +146,9 @@ class RelayServer:
         # Open client channels (streams and spliced client-tunnel channels), re-checked
         # by the sweep: objects with user_name, token, device, service and revoke().
         self.client_channels: set[Any] = set()
+        # Open client tunnels (relay/client_tunnels.py): the sweep closes those whose
+        # token went, even while they carry no channel.
+        self.client_tunnels: set[Any] = set()
         self._device_cache: dict[str, tuple[Any, float]] = {}
         self._api_app: Any = None
         if config.tls_cert is not None and config.tls_key is not None:
@@ -297,17 +300,23 @@ class RelayServer:
         self.store.close()
 
     async def _sweep_channels(self) -> None:
-        """Every few seconds: end client channels whose token, user or permission went."""
+        """Every few seconds: end client channels whose token, user or permission went,
+        and client tunnels whose token went."""
         while True:
             await asyncio.sleep(CHANNEL_SWEEP_INTERVAL)
             channels = list(self.client_channels)
-            if not channels:
+            tunnels = list(self.client_tunnels)
+            if not channels and not tunnels:
                 continue
             try:
                 allowed = await asyncio.to_thread(self._still_allowed, channels)
+                dead = await asyncio.to_thread(self._dead_tokens, {t.token for t in tunnels})
             except Exception:
                 log.exception("channel sweep failed")
                 continue
+            for tunnel in tunnels:
+                if tunnel.token in dead and tunnel in self.client_tunnels:
+                    tunnel.token_revoked()
             for channel, ok in zip(channels, allowed, strict=True):
                 if not ok and channel in self.client_channels:
                     log.info(
@@ -318,6 +327,10 @@ class RelayServer:
                     )
                     self.client_channels.discard(channel)
                     channel.revoke("access revoked")
+
+    def _dead_tokens(self, tokens: set[str]) -> set[str]:
+        """Those of ``tokens`` that are no longer valid (a worker thread)."""
+        return {token for token in tokens if not self.store.token_scopes(token)}
 
     def _still_allowed(self, channels: list[Any]) -> list[bool]:
         """Fresh from the store (a worker thread): token live, user allowed."""
@@ -424,6 +437,15 @@ class RelayServer:
                 f"this token may not be used for {scope} (its scopes: {' '.join(scopes)})",
             )
         return user, scopes
+
+    def token_cached(self, token: str, scope: str) -> bool:
+        """Whether a fresh check of ``token`` found it valid for ``scope``."""
+        cached = self._token_cache.get(token)
+        return (
+            cached is not None
+            and cached[2] > time.monotonic()
+            and (scope in cached[1] or "all" in cached[1])
+        )
 
     def forget_tokens(self) -> None:
         """A token was revoked here: trust no cached token check."""
