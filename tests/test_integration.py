@@ -25,6 +25,7 @@ from websockets.uri import parse_uri
 from hatchway.mux import Frame, FrameParser, FrameType, GoAwayReason, OpenFailure
 from hatchway.mux.session import DEFAULT_WINDOW
 from hatchway.relay.streams import STREAM_HIGH_WATER
+from hatchway.relay.tunnels import PREAUTH_MAX_MESSAGE
 from hatchway.tunnel.endpoint import TUNNEL_HIGH_WATER
 from tests.apiclient import Api
 from tests.procs import Env, Proc, device_online, free_port, relay_health, rss_kib, wait_for
@@ -710,6 +711,25 @@ def test_pending_connections_are_limited_per_source(env: Env) -> None:
     for sock in idle:
         sock.close()
     wait_for(lambda: relay_health(port, env.ca_file), 10, "the relay to serve again")
+
+
+def test_a_device_sends_only_small_messages_before_it_proved_itself(setup: Setup) -> None:
+    """Before its HELLO is verified a device has nothing large to send: a message over
+    PREAUTH_MAX_MESSAGE (16 KiB) closes the connection (1009) instead of being kept.
+    Once authenticated, the tunnel takes messages of up to 4 MiB (the bulk tests)."""
+    with RawWebSocket(setup.port, setup.env.ca_file) as raw:
+        assert raw.next_frame().data[0] == FrameType.HELLO  # the relay's challenge
+        raw.tls.sendall(
+            bytes([0x82, 0x80 | 127])
+            + (PREAUTH_MAX_MESSAGE + 1).to_bytes(8, "big")
+            + b"\x00" * 4  # the mask
+            + b"\x00" * 1024
+        )
+        closing = raw.next_frame()
+        assert closing.opcode is Opcode.CLOSE
+        assert int.from_bytes(closing.data[:2], "big") == 1009  # message too big
+    _, fport = setup.env.start_forward("dev1", "echo")
+    assert roundtrip(fport, b"still") == b"still"  # the device's own tunnel is fine
 
 
 def test_unauthenticated_tunnels_hold_their_sources_slot(env: Env) -> None:

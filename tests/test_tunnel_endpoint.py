@@ -5,10 +5,13 @@ tunnel that has used up its channel ids."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import ssl
 from pathlib import Path
 
 import pytest
+import sqlalchemy.exc
 from websockets.client import ClientProtocol
 from websockets.frames import Frame as WsFrame
 from websockets.frames import Opcode
@@ -21,7 +24,9 @@ from hatchway.agent.runner import Agent, AgentTunnel
 from hatchway.auth.device import derive_device_key
 from hatchway.mux import Frame, FrameParser, FrameType, GoAwayReason, Multiplexer, OpenFailure, Role
 from hatchway.mux.events import ChannelRequested
+from hatchway.relay.registry import OnlineDevice
 from hatchway.relay.server import RelayConfig, RelayServer
+from hatchway.relay.tunnels import RelayTunnel
 from hatchway.tunnel.endpoint import TUNNEL_HIGH_WATER, ChannelBinding, TunnelEndpoint
 from hatchway.tunnel.websocket import WRITE_BUFFER_CAP
 from tests.procs import free_port
@@ -335,3 +340,148 @@ async def test_relay_shuts_down_while_a_dropped_tunnel_is_closing(tmp_path: Path
         # raised AttributeError from asyncio's sslproto.
         await server.shutdown()
     assert server.registry.get("dev1") is None
+
+
+# --- the relay's side of a device's handshake ---------------------------------------------
+
+
+def _agent_for(secret: str) -> AgentTunnel:
+    services = {"ssh": ServiceTarget("ssh", "127.0.0.1", 22)}
+    config = AgentConfig("https://relay.example", "dev1", secret, services=services)
+    ws = ClientProtocol(parse_uri("wss://relay.example/"), state=OPEN)
+    agent = AgentTunnel(ws, config, derive_device_key(secret))
+    agent.connection_made(FakeTransport())  # type: ignore[arg-type]
+    return agent
+
+
+def _relay_tunnel(server: RelayServer) -> RelayTunnel:
+    tunnel = RelayTunnel(ServerProtocol(state=OPEN), server)
+    tunnel.connection_made(FakeTransport())  # type: ignore[arg-type]
+    tunnel.mux.send_hello(  # the challenge, as on_handshake sends it
+        {"version": 1, "role": "relay", "nonce": base64.b64encode(tunnel.nonce).decode()}
+    )
+    return tunnel
+
+
+def _relay_to_agent(relay: RelayTunnel, agent: AgentTunnel) -> list[list[FrameType]]:
+    """Hand the agent what the relay wrote; the frame types of each WebSocket message."""
+    relay._flush_mux()
+    reader = ClientProtocol(parse_uri("wss://relay.example/"), state=OPEN)
+    reader.receive_data(bytes(transport_of(relay).written))
+    transport_of(relay).written.clear()
+    messages = [e.data for e in reader.events_received() if isinstance(e, WsFrame)]
+    for message in messages:
+        from_relay(agent, Opcode.BINARY, message)
+    return [[f.type for f in FrameParser().feed(m)] for m in messages]
+
+
+def _agent_to_relay(agent: AgentTunnel, relay: RelayTunnel) -> None:
+    agent._flush_mux()
+    relay.data_received(bytes(transport_of(agent).written))  # masked, as on the wire
+    transport_of(agent).written.clear()
+
+
+async def _authenticated(relay: RelayTunnel) -> None:
+    assert relay._auth_task is not None
+    await relay._auth_task
+
+
+async def test_the_welcome_goes_out_before_any_open_on_the_new_tunnel(tmp_path: Path) -> None:
+    """The agent takes an OPEN only once it handled the welcome, and it handles a
+    message's frames once it parsed all of them: an OPEN queued in the loop turn that
+    registered the device must not share the welcome's message."""
+    server = RelayServer(RelayConfig(data_dir=tmp_path / "relay", host="127.0.0.1", port=1))
+    secret = server.store.add_device("dev1")
+    relay, agent = _relay_tunnel(server), _agent_for(secret)
+    _relay_to_agent(relay, agent)
+    register, opened = server.registry.register, []
+
+    def register_and_open(entry: OnlineDevice) -> OnlineDevice | None:
+        previous = register(entry)
+        # Anything that runs once the device is online: a stream's open, straight away.
+        opened.append(entry.tunnel.open_binding("vnc", Recorder()))
+        return previous
+
+    server.registry.register = register_and_open  # type: ignore[method-assign]
+    _agent_to_relay(agent, relay)  # its HELLO with the proof
+    await _authenticated(relay)
+    (channel,) = opened
+    assert _relay_to_agent(relay, agent) == [[FrameType.HELLO], [FrameType.OPEN]]
+    assert agent.mux.failed is None and agent.is_open
+    frames, _ = sent(agent)  # the agent answered the OPEN (it exposes only ssh)
+    assert [(f.type, f.channel, f.payload[0]) for f in frames] == [
+        (FrameType.OPEN_FAILED, channel, OpenFailure.UNKNOWN_SERVICE)
+    ]
+    server.store.close()
+
+
+@pytest.mark.parametrize("how", ["second HELLO", "GOAWAY", "close"])
+async def test_a_tunnel_closing_during_its_key_lookup_replaces_nothing(
+    tmp_path: Path, how: str
+) -> None:
+    """A connection that began to close while the relay looked up the device's key
+    (a second HELLO, the agent's GOAWAY, a WebSocket close) is not registered: the
+    device's working tunnel stays."""
+    server = RelayServer(RelayConfig(data_dir=tmp_path / "relay", host="127.0.0.1", port=1))
+    secret = server.store.add_device("dev1")
+    live, live_agent = _relay_tunnel(server), _agent_for(secret)
+    _relay_to_agent(live, live_agent)
+    _agent_to_relay(live_agent, live)
+    await _authenticated(live)
+    assert server.registry.get("dev1").tunnel is live  # type: ignore[union-attr]
+
+    late, agent = _relay_tunnel(server), _agent_for(secret)
+    _relay_to_agent(late, agent)
+    _agent_to_relay(agent, late)  # the HELLO: the key lookup starts in a thread
+    if how == "second HELLO":
+        agent.mux.send_hello({"version": 1, "device": "dev1", "proof": "AAAA"})
+        _agent_to_relay(agent, late)
+    elif how == "GOAWAY":
+        agent.shutdown(GoAwayReason.NORMAL, "going away")
+        _agent_to_relay(agent, late)
+    else:
+        agent.close(1000, "bye")
+        _agent_to_relay(agent, late)
+    assert not late.is_open or late.mux.goaway_sent or late.mux.goaway_received
+    await _authenticated(late)
+    assert server.registry.get("dev1").tunnel is live  # type: ignore[union-attr]
+    assert live.is_open and not live.mux.goaway_sent
+    assert late.device_id is None and not late.mux.established
+    server.store.close()
+
+
+# --- a store that fails while an upgrade is checked -----------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/v1/connect?device=dev1&service=ssh", "/api/v1/client"])
+async def test_a_store_error_in_an_upgrade_s_token_check_answers_500(
+    tmp_path: Path, path: str
+) -> None:
+    """Not a connection left waiting with its reading paused, its timer stopped and its
+    source's slot given back: an error answer, and the connection ends."""
+    config = RelayConfig(data_dir=tmp_path / "relay", host="127.0.0.1", port=free_port())
+    server = RelayServer(config)
+
+    def broken(token: str) -> None:
+        raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("database is locked"))
+
+    server.store.user_for_token = broken  # type: ignore[method-assign,assignment]
+    await server.start()
+    try:
+        context = ssl.create_default_context(cafile=str(server.ca_file))
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", config.port, ssl=context, server_hostname="localhost"
+        )
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: hatchway.v1\r\n"
+            "Authorization: Bearer hwt_whatever\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # to the end: the relay closes
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 500 ")
+        assert b'"error": "internal"' in answer
+    finally:
+        await server.shutdown()

@@ -20,8 +20,8 @@ import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 from websockets.server import ServerProtocol
@@ -30,7 +30,12 @@ from hatchway.relay import api
 from hatchway.relay.api import asgi
 from hatchway.relay.client_tunnels import ClientTunnel
 from hatchway.relay.streams import ClientStream, error_response
-from hatchway.relay.tunnels import HANDSHAKE_TIMEOUT, SUBPROTOCOL, RelayTunnel
+from hatchway.relay.tunnels import (
+    HANDSHAKE_TIMEOUT,
+    PREAUTH_MAX_MESSAGE,
+    SUBPROTOCOL,
+    RelayTunnel,
+)
 from hatchway.tunnel.endpoint import TUNNEL_MAX_MESSAGE
 from hatchway.web import ui
 from hatchway.web.access import split_host, valid_host
@@ -319,7 +324,7 @@ class FrontDoor(asyncio.Protocol):
                 ws = ServerProtocol(
                     subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
                     extensions=None,
-                    max_size=TUNNEL_MAX_MESSAGE,
+                    max_size=PREAUTH_MAX_MESSAGE,  # raised once the device proved itself
                 )
                 deadline = self.accepted + HANDSHAKE_TIMEOUT
                 self._hand_over(RelayTunnel(ws, self.server, self.release, deadline))
@@ -331,7 +336,7 @@ class FrontDoor(asyncio.Protocol):
                     coro = self._connect(url.query)
                 else:
                     coro = self._client_tunnel()
-                task = asyncio.get_running_loop().create_task(coro)
+                task = asyncio.get_running_loop().create_task(self._guarded(url.path, coro))
                 task.add_done_callback(lambda _: self.release())
                 self.server.track(task)
                 return
@@ -375,6 +380,21 @@ class FrontDoor(asyncio.Protocol):
         endpoint.connection_made(self.transport)
         endpoint.data_received(bytes(self.buffer))
         self.buffer.clear()
+
+    async def _guarded(self, path: str, coro: Coroutine[Any, Any, None]) -> None:
+        """An upgrade that asks the store first: if that fails (a database error), the
+        client gets a 500 and the connection ends, rather than waiting for ever."""
+        try:
+            await coro
+        except Exception:
+            log.exception("internal error serving %s", path)
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            if transport.get_protocol() is self:
+                self._respond(500, {"error": "internal", "message": "internal error"})
+            else:  # an endpoint has it, half set up: end it
+                transport.abort()
 
     async def _connect(self, query: str) -> None:
         assert self.transport is not None

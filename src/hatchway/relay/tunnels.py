@@ -16,11 +16,11 @@ from websockets.server import ServerProtocol
 from hatchway import __version__
 from hatchway.auth.device import new_nonce, validate_device_id, verify_device_proof
 from hatchway.errors import ConfigError
-from hatchway.mux.frames import GoAwayReason
+from hatchway.mux.frames import MAX_CONTROL_PAYLOAD, GoAwayReason
 from hatchway.mux.session import PROTOCOL_VERSION, Role
 from hatchway.relay.registry import OnlineDevice
 from hatchway.text import printable
-from hatchway.tunnel.endpoint import CLOSE_POLICY, TunnelEndpoint
+from hatchway.tunnel.endpoint import CLOSE_POLICY, TUNNEL_MAX_MESSAGE, TunnelEndpoint
 
 if TYPE_CHECKING:
     from hatchway.relay.server import RelayServer
@@ -33,6 +33,9 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\
 #: From the TCP accept to an authenticated tunnel (TLS handshake, upgrade request and
 #: HELLO exchange together).
 HANDSHAKE_TIMEOUT = 10.0
+#: The largest WebSocket message a device may send before it proved itself: its HELLO
+#: (one frame of at most MAX_CONTROL_PAYLOAD) and keep-alives. TUNNEL_MAX_MESSAGE after.
+PREAUTH_MAX_MESSAGE = 2 * MAX_CONTROL_PAYLOAD
 
 
 class RelayTunnel(TunnelEndpoint):
@@ -124,8 +127,8 @@ class RelayTunnel(TunnelEndpoint):
             key = None
         else:
             key = await asyncio.to_thread(self.server.store.device_key, device)
-        if self.closed:
-            return
+        if self.closed or not self.is_open or self.mux.goaway_sent or self.mux.goaway_received:
+            return  # closing meanwhile (its deadline, a second HELLO, a GOAWAY, a close)
         if key is None or not verify_device_proof(key, device, self.nonce, proof):
             log.warning(
                 "device %r from %s: authentication failed",
@@ -140,7 +143,13 @@ class RelayTunnel(TunnelEndpoint):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         self.mux.mark_established()
+        self.limit_messages(TUNNEL_MAX_MESSAGE)
         self.start_keepalive()
+        # The welcome goes out alone, before anyone can open a channel on this tunnel:
+        # the agent takes an OPEN only once it has handled the welcome, and it handles
+        # a message's frames only once it has parsed all of them.
+        self.mux.send_hello({"welcome": True, "device": device})
+        self._flush_mux()
         entry = OnlineDevice(device, self, self.peer_address(), properties=_clean_props(props))
         previous = self.server.registry.register(entry)
         if previous is not None:
@@ -151,8 +160,6 @@ class RelayTunnel(TunnelEndpoint):
                 previous.address,
             )
             previous.tunnel.shutdown(GoAwayReason.REPLACED, "replaced by a newer tunnel")
-        self.mux.send_hello({"welcome": True, "device": device})
-        self.request_flush()
         self.server.audit(
             "device_connected",
             device,

@@ -389,6 +389,14 @@ class WebSocketEndpoint(asyncio.Protocol):
     def is_open(self) -> bool:
         return self.ws.state is OPEN and not self._lost
 
+    def limit_messages(self, size: int) -> None:
+        """Take messages of up to ``size`` bytes from now on (a peer that authenticated
+        may send larger ones than a peer that has not)."""
+        self.ws.max_message_size = size
+        if self._max_frame:
+            fragment = self.ws.max_fragment_size
+            self._max_frame = size if fragment is None else min(size, fragment)
+
     def send_binary(self, data: bytes | bytearray | memoryview) -> None:
         self.send_message((data,))
 
