@@ -17,6 +17,7 @@ from hatchway.mux.frames import (
     MAX_WINDOW,
     PAYLOAD_LIMITS,
     Frame,
+    FrameHeaderError,
     FrameParser,
     FrameType,
     decode_open,
@@ -28,6 +29,7 @@ from hatchway.mux.frames import (
 )
 
 U32_MAX = 2**32 - 1
+PING_FRAME = Frame(FrameType.PING, 0, b"12345678")
 
 
 def limit_of(frame_type: FrameType) -> int:
@@ -196,6 +198,47 @@ def test_oversized_header_after_a_good_frame_raises() -> None:
     bad = encode_header(FrameType.HELLO, 0, MAX_CONTROL_PAYLOAD + 1)
     with pytest.raises(RemoteProtocolError):
         FrameParser().feed(good + bad)
+
+
+BAD_HEADERS = {
+    "oversized": encode_header(FrameType.GOAWAY, 0, MAX_CONTROL_PAYLOAD + 1),
+    "unknown type": struct.pack("!BII", 0xEE, 1, 0),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_HEADERS.values(), ids=BAD_HEADERS.keys())
+def test_a_refused_header_carries_the_frames_before_it(bad: bytes) -> None:
+    """The receiver still handles them (PROTOCOL.md section 7): the error hands them
+    over, in order, and nothing of the refused frame or after it."""
+    before = [
+        Frame(FrameType.PONG, 0, b"x"),
+        Frame(FrameType.DATA, 3, b"payload"),
+        Frame(FrameType.EOF, 3),
+        Frame(FrameType.RESET, 5, b"\x00"),
+    ]
+    data = b"".join(f.serialize() for f in before) + bad + PING_FRAME.serialize()
+    with pytest.raises(FrameHeaderError) as caught:
+        FrameParser().feed(data)
+    assert isinstance(caught.value, RemoteProtocolError)
+    assert caught.value.frames == before
+
+
+@pytest.mark.parametrize("bad", BAD_HEADERS.values(), ids=BAD_HEADERS.keys())
+def test_a_refused_header_carries_the_frames_completed_from_the_buffer(bad: bytes) -> None:
+    """Frames whose start an earlier feed brought (the parser's buffer path) too."""
+    first = Frame(FrameType.DATA, 3, b"split across feeds")
+    raw = first.serialize()
+    parser = FrameParser()
+    assert parser.feed(raw[:12]) == []
+    with pytest.raises(FrameHeaderError) as caught:
+        parser.feed(raw[12:] + PING_FRAME.serialize() + bad)
+    assert caught.value.frames == [first, PING_FRAME]
+
+
+def test_a_refused_first_header_carries_no_frames() -> None:
+    with pytest.raises(FrameHeaderError, match="unknown frame type 0xee") as caught:
+        FrameParser().feed(BAD_HEADERS["unknown type"])
+    assert caught.value.frames == []
 
 
 @given(st.integers(0, 255).filter(lambda t: t not in set(FrameType)), st.integers(0, U32_MAX))

@@ -39,7 +39,13 @@ from hatchway.mux import (
     Role,
     SendWindowAvailable,
 )
-from hatchway.mux.frames import MAX_CONTROL_PAYLOAD, MAX_SERVICE_NAME, MAX_WINDOW, PAYLOAD_LIMITS
+from hatchway.mux.frames import (
+    MAX_CONTROL_PAYLOAD,
+    MAX_SERVICE_NAME,
+    MAX_WINDOW,
+    PAYLOAD_LIMITS,
+    FrameHeaderError,
+)
 from hatchway.mux.session import DATA_CHUNK
 from hatchway.text import printable
 from tests.mux_pair import MuxPair
@@ -990,6 +996,75 @@ def test_oversized_frame_header_fails_the_tunnel(pair: MuxPair) -> None:
     with pytest.raises(RemoteProtocolError, match="exceeds the limit"):
         pair.agent.mux.receive_data(header)
     assert pair.agent.sent_frames()[0].type is FrameType.GOAWAY
+
+
+BAD_HEADERS = {
+    "oversized": (
+        frame(FrameType.GOAWAY, 0)[:5] + U32.pack(MAX_CONTROL_PAYLOAD + 1),
+        "GOAWAY frame of 8193 bytes exceeds the limit of 8192",
+    ),
+    "unknown type": (struct.pack("!BII", 0xEE, 0, 0), "unknown frame type 0xee"),
+}
+
+
+@pytest.mark.parametrize(("bad", "error"), BAD_HEADERS.values(), ids=BAD_HEADERS.keys())
+def test_frames_before_a_refused_header_are_handled(pair: MuxPair, bad: bytes, error: str) -> None:
+    """PROTOCOL.md section 7, as for a frame the session refuses (above): a header the
+    parser refuses still lets the frames before it in the message take effect."""
+    kept, reset = open_pair(pair), open_pair(pair)
+    pair.relay.mux.send_ping(b"a")
+    pair.relay.mux.send_data(kept, b"last bytes")
+    pair.relay.mux.send_eof(kept)
+    pair.relay.mux.reset_channel(reset, ResetReason.REVOKED, "access revoked")
+    message = b"".join(pair.relay.mux.data_to_send()) + frame(FrameType.PONG, 0, b"x")
+    with pytest.raises(RemoteProtocolError, match=f"^{error}$") as caught:
+        pair.agent.mux.receive_data(message + bad + frame(FrameType.PING, 0, b"after"))
+    assert pair.agent.mux.events_received() == [
+        DataReceived(kept, b"last bytes"),
+        EofReceived(kept),
+        ChannelReset(reset, ResetReason.REVOKED, "access revoked"),
+        PongReceived(b"x"),
+    ]
+    assert pair.agent.sent_frames() == [
+        Frame(FrameType.PONG, 0, b"a"),  # the PING's answer, not the later one's
+        Frame(FrameType.GOAWAY, 0, bytes([GoAwayReason.PROTOCOL_ERROR]) + error.encode()),
+    ]
+    assert pair.agent.mux.channel_ids() == [kept]
+    assert pair.agent.mux.failed is caught.value
+    # The failed tunnel keeps the error, not the frames (and payloads) it carried.
+    assert isinstance(caught.value, FrameHeaderError)
+    assert caught.value.frames == []
+    with pytest.raises(RemoteProtocolError, match=f"^{error}$"):
+        pair.agent.mux.receive_data(frame(FrameType.PING, 0, b"more"))
+    assert pair.agent.mux.events_received() == []
+    assert pair.agent.sent_frames() == []
+
+
+def test_a_frame_completed_before_a_refused_header_is_handled(pair: MuxPair) -> None:
+    """The same for a frame whose start came in an earlier message."""
+    channel = open_pair(pair)
+    pair.relay.mux.send_data(channel, b"split across messages")
+    data = b"".join(pair.relay.mux.data_to_send())
+    pair.agent.mux.receive_data(data[:12])
+    assert pair.agent.mux.events_received() == []
+    bad, error = BAD_HEADERS["oversized"]
+    with pytest.raises(RemoteProtocolError, match=f"^{error}$"):
+        pair.agent.mux.receive_data(data[12:] + bad)
+    assert pair.agent.mux.events_received() == [DataReceived(channel, b"split across messages")]
+
+
+def test_an_error_before_a_refused_header_is_the_one_reported(pair: MuxPair) -> None:
+    """The frames are handled in order: the first error ends the tunnel, and the GOAWAY
+    names it, not the refused header behind it."""
+    bad, _ = BAD_HEADERS["oversized"]
+    data = frame(FrameType.PONG, 0, b"x") + frame(FrameType.EOF, 0) + bad
+    with pytest.raises(RemoteProtocolError, match=r"^EOF frame on channel 0$") as caught:
+        pair.agent.mux.receive_data(data)
+    assert pair.agent.mux.failed is caught.value
+    assert pair.agent.mux.events_received() == [PongReceived(b"x")]
+    assert pair.agent.sent_frames() == [
+        Frame(FrameType.GOAWAY, 0, bytes([GoAwayReason.PROTOCOL_ERROR]) + b"EOF frame on channel 0")
+    ]
 
 
 # --- garbage --------------------------------------------------------------------------

@@ -165,8 +165,26 @@ def _utf8(raw: bytes, what: str) -> str:
         raise RemoteProtocolError(f"{what} is not UTF-8") from None
 
 
+class FrameHeaderError(RemoteProtocolError):
+    """The parser refused a header (an unknown type, a length over the limit).
+
+    ``frames`` are the whole frames that came before that header in the same feed: the
+    receiver still handles them before the error ends the tunnel (PROTOCOL.md section
+    7), as it does for frames before one that the session refuses.
+    """
+
+    def __init__(self, message: str, frames: list[Frame]) -> None:
+        super().__init__(message)
+        self.frames = frames
+
+
 class FrameParser:
-    """Turns a byte stream into frames, holding at most one frame's worth of bytes."""
+    """Turns a byte stream into frames, holding at most one frame's worth of bytes.
+
+    A header it refuses raises ``FrameHeaderError``, which carries the frames parsed
+    before it in that feed. A stream cannot be resynchronised after a bad header: feed
+    the parser nothing more then.
+    """
 
     __slots__ = ("_buffer",)
 
@@ -195,7 +213,7 @@ class FrameParser:
             ftype, channel, length = unpack(source, offset)
             known = limits.get(ftype)
             if known is None or length > known[1]:
-                raise _header_error(ftype, length)
+                raise _header_error(ftype, length, frames)
             stop = offset + HEADER_SIZE + length
             if stop > end:
                 break
@@ -210,11 +228,11 @@ class FrameParser:
         return frames
 
 
-def _header_error(ftype: int, length: int) -> RemoteProtocolError:
-    """What is wrong with a header the parser refused."""
+def _header_error(ftype: int, length: int, frames: list[Frame]) -> FrameHeaderError:
+    """What is wrong with a header the parser refused; ``frames`` came before it."""
     limit = PAYLOAD_LIMITS.get(ftype)
     if limit is None:
-        return RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
-    return RemoteProtocolError(
-        f"{FrameType(ftype).name} frame of {length} bytes exceeds the limit of {limit}"
+        return FrameHeaderError(f"unknown frame type 0x{ftype:02x}", frames)
+    return FrameHeaderError(
+        f"{FrameType(ftype).name} frame of {length} bytes exceeds the limit of {limit}", frames
     )

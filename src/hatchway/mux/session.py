@@ -34,6 +34,7 @@ from hatchway.mux.frames import (
     SESSION_TYPES,
     U32,
     Frame,
+    FrameHeaderError,
     FrameParser,
     FrameType,
     GoAwayReason,
@@ -275,8 +276,17 @@ class Multiplexer:
             # frames (and the bytes they hold) onto it.
             raise self.failed.with_traceback(None)
         channels, events, established = self._channels, self._events, self.established
+        header_error: FrameHeaderError | None = None
         try:
-            for frame in self._parser.feed(data):
+            frames = self._parser.feed(data)
+        except FrameHeaderError as refused:
+            # The frames before the bad header are handled first (PROTOCOL.md section
+            # 7); they leave the exception, which outlives this call as ``failed``.
+            # (Not named ``exc``: mypyc gives a name one type for the whole function.)
+            frames, refused.frames = refused.frames, []
+            header_error = refused
+        try:
+            for frame in frames:
                 ftype, channel_id, payload = frame
                 if ftype is FrameType.DATA and established:
                     # The common frame in one step; anything unusual about it (an
@@ -292,6 +302,8 @@ class Multiplexer:
                         events.append(ev.DataReceived(channel_id, payload))
                         continue
                 self._handle(frame)
+            if header_error is not None:
+                raise header_error
         except RemoteProtocolError as exc:
             self.failed = exc
             self.send_goaway(GoAwayReason.PROTOCOL_ERROR, str(exc))

@@ -11,6 +11,11 @@ from __future__ import annotations
 from hatchway.mux.frames import ResetReason
 from hatchway.tunnel.endpoint import ChannelBinding
 
+#: The RESET reasons a RESET frame may carry (docs/PROTOCOL.md, section 4).
+_WIRE_RESET_REASONS: dict[int, ResetReason] = {
+    int(reason): reason for reason in ResetReason if reason is not ResetReason.TUNNEL_CLOSED
+}
+
 
 class SpliceBinding(ChannelBinding):
     def __init__(self) -> None:
@@ -37,9 +42,11 @@ class SpliceBinding(ChannelBinding):
         peer, self.peer = self.peer, None
         if peer is not None:
             peer.peer = None
-            known = reason in ResetReason._value2member_map_
+            # TUNNEL_CLOSED is local only (this side's tunnel went away), never on the
+            # wire: the other side's peer hears CONNECTION_LOST, as for any code that
+            # is not one of the wire's.
             peer.reset_channel(
-                ResetReason(reason) if known else ResetReason.CONNECTION_LOST, message
+                _WIRE_RESET_REASONS.get(reason, ResetReason.CONNECTION_LOST), message
             )
 
     def on_closed(self) -> None:
