@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import signal
 import socket
@@ -29,7 +28,7 @@ from hatchway.auth.ldap import (
 )
 from hatchway.auth.passwords import new_password
 from hatchway.auth.permissions import ROLE_PERMISSIONS, Access, may_connect, may_view
-from hatchway.auth.throttle import LoginThrottle
+from hatchway.auth.throttle import LoginThrottle, source_key
 from hatchway.errors import ConfigError, NotFoundError
 from hatchway.mux.frames import GoAwayReason
 from hatchway.mux.session import DEFAULT_MAX_CHANNELS, DEFAULT_WINDOW
@@ -45,20 +44,6 @@ from hatchway.tunnel.websocket import tune_socket
 from hatchway.web.access import WebAccess
 
 log = logging.getLogger("hatchway.relay")
-
-
-def source_key(address: str) -> str:
-    """What the per-source limits count by: the address, or for IPv6 its /64 (one
-    host usually holds a whole /64, so its addresses are one source)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return address
 
 
 #: Connections per source address that have not yet finished their request/handshake.

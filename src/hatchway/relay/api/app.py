@@ -41,13 +41,15 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (403, "Not permitted"),
         (404, "Not found, or not yours to see"),
         (409, "Already exists"),
-        (429, "Too many failed logins from this address"),
+        (429, "Too many failed logins, or logins waiting, from this address (Retry-After)"),
+        (503, "Too many logins waiting on the relay (Retry-After)"),
     )
 }
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message}, status_code=status)
+def _error(status: int, code: str, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
 def _describe(exc: RequestValidationError) -> str:
@@ -77,7 +79,7 @@ def create_app(server: RelayServer) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message)
+        return _error(exc.status, exc.code, exc.message, exc.retry_after)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

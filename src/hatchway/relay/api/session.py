@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 
 from hatchway import __version__
+from hatchway.auth.throttle import source_key
 from hatchway.errors import AuthenticationError, ConfigError
 from hatchway.relay.api import models as m
 from hatchway.relay.api.core import TOKEN_TTL, ApiError, check_password
@@ -81,21 +82,29 @@ async def whoami(caller: Reader) -> m.WhoAmI:
     "sessions made from it.",
 )
 async def change_password(body: m.PasswordChange, caller: TokenOwner, server: Relay) -> m.Done:
-    wait = server.login_throttle.retry_after(caller.source)
+    # Counted like a login (api/core.py): by source (an address, an IPv6 /64), with the
+    # attempts still being checked.
+    key, throttle = source_key(caller.source), server.login_throttle
+    wait = throttle.reserve(key)
     if wait:
-        raise ApiError(429, "too_many_attempts", f"too many failed attempts: wait {wait} s")
+        raise ApiError(429, "too_many_attempts", f"too many failed attempts: wait {wait} s", wait)
     try:
         await run(
             server.store.set_password, caller.name, body.new_password, actor=caller.name,
             current=body.password, keep=caller.secret,
         )  # fmt: skip
     except AuthenticationError:
-        server.login_throttle.failed(caller.source)
+        throttle.failed(key, reserved=True)
         server.log_login_failure(caller.name, caller.source)
         server.audit("login_failed", caller.name, source=caller.source, details={"via": "password"})
         raise ApiError(403, "wrong_password", "the current password is wrong") from None
     except ConfigError as exc:
+        throttle.release(key)
         raise ApiError(400, "weak_password", str(exc)) from None
+    except BaseException:
+        throttle.release(key)
+        raise
+    throttle.release(key)
     await server.sessions_ended()
     return m.Done()
 
