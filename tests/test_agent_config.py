@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import re
 from pathlib import Path
@@ -31,6 +32,7 @@ from hatchway.tunnel.connect import (
     proxy_from_environment,
     relay_websocket_url,
 )
+from tests.procs import Env
 
 
 @pytest.fixture(autouse=True)
@@ -198,8 +200,8 @@ def test_tls_services_and_host_header(tmp_path: Path, secret: Path) -> None:
 def test_proxy_messages_never_show_credentials() -> None:
     for url, message in [
         ("http://alice:pw-1@:3128", r"proxy URL http://\*\*\*@:3128: no host"),
-        ("http://alice:pw-1@p:65536", "port 65536 out of range"),
-        ("http://alice:pw-1@p:3x", "invalid port '3x'"),
+        ("http://alice:pw-1@p:65536", r"p:65536: port 65536 out of range \(1-65535\)$"),
+        ("http://alice:pw-1@p:3x", r"p:3x: invalid port \(expected 1-65535\)$"),
         ("socks5://alice:pw-1@p:1", "unsupported proxy scheme 'socks5'"),
         ("alice:pw-1@p:0", "port 0 out of range"),
         ("http://alice:pw/1@p:1", r"http://\*\*\*@p:1: percent-encode the user name"),
@@ -324,3 +326,267 @@ def test_every_goaway_reason_reads_as_a_sentence() -> None:
     assert texts[GoAwayReason.SHUTDOWN] == "the relay is shutting down (detail)"
     assert len(set(texts.values())) == len(texts)  # each reason its own words
     assert goaway_text(99, "") == "the relay closed the tunnel"
+
+
+# --- NO_PROXY entries with a port ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "host", "port", "exempt"),
+    [
+        ("relay.example.com:8443", "relay.example.com", 8443, True),
+        ("relay.example.com:8443", "relay.example.com", 443, False),
+        ("relay.example.com:8443", "relay.example.com", None, False),
+        ("other.example:1, RELAY.example.com:8443", "relay.example.com", 8443, True),
+        ("relay.example.com", "relay.example.com", 8443, True),
+        ("relay.example.com", "relay.example.com", None, True),
+        (".example.com", "relay.example.com", 8443, True),
+        ("example.com", "relay.example.com", 8443, True),
+        ("example.com:8443", "relay.example.com", 8443, True),
+        ("example.com:8443", "relay.example.com", 9443, False),
+        ("ample.com", "relay.example.com", 8443, False),
+        ("*", "relay.example.com", 8443, True),
+        ("::1", "::1", 8443, True),
+        ("[::1]:8443", "::1", 8443, True),
+        ("[::1]:8443", "::1", 443, False),
+        ("relay.example.com:8443", "relay.example.co", 8443, False),
+    ],
+)
+def test_no_proxy_entries_with_a_port(
+    monkeypatch: pytest.MonkeyPatch, no_proxy: str, host: str, port: int | None, exempt: bool
+) -> None:
+    """``relay.example.com:8443`` (what urllib and curl take) exempts that host on that
+    port; a bare host any port; suffixes and ``*`` as before."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.local:8080")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    expected = None if exempt else ProxyConfig("proxy.local", 8080)
+    assert proxy_from_environment(host, port) == expected
+
+
+def test_the_agent_honours_a_no_proxy_entry_with_the_relays_port(
+    secret: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://u:pw@proxy.local:3128")
+    args: dict[str, object] = {
+        "device": "dev1",
+        "secret_file": secret,
+        "services": ["ssh=localhost:22"],
+    }
+    for server, no_proxy, proxied in [
+        ("https://relay.example.com:8443", "relay.example.com:8443", False),
+        ("https://relay.example.com:8443", "relay.example.com:443", True),
+        ("https://relay.example.com", "relay.example.com:443", False),  # the default port
+        ("https://[::1]:8443", "[::1]:8443", False),
+    ]:
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+        config = load_agent_config(server=server, **args)  # type: ignore[arg-type]
+        assert (config.proxy is not None) is proxied, (server, no_proxy)
+
+
+# --- proxy URLs whose user name or password hold '@' with '/', '?' or '#' --------------
+
+PERCENT_ENCODE = (
+    "percent-encode the user name and password ('@' as %40, ':' as %3A, '/' as %2F, "
+    "'?' as %3F, '#' as %23)"
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # An e-mail address as the user name, a '#' in the password: the password was
+        # taken as the port and printed ("invalid port 'Summer2024'").
+        (
+            "http://alice@corp.example:Summer2024#Secret@proxy.corp.example:3128",
+            "http://***@proxy.corp.example:3128",
+        ),
+        # '@' then '#' in the password: the password's tail became the proxy host.
+        (
+            "http://bob:hunter2@TopSecret#1@proxy.corp.example:3128",
+            "http://***@proxy.corp.example:3128",
+        ),
+        ("http://bob:hunter2@Top?Secret@proxy:3128", "http://***@proxy:3128"),
+        ("http://bob:hunter2@Top/Secret@proxy:3128", "http://***@proxy:3128"),
+        ("http://bob@home:hunter2@proxy:3128", "http://***@proxy:3128"),  # two '@'
+        ("bob:hunter2@Top#Secret@proxy:3128", "***@proxy:3128"),
+        # What looks like "SCHEME://" inside a password is no scheme to show.
+        ("bob:hunter2://Secret@proxy:3128", "***@proxy:3128"),
+    ],
+)
+def test_proxy_credentials_that_cannot_be_split_safely_are_refused(url: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ProxyConfig.parse(url)
+    assert str(info.value) == f"proxy URL {shown}: {PERCENT_ENCODE}"
+    for secret_part in ("alice", "bob", "hunter2", "Summer2024", "Secret", "corp.example:S"):
+        assert secret_part not in str(info.value)
+
+
+def test_percent_encoded_credentials_still_work() -> None:
+    proxy = ProxyConfig.parse("http://alice%40corp.example:Summer%232024%40x@proxy:3128")
+    assert proxy.host == "proxy" and proxy.port == 3128
+    assert (
+        proxy.authorization
+        == "Basic " + base64.b64encode(b"alice@corp.example:Summer#2024@x").decode()
+    )
+
+
+def test_relay_urls_with_an_at_sign_show_nothing_before_it() -> None:
+    for server in ("https://u:pw#x@relay:8443", "https://u:pw@relay:x", "https://u@v:pw@relay"):
+        with pytest.raises(ConfigError) as info:
+            relay_websocket_url(server, "/p")
+        shown = "https://***@" + server.rpartition("@")[2]
+        assert str(info.value) == (
+            f"relay URL {shown}: a relay URL carries no user name or password"
+        )
+
+
+# --- host names IDNA cannot encode ---------------------------------------------------
+
+LONG_LABEL = "a" * 64
+LONG_NAME = ".".join(["a" * 63] * 4)  # 255 characters
+HOST_RULE = (
+    "(expected dot-separated labels of 1-63 letters, digits, '-' or '_', at most 253 "
+    "characters in all)"
+)
+
+
+@pytest.mark.parametrize(
+    "host", ["relay..example.com", f"{LONG_LABEL}.example.com", LONG_NAME, ".relay", "a..", "é..x"]
+)
+def test_host_names_idna_cannot_encode_are_refused_at_start(
+    secret: Path, tmp_path: Path, host: str
+) -> None:
+    """getaddrinfo raised UnicodeError (no OSError) for these at every connect: the
+    agent logged a traceback forever, a service's channel went unanswered."""
+    args: dict[str, object] = {
+        "server": "https://relay.example.com:8443",
+        "device": "dev1",
+        "secret_file": secret,
+        "services": ["ssh=localhost:22"],
+    }
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"server": f"https://{host}:8443"}, f"relay URL https://{host}:8443"),
+        ({"proxy": f"http://{host}:3128"}, f"proxy URL http://{host}:3128"),
+        ({"services": [f"bad={host}:22"]}, "service bad"),
+        ({"services": [f"bad=tls://localhost:22?name={host}"]}, "service bad: TLS name"),
+    ]
+    for change, what in cases:
+        with pytest.raises(ConfigError) as info:
+            load_agent_config(**{**args, **change})  # type: ignore[arg-type]
+        assert str(info.value) == f"{what}: invalid host name {host!r} {HOST_RULE}"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        f'server = "https://relay:8443"\ndevice = "dev1"\nsecret_file = "{secret}"\n'
+        f'[services]\nweb = {{ address = "{host}:80" }}\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(config_file=cfg)
+    assert str(info.value) == f"service web: invalid host name {host!r} {HOST_RULE}"
+
+
+def test_valid_host_names_are_still_taken(secret: Path) -> None:
+    for host in (
+        "relay.example.com.",
+        f"{'a' * 63}.example.com",
+        "bücher.example",
+        "my_host",
+        "10.0.0.1",
+    ):
+        assert parse_host_port(f"{host}:22", "x") == (host, 22)
+        assert relay_websocket_url(f"https://{host}:8443", "/p") == f"wss://{host}:8443/p"
+        assert ProxyConfig.parse(f"http://{host}:3128").host == host
+
+
+def test_the_agent_exits_2_with_a_sentence_for_a_bad_host_name(secret: Path, env: Env) -> None:
+    out = env.hatchway(
+        "agent", "--server", "https://relay..example.com:8443", "--device", "dev1",
+        "--secret-file", str(secret), "--service", "ssh=localhost:22",
+        check=False, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.decode() == (
+        "hatchway agent: relay URL https://relay..example.com:8443: invalid host name "
+        f"'relay..example.com' {HOST_RULE}\n"
+    )
+
+
+# --- a service CA file that is no PEM --------------------------------------------------
+
+
+def test_a_service_ca_that_is_no_pem_stops_the_agent_at_start(
+    secret: Path, tmp_path: Path, env: Env
+) -> None:
+    """It passed the start check (a file) and made every channel to the service wait
+    15 s for the relay's timeout."""
+    notpem = tmp_path / "notpem.pem"
+    notpem.write_text("this is not a certificate\n")
+    out = env.hatchway(
+        "agent", "--server", "https://relay:8443", "--device", "dev1",
+        "--secret-file", str(secret), "--service", f"badca=tls://127.0.0.1:9?ca={notpem}",
+        check=False, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2
+    err = out.stderr.decode()
+    assert err.startswith(
+        f"hatchway agent: service badca: cannot load CA certificates from {notpem}: "
+    )
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# --- [services] keys are service names --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ('"ssh=evil"', '"localhost:22"'),
+        ('" web "', '"localhost:80"'),
+        ('"Web"', '"localhost:80"'),
+        ('" web "', '{ address = "localhost:80" }'),
+    ],
+)
+def test_toml_service_keys_are_checked_as_names(
+    secret: Path, tmp_path: Path, key: str, value: str
+) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        f'server = "https://relay:8443"\ndevice = "dev1"\nsecret_file = "{secret}"\n'
+        f"[services]\n{key} = {value}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(config_file=cfg)
+    assert str(info.value) == (
+        f"invalid service name {key.strip(chr(34))!r}: use 1-32 of a-z, 0-9, '-' and '_', "
+        "starting with a letter or digit"
+    )
+
+
+def test_toml_service_values_are_not_reparsed_as_specs(secret: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    base = f'server = "https://relay:8443"\ndevice = "dev1"\nsecret_file = "{secret}"\n'
+    cfg.write_text(base + '[services]\nssh = "evil=localhost:22"\n')
+    with pytest.raises(ConfigError) as info:
+        load_agent_config(config_file=cfg)
+    assert str(info.value) == f"service ssh: invalid host name 'evil=localhost' {HOST_RULE}"
+    cfg.write_text(base + '[services]\nweb-1 = "localhost:80"\nv6 = "[fd00::1]:22"\n')
+    assert load_agent_config(config_file=cfg).services == {
+        "web-1": ServiceTarget("web-1", "localhost", 80),
+        "v6": ServiceTarget("v6", "fd00::1", 22),
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("evil=localhost:22", f"x: invalid host name 'evil=localhost' {HOST_RULE}"),
+        ("a/b:22", f"x: invalid host name 'a/b' {HOST_RULE}"),
+        ("a%b:22", f"x: invalid host name 'a%b' {HOST_RULE}"),
+        ("[fe80:::1]:22", "x: invalid IPv6 address 'fe80:::1'"),
+    ],
+)
+def test_host_port_takes_host_name_characters_only(value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_host_port(value, "x")
+    assert str(info.value) == message
+    assert parse_host_port("[::1]:22", "x") == ("::1", 22)
+    assert parse_host_port("[::ffff:10.0.0.1]:22", "x") == ("::ffff:10.0.0.1", 22)

@@ -73,7 +73,7 @@ def test_bad_relay_urls_are_refused_at_start(
     [
         (f"http://alice:{PASSWORD}@:3128", "proxy URL http://***@:3128: no host"),
         (f"http://alice:{PASSWORD}@proxy:99999", "port 99999 out of range"),
-        (f"http://alice:{PASSWORD}@proxy:abc", "invalid port 'abc'"),
+        (f"http://alice:{PASSWORD}@proxy:abc", "proxy:abc: invalid port (expected 1-65535)"),
         (f"https://alice:{PASSWORD}@proxy:3128", "unsupported proxy scheme 'https'"),
         (f"http://alice:{PASSWORD}@[::1:3128", "invalid IPv6 address"),
     ],
@@ -187,7 +187,7 @@ def test_ssh_quotes_its_proxy_command_and_checks_names(
     assert out.stdout == b"through the ProxyCommand"
     args = json.loads((tmp_path / "a").read_text())
     command = args[args.index("-o") + 1].split("=", 1)[1].replace("%%", "%")
-    assert shlex.split(command) == [python, "-m", "hatchway", "proxy", "dev1", "ssh"]
+    assert shlex.split(command) == [python, "-P", "-m", "hatchway", "proxy", "dev1", "ssh"]
     assert args[4:] == ["-l", "root", "dev1", "-p", "22", "true"]
     # Names that are not a device id or a service name never reach the shell.
     planted = tmp_path / "planted"
@@ -211,6 +211,35 @@ def test_ssh_quotes_its_proxy_command_and_checks_names(
         out = _run([*HATCHWAY, "ssh", target, "true"], environ)
         assert message in _one_sentence(out, 1)
     assert not (tmp_path / "a").exists()  # ssh never ran
+
+
+def test_ssh_never_runs_a_hatchway_from_the_current_directory(
+    online: tuple[Env, Service, str], tmp_path: Path
+) -> None:
+    """OpenSSH runs the ProxyCommand in the user's current directory, and ``python -m``
+    would put that first on sys.path: a ./hatchway package (a cloned repository, a
+    download folder) ran instead of the installed one, with the user's token at hand."""
+    env, _, _ = online
+    environ = env.environ() | _fake_ssh(tmp_path)
+    untrusted = tmp_path / "checkout"
+    (untrusted / "hatchway").mkdir(parents=True)
+    (untrusted / "hatchway" / "__init__.py").write_text("")
+    ran = tmp_path / "ran"
+    (untrusted / "hatchway" / "__main__.py").write_text(
+        f"import pathlib\npathlib.Path({str(ran)!r}).write_text('ran')\n"
+    )
+    (untrusted / "hatchway.py").write_text(f"open({str(ran)!r}, 'w').write('ran')\n")
+    # The outer command is the console script's equivalent: nothing from the cwd.
+    out = subprocess.run(
+        [sys.executable, "-P", "-m", "hatchway", "ssh", "dev1", "true"],
+        cwd=untrusted,
+        capture_output=True,
+        env=environ,
+        timeout=60,
+    )
+    assert (out.returncode, out.stderr) == (0, b"")
+    assert out.stdout == b"through the ProxyCommand"  # the real proxy, to the echo service
+    assert not ran.exists()
 
 
 @pytest.mark.parametrize(

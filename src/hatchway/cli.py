@@ -557,8 +557,10 @@ def ssh(target: str, ssh_args: tuple[str, ...], service: str) -> None:
         _fail("OpenSSH's ssh is not installed (no ssh on PATH)")
     _check_stream_target(login_, device_id, service, offline_ok=False)
     # ssh hands ProxyCommand to the shell and expands %-tokens in it first: quote every
-    # word for the shell, then double every % (a path may hold both).
-    words = [sys.executable, "-m", "hatchway", "proxy", device_id, service]
+    # word for the shell, then double every % (a path may hold both). ssh runs it in the
+    # user's current directory, which ``-m`` would put first on sys.path: -P (safe
+    # path) keeps a ./hatchway there from running instead of this one.
+    words = [sys.executable, "-P", "-m", "hatchway", "proxy", device_id, service]
     proxy_command = " ".join(shlex.quote(word) for word in words).replace("%", "%%")
     argv = [
         ssh_bin,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -15,6 +16,7 @@ from hatchway.errors import ConfigError
 from hatchway.files import read_small_text
 from hatchway.tunnel.connect import (
     ProxyConfig,
+    check_host_name,
     proxy_from_environment,
     relay_websocket_url,
     validate_relay_url,
@@ -84,10 +86,19 @@ def validate_service_name(name: str) -> str:
 
 
 def parse_host_port(value: str, what: str) -> tuple[str, int]:
-    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", value.strip())
+    """``HOST:PORT`` or ``[IPV6]:PORT``: a host name (letters, digits, '.', '-', '_';
+    labels of 1-63 characters), an IPv4 address or a bracketed IPv6 address."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:([0-9]+)|([^:\[\]\s]+):([0-9]+)", value.strip())
     if not match:
         raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
-    host = match.group(1) or match.group(3)
+    if match.group(1) is not None:
+        host = match.group(1)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{what}: invalid IPv6 address {host!r}") from None
+    else:
+        host = check_host_name(match.group(3), what)
     port = int(match.group(2) or match.group(4))
     if not 0 < port < 65536:
         raise ConfigError(f"{what}: port {port} out of range")
@@ -103,7 +114,11 @@ def parse_service(spec: str, base: Path | None = None) -> ServiceTarget:
     name, sep, target = spec.partition("=")
     if not sep:
         raise ConfigError(f"--service {spec!r}: expected NAME=HOST:PORT")
-    name = validate_service_name(name.strip())
+    return _service_spec(validate_service_name(name.strip()), target, base)
+
+
+def _service_spec(name: str, target: str, base: Path | None) -> ServiceTarget:
+    """A validated service name and its ``[tls://]HOST:PORT[?OPTIONS]``."""
     target, _, query = target.strip().partition("?")
     tls = target.startswith("tls://")
     if tls:
@@ -132,6 +147,11 @@ def _service(
             raise ConfigError(f"service {name}: {key} must be a string")
     if (ca is not None or server_name is not None) and not tls:
         raise ConfigError(f"service {name}: ca and name need TLS (tls://HOST:PORT)")
+    if server_name is not None:
+        try:
+            ipaddress.ip_address(server_name)
+        except ValueError:
+            check_host_name(server_name, f"service {name}: TLS name")
     if host_header is not None and not _HOST_HEADER_RE.fullmatch(host_header):
         raise ConfigError(f"service {name}: invalid host header {host_header!r}")
     ca_file = None
@@ -144,8 +164,10 @@ def _service(
 
 def _service_table(name: str, value: object, base: Path) -> ServiceTarget:
     """A TOML service: ``"HOST:PORT"`` or a table with ``address`` and options."""
+    # The key is the name as stored and advertised: checked as it is, first.
+    validate_service_name(name)
     if isinstance(value, str):
-        return parse_service(f"{name}={value}", base)
+        return _service_spec(name, value, base)
     if not isinstance(value, dict):
         raise ConfigError(f'service {name}: expected "HOST:PORT" or a table')
     unknown = set(value) - {"address", "tls", "ca_file", "server_name", "host_header"}
@@ -155,7 +177,7 @@ def _service_table(name: str, value: object, base: Path) -> ServiceTarget:
     if not isinstance(address, str) or not isinstance(tls, bool):
         raise ConfigError(f'service {name}: address = "HOST:PORT" and tls = true|false')
     options = {k: v for k, v in value.items() if k not in ("address", "tls")}
-    return _service(validate_service_name(name), address, tls, options, base)
+    return _service(name, address, tls, options, base)
 
 
 def read_secret_file(path: Path) -> str:
@@ -223,7 +245,8 @@ def load_agent_config(
         raise ConfigError("no relay given: use --server URL or 'server' in the config file")
     if not device:
         raise ConfigError("no device id given: use --device ID or 'device' in the config file")
-    relay_host = validate_relay_url(server).hostname or ""
+    relay = validate_relay_url(server)
+    relay_host, relay_port = relay.hostname or "", relay.port or 443
     if secret_file is None:
         raise ConfigError("no secret given: use --secret-file F or 'secret_file' in the config")
     targets: dict[str, ServiceTarget] = {}
@@ -248,6 +271,6 @@ def load_agent_config(
         services=targets,
         ca_file=ca_file,
         # Checked now, not at every connect: a bad proxy is a mistake to fix, not retry.
-        proxy=ProxyConfig.parse(proxy) if proxy else proxy_from_environment(relay_host),
+        proxy=ProxyConfig.parse(proxy) if proxy else proxy_from_environment(relay_host, relay_port),
     )
     return config

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
 import random
 import socket
 import ssl
@@ -18,7 +17,7 @@ from websockets.client import ClientProtocol
 from hatchway import __version__
 from hatchway.agent.config import AgentConfig, ServiceTarget
 from hatchway.auth.device import derive_device_key, device_proof
-from hatchway.errors import HatchwayError, LocalProtocolError
+from hatchway.errors import ConfigError, HatchwayError, LocalProtocolError, network_error_text
 from hatchway.mux.frames import GoAwayReason, OpenFailure
 from hatchway.mux.session import DEFAULT_MAX_CHANNELS, DEFAULT_WINDOW, PROTOCOL_VERSION, Role
 from hatchway.text import printable
@@ -119,6 +118,8 @@ class AgentTunnel(TunnelEndpoint):
         task.add_done_callback(self._tasks.discard)
 
     async def _connect(self, channel: int, target: ServiceTarget) -> None:
+        """Connect to ``target`` and attach it to ``channel``, or reject the channel
+        with the reason: whatever goes wrong, the relay's request is answered."""
         loop = asyncio.get_running_loop()
         try:
             if target.tls:
@@ -141,10 +142,24 @@ class AgentTunnel(TunnelEndpoint):
             failure = OpenFailure.UNREACHABLE
             text = f"TLS failed: {getattr(exc, 'verify_message', None) or exc.reason or exc}"
         except OSError as exc:
-            failure = OpenFailure.UNREACHABLE
-            # The system's words for the errno: asyncio's own loop puts "Connect call
-            # failed (address)" where the reason belongs.
-            text = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
+            # "host not found" for a name that does not resolve (a gaierror's errno is
+            # an EAI code: os.strerror made "Unknown error -2" of it).
+            failure, text = OpenFailure.UNREACHABLE, network_error_text(exc)
+        except ValueError:  # UnicodeError: a name IDNA cannot encode (checked at start)
+            failure, text = OpenFailure.UNREACHABLE, "invalid host name"
+        except HatchwayError as exc:  # the service's TLS context (loaded at start)
+            failure, text = OpenFailure.UNREACHABLE, str(exc)
+        except Exception:  # the relay waits for an answer: it gets one
+            log.exception(
+                "channel %d: %s (%s:%d): unexpected error",
+                channel,
+                target.name,
+                target.host,
+                target.port,
+            )
+            if not self.closed and self.mux.is_requested(channel):
+                self.reject(channel, OpenFailure.UNREACHABLE, f"{target.name}: agent error")
+            return
         else:
             if self.closed or not self.mux.is_requested(channel):
                 # The tunnel closed, or the relay gave up on the channel meanwhile.
@@ -199,6 +214,13 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         for target in config.services.values():
+            if target.tls:
+                # Loaded now: a CA file that is no PEM stops the agent with a sentence
+                # (exit status 2), not every channel to the service later.
+                try:
+                    service_tls_context(target)
+                except ConfigError as exc:
+                    raise ConfigError(f"service {target.name}: {exc}") from None
             if target.tls and not target.verified:
                 log.warning(
                     "service %s: TLS to %s:%d is encrypted but not verified (add ca=FILE)",

@@ -8,11 +8,13 @@ import socket
 import ssl
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from hatchway.errors import RelayError, network_error_text
+from hatchway.text import printable
 from hatchway.tlsutil import client_context
 from hatchway.tunnel.connect import ProxyConfig, proxy_from_environment, validate_relay_url
 
@@ -67,18 +69,34 @@ class _Watchdog:
         self._timer.cancel()
 
 
-class _WatchedHandler(urllib.request.HTTPSHandler):
-    """An HTTPS handler whose connections hand their socket to a watchdog (the socket
-    to the proxy, when there is one: a CONNECT tunnel runs over it)."""
+class _RelayHandler(urllib.request.HTTPSHandler):
+    """The opener's only way out: HTTPS to the relay, through a CONNECT tunnel of
+    ``proxy`` when there is one (whatever NO_PROXY says: the caller has decided), with
+    the proxy's credentials on the CONNECT and nowhere else. Its connections hand their
+    socket to a watchdog (the socket to the proxy, when there is one: the tunnel runs
+    over it)."""
 
-    def __init__(self, context: ssl.SSLContext, watchdog: _Watchdog) -> None:
+    def __init__(
+        self, context: ssl.SSLContext, watchdog: _Watchdog, proxy: ProxyConfig | None
+    ) -> None:
         super().__init__(context=context)
         self._watchdog = watchdog
+        self._proxy = proxy
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
         watchdog = self._watchdog
+        proxy = self._proxy
 
         class Connection(http.client.HTTPSConnection):
+            def __init__(self, host: str, **kwargs: Any) -> None:
+                if proxy is None:
+                    super().__init__(host, **kwargs)
+                    return
+                # Dial the proxy and tunnel to the relay (``host``, the request's).
+                super().__init__(proxy.host, proxy.port, **kwargs)
+                auth = {"Proxy-Authorization": proxy.authorization} if proxy.authorization else {}
+                self.set_tunnel(host, headers=auth)
+
             def connect(self) -> None:
                 # http.client's own steps, with each socket watched as soon as it exists:
                 # the plain one (to the relay, or to the proxy for a CONNECT), then the
@@ -139,16 +157,48 @@ def _opener(
     server: str, ca_file: str | None, watchdog: _Watchdog
 ) -> tuple[urllib.request.OpenerDirector, ProxyConfig | None]:
     """An opener that verifies the relay and goes through the proxy ``hatchway proxy``
-    and ``forward`` would use (HTTPS_PROXY unless NO_PROXY exempts the relay), and the
-    Proxy-Authorization value for it."""
-    host = validate_relay_url(server).hostname or ""
-    proxy = proxy_from_environment(host)
-    proxies = {"https": f"http://{proxy.address()}"} if proxy is not None else {}
+    and ``forward`` use (``proxy_from_environment`` on the relay's host and port:
+    HTTPS_PROXY unless NO_PROXY exempts the relay), and that proxy.
+
+    That one decision is the route. The opener is built by hand, without urllib's
+    defaults: no ProxyHandler (it makes its own NO_PROXY decision, port included, and
+    sent Proxy-Authorization straight to the relay when the two disagreed), no
+    redirect handler (the API never redirects: a 30x would replay the bearer token to
+    another host, over http:// too) and no plain HTTP.
+    """
+    parts = validate_relay_url(server)
+    proxy = proxy_from_environment(parts.hostname or "", parts.port or 443)
     context = client_context(Path(ca_file) if ca_file else None)
-    opener = urllib.request.build_opener(
-        urllib.request.ProxyHandler(proxies), _WatchedHandler(context, watchdog)
-    )
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        _RelayHandler(context, watchdog, proxy),
+        urllib.request.UnknownHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),  # any status but 2xx: HTTPError
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
     return opener, proxy
+
+
+def _redirected(url: str, exc: urllib.error.HTTPError) -> RelayError:
+    """A 30x answer: the relay URL is not the relay's (or something in front of it
+    redirects); the request is not repeated anywhere."""
+    location = exc.headers.get("Location") if exc.headers is not None else None
+    if not location:
+        return RelayError(
+            exc.code,
+            "redirect",
+            f"the relay answered with a redirect (HTTP {exc.code}); check the relay URL",
+        )
+    try:
+        target = urllib.parse.urljoin(url, location)
+    except ValueError:
+        target = location
+    return RelayError(
+        exc.code,
+        "redirect",
+        f"the relay answered with a redirect to {printable(target)}; check the relay URL",
+    )
 
 
 def call(
@@ -183,7 +233,6 @@ def _call(
     watchdog: _Watchdog,
 ) -> Any:
     opener, proxy = _opener(server, ca_file, watchdog)
-    proxy_authorization = proxy.authorization if proxy is not None else None
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(server.rstrip("/") + path, data=data, method=method)
     request.add_header("Accept", "application/json")
@@ -191,13 +240,14 @@ def _call(
         request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
-    if proxy_authorization:  # urllib sends it on the CONNECT, not to the relay
-        request.add_header("Proxy-Authorization", proxy_authorization)
     try:
         with opener.open(request, timeout=TIMEOUT) as response:
             raw = response.read(MAX_ANSWER)
     except urllib.error.HTTPError as exc:
-        raise error_from_body(exc.code, exc.read(64 * 1024)) from None
+        with exc:
+            if 300 <= exc.code < 400:
+                raise _redirected(request.full_url, exc) from None
+            raise error_from_body(exc.code, exc.read(64 * 1024)) from None
     except urllib.error.URLError as exc:
         reason = exc.reason
         if isinstance(reason, ssl.SSLCertVerificationError):

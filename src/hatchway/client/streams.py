@@ -30,6 +30,7 @@ from hatchway.errors import ConfigError, HatchwayError, RelayError
 from hatchway.tlsutil import client_context
 from hatchway.tunnel.connect import (
     ConnectError,
+    ProxyConfig,
     open_websocket,
     proxy_from_environment,
     relay_websocket_url,
@@ -303,8 +304,14 @@ def ssl_context_for(ca_file: str | None) -> ssl.SSLContext:
 def check_relay(login: Login) -> None:
     """Fail now, with a sentence, on a relay URL or HTTPS_PROXY that cannot work,
     rather than on every connection."""
-    url = relay_websocket_url(login.server, "/")
-    proxy_from_environment(urllib.parse.urlsplit(url).hostname or "")
+    relay_proxy(relay_websocket_url(login.server, "/"))
+
+
+def relay_proxy(url: str) -> ProxyConfig | None:
+    """The proxy to the relay at ``url``: HTTPS_PROXY unless NO_PROXY exempts the relay's
+    host (and port), as for the client's API calls."""
+    parts = urllib.parse.urlsplit(url)
+    return proxy_from_environment(parts.hostname or "", parts.port or 443)
 
 
 def stream_url(login: Login, device: str, service: str) -> str:
@@ -327,7 +334,7 @@ async def open_relay_websocket(
             url,
             factory,
             ssl_context=ssl_context_for(login.ca_file),
-            proxy=proxy_from_environment(urllib.parse.urlsplit(url).hostname or ""),
+            proxy=relay_proxy(url),
             headers=[("Authorization", f"Bearer {login.token}")],
             subprotocols=subprotocols,
             max_size=max_size,

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import ipaddress
 import os
+import re
 import socket
 import ssl
 import urllib.parse
@@ -23,9 +24,13 @@ from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from hatchway.errors import ConfigError, HatchwayError, network_error_text
+from hatchway.text import printable
 from hatchway.tunnel.websocket import WebSocketEndpoint
 
 MAX_PROXY_RESPONSE = 16 * 1024
+#: What a proxy's response head may not hold outside its CRLF line ends: C0 controls
+#: but HTAB (bare CR and LF, ESC), and DEL.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 E = TypeVar("E", bound=WebSocketEndpoint)
 
@@ -44,13 +49,16 @@ class ConnectError(HatchwayError):
 
 
 def _redacted(url: str) -> str:
-    """``url`` fit for a message or a log: whatever precedes an ``@`` (a user name and
-    password) becomes ``***``."""
-    scheme, sep, rest = url.rpartition("://")
+    """``url`` fit for a message or a log: whatever precedes its last ``@`` (a user name
+    and password) becomes ``***``. Only a plain ``SCHEME://`` in front is kept: what looks
+    like one further on may be part of a password."""
+    scheme = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url)
+    prefix = scheme.group() if scheme else ""
+    rest = url[len(prefix) :]
     _, at, hostpart = rest.rpartition("@")
     if at:
         rest = "***@" + hostpart
-    shown = f"{scheme}{sep}{rest}"
+    shown = f"{prefix}{rest}"
     return shown if shown.isprintable() else repr(shown)[1:-1]
 
 
@@ -58,13 +66,42 @@ def _port_of(parts: urllib.parse.SplitResult, what: str) -> int | None:
     try:
         port = parts.port
     except ValueError:
-        port_text = parts.netloc.rpartition("]")[2].rpartition(":")[2]
+        # After the user name and password, if any: ProxyConfig.parse refuses a URL
+        # where they could reach past their "@".
+        port_text = parts.netloc.rpartition("@")[2].rpartition("]")[2].rpartition(":")[2]
         if port_text.isascii() and port_text.isdigit():
             raise ConfigError(f"{what}: port {port_text} out of range (1-65535)") from None
+        if "@" in parts.netloc:  # never the text then: it could be part of a password
+            raise ConfigError(f"{what}: invalid port (expected 1-65535)") from None
         raise ConfigError(f"{what}: invalid port {port_text!r}") from None
     if port == 0:
         raise ConfigError(f"{what}: port 0 out of range (1-65535)")
     return port
+
+
+def check_host_name(host: str, what: str) -> str:
+    """``host`` if it is a host name that name lookups and TLS take (or an IPv4
+    address): letters, digits, '.', '-' and '_', in dot-separated labels of 1 to 63
+    characters and 253 in all once IDNA-encoded (one final dot allowed). ConfigError
+    with a sentence otherwise, not a UnicodeError from getaddrinfo at every connect."""
+    if not host:
+        raise ConfigError(f"{what}: no host")
+    valid = all(ch.isalnum() or ch in "._-" for ch in host)
+    if valid:
+        try:
+            encoded = (host[:-1] if host.endswith(".") else host).encode("idna")
+        except UnicodeError:
+            valid = False
+        else:
+            valid = 0 < len(encoded) <= 253 and all(
+                0 < len(label) <= 63 for label in encoded.split(b".")
+            )
+    if not valid:
+        raise ConfigError(
+            f"{what}: invalid host name {host!r} (expected dot-separated labels of 1-63 "
+            "letters, digits, '-' or '_', at most 253 characters in all)"
+        )
+    return host
 
 
 def _check_host(host: str | None, netloc: str, what: str) -> str:
@@ -75,9 +112,8 @@ def _check_host(host: str | None, netloc: str, what: str) -> str:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ConfigError(f"{what}: invalid IPv6 address {host!r}") from None
-    elif not all(ch.isalnum() or ch in "._-" for ch in host):
-        raise ConfigError(f"{what}: invalid host name {host!r}")
-    return host
+        return host
+    return check_host_name(host, what)
 
 
 def _split(url: str, what: str) -> urllib.parse.SplitResult:
@@ -102,16 +138,22 @@ class ProxyConfig:
         if not isinstance(url, str):
             raise ConfigError(f'{source}: expected a string like "http://HOST:PORT"')
         what = f"{source} {_redacted(url)}"
-        parts = _split(url if "://" in url else f"http://{url}", what)
+        full = url if "://" in url else f"http://{url}"
+        parts = _split(full, what)
+        # An "@" outside the authority (a "/", "?" or "#" in the user name or password
+        # ended it early) or two in it (an "@" in the user name or password): where the
+        # user name and password end is a guess, and a wrong guess would send them to,
+        # or show them as, a host or a port. Checked before anything is shown.
+        at_signs = parts.netloc.count("@")
+        if at_signs > 1 or full.count("@") != at_signs:
+            raise ConfigError(
+                f"{what}: percent-encode the user name and password ('@' as %40, ':' as "
+                "%3A, '/' as %2F, '?' as %3F, '#' as %23)"
+            )
         if parts.scheme not in ("http", ""):
             raise ConfigError(
                 f"{what}: unsupported proxy scheme {parts.scheme!r}: use http://HOST:PORT "
                 "(an HTTP CONNECT proxy)"
-            )
-        if "@" in url and "@" not in parts.netloc:  # a "/", "?" or "#" in the password
-            raise ConfigError(
-                f"{what}: percent-encode the user name and password (%2F for /, %3F for ?, "
-                "%23 for #, %40 for @)"
             )
         host = _check_host(parts.hostname, parts.netloc, what)
         port = _port_of(parts, what)
@@ -128,8 +170,25 @@ class ProxyConfig:
         return f"{host}:{self.port}"
 
 
-def proxy_from_environment(host: str) -> ProxyConfig | None:
-    """``HTTPS_PROXY``/``https_proxy``, unless ``NO_PROXY`` exempts ``host``.
+def no_proxy_exempts(host: str, port: int | None = None) -> bool:
+    """Whether ``NO_PROXY``/``no_proxy`` exempts ``host`` (a name or an IP address,
+    IPv6 without brackets) reached on ``port``. urllib's rules: ``*`` exempts every host;
+    an entry ``example.com`` (or ``.example.com``) exempts that host and the names under
+    it, on any port; an entry with a port, ``relay.example.com:8443`` (``[::1]:8443``),
+    only on that port."""
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if bypass(host):
+        return True
+    if port is None:
+        return False
+    # urllib compares the entries with both the bare host and HOST:PORT: an entry with
+    # a port matches only the latter, and only with that port.
+    return bool(bypass(f"[{host}]:{port}" if ":" in host else f"{host}:{port}"))
+
+
+def proxy_from_environment(host: str, port: int | None = None) -> ProxyConfig | None:
+    """``HTTPS_PROXY``/``https_proxy``, unless ``NO_PROXY`` exempts ``host`` (on
+    ``port``: give it, or entries of the form ``HOST:PORT`` never match).
     Raises ConfigError, naming the variable, when it is not a usable proxy URL."""
     for name in ("HTTPS_PROXY", "https_proxy"):
         url = os.environ.get(name)
@@ -137,8 +196,7 @@ def proxy_from_environment(host: str) -> ProxyConfig | None:
             break
     else:
         return None
-    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-    if bypass(host):
+    if no_proxy_exempts(host, port):
         return None
     return ProxyConfig.parse(url, name)
 
@@ -150,12 +208,12 @@ def validate_relay_url(server: str, what: str = "relay URL") -> urllib.parse.Spl
         raise ConfigError(f"{what} must be a string like https://relay.example.com:8443")
     shown = f"{what} {_redacted(server)}"
     parts = _split(server, shown)
+    if "@" in server:  # checked first: nothing of a user name or password is shown
+        raise ConfigError(f"{shown}: a relay URL carries no user name or password")
     if parts.scheme not in ("https", "wss"):
         raise ConfigError(f"{shown} must start with https:// or wss:// (TLS is required)")
     _check_host(parts.hostname, parts.netloc, shown)
     _port_of(parts, shown)
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"{shown}: a relay URL carries no user name or password")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError(f"{shown}: expected https://HOST[:PORT], without a path or query")
     return parts
@@ -175,6 +233,8 @@ async def _open_via_proxy(proxy: ProxyConfig, host: str, port: int) -> socket.so
         raise ConnectError(
             f"cannot reach the proxy {proxy.address()}: {network_error_text(exc)}"
         ) from None
+    except ValueError:  # UnicodeError: a name IDNA cannot encode (checked at start)
+        raise ConnectError(f"cannot reach the proxy {proxy.address()}: invalid host name") from None
     last: OSError | None = None
     sock: socket.socket | None = None
     for family, type_, proto, _, addr in infos:
@@ -203,10 +263,17 @@ async def _open_via_proxy(proxy: ProxyConfig, host: str, port: int) -> socket.so
             response += chunk
             if len(response) > MAX_PROXY_RESPONSE:
                 raise ConnectError("the proxy's CONNECT response is too large")
-        status_line = bytes(response.split(b"\r\n", 1)[0]).decode("latin-1")
+        answer = bytes(response[: response.index(b"\r\n\r\n")])
+        if _CONTROL.search(answer.replace(b"\r\n", b"")):
+            # A bare line feed or an escape sequence would forge log lines and drive
+            # the terminal of whoever reads them.
+            raise ConnectError(
+                "the proxy's CONNECT response is malformed (control characters in its head)"
+            )
+        status_line = answer.split(b"\r\n", 1)[0].decode("latin-1")
         fields = status_line.split(" ", 2)
         if len(fields) < 2 or not fields[0].startswith("HTTP/1.") or fields[1] != "200":
-            raise ConnectError(f"the proxy refused CONNECT: {status_line.strip()}")
+            raise ConnectError(f"the proxy refused CONNECT: {printable(status_line.strip(), 200)}")
         if response.index(b"\r\n\r\n") + 4 != len(response):
             raise ConnectError("the proxy sent data before the TLS handshake")
         return sock
@@ -231,7 +298,10 @@ async def open_websocket(
     Raises ``ConnectError`` (with the HTTP status and body when the relay answered
     with an error) and ``TimeoutError``.
     """
-    wsuri = parse_uri(url)
+    try:
+        wsuri = parse_uri(url)
+    except ValueError:  # UnicodeError: a name IDNA cannot encode (checked at start)
+        raise ConnectError("invalid host name in the relay URL") from None
     loop = asyncio.get_running_loop()
     ws = ClientProtocol(
         wsuri,
@@ -264,6 +334,10 @@ async def open_websocket(
             raise ConnectError(
                 f"cannot reach {wsuri.host}:{wsuri.port}: {network_error_text(exc)}"
             ) from exc
+        except ValueError:  # UnicodeError: a name IDNA cannot encode (checked at start)
+            raise ConnectError(
+                f"cannot reach {printable(wsuri.host, 253)}:{wsuri.port}: invalid host name"
+            ) from None
         assert endpoint.handshake is not None  # a client endpoint
         try:
             response = await endpoint.handshake
