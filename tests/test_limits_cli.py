@@ -377,7 +377,7 @@ def test_cli_says_why_a_service_is_unreachable_or_timed_out(isolated: Isolated) 
     service the device has no route to (at once) and for one whose SYNs are dropped
     (after the agent's 10 s connect timeout), and no traceback anywhere."""
     env = isolated.env
-    unreachable = f"hatchway: {DEVICE} cannot reach unreach: Network is unreachable"
+    unreachable = f"hatchway: {DEVICE} cannot reach unreach: network is unreachable"
     timed_out = f"hatchway: {DEVICE} timed out connecting to stuck"
     with logs_on_failure(env), ThreadPoolExecutor(max_workers=2) as pool:
         # The two that wait for the agent's connect timeout, at the same time.
@@ -419,7 +419,7 @@ def test_cli_says_why_a_service_is_unreachable_or_timed_out(isolated: Isolated) 
             stuck_forward.stop()
     # The agent saw the two failures for what they were.
     agent = next(p for p in env.procs if p.name == f"agent-{DEVICE}").output()
-    assert f"unreach ({UNREACHABLE_ADDR}:22): Network is unreachable" in agent
+    assert f"unreach ({UNREACHABLE_ADDR}:22): network is unreachable" in agent
     assert f"stuck (127.0.0.1:{STUCK_PORT}): timed out" in agent
     for proc in env.procs:
         assert "Traceback" not in proc.output(), proc.name
