@@ -41,6 +41,24 @@ def serve_connections(handle: Callable[[socket.socket], None]) -> socket.socket:
     return sock
 
 
+def join_sockets(a: socket.socket, b: socket.socket) -> None:
+    """Copy between two connected sockets both ways, each end's EOF passed on as a
+    half-close, until both directions ended (a CONNECT proxy's tunnel)."""
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    other = threading.Thread(target=pump, args=(a, b))
+    other.start()
+    pump(b, a)
+    other.join()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -17,7 +16,7 @@ from hatchway.client import relay_api
 from hatchway.errors import RelayError
 from hatchway.relay.pki import TlsFiles, ensure_tls_files
 from hatchway.tunnel.connect import ProxyConfig, proxy_from_environment
-from tests.procs import free_port, serve_connections
+from tests.procs import free_port, join_sockets, serve_connections
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -102,19 +101,7 @@ class RecordingProxy:
             host, _, port = head.split("\r\n")[0].split()[1].rpartition(":")
             with socket.create_connection((host.strip("[]"), int(port))) as upstream:
                 conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                up = threading.Thread(target=_pump, args=(conn, upstream))
-                up.start()
-                _pump(upstream, conn)
-                up.join()
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-        dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
+                join_sockets(conn, upstream)
 
 
 @pytest.fixture

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.procs import HATCHWAY, Env, Proc, device_online, serve_connections, wait_for
+from tests.procs import (
+    HATCHWAY,
+    Env,
+    Proc,
+    device_online,
+    join_sockets,
+    serve_connections,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -210,22 +218,10 @@ class ConnectProxy:
             with socket.create_connection((host.strip("[]"), int(port))) as upstream:
                 conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 self.tunnels += 1
-                up = threading.Thread(target=_pump, args=(conn, upstream))
-                up.start()
-                _pump(upstream, conn)
-                up.join()
+                join_sockets(conn, upstream)
 
     def close(self) -> None:
         self.sock.close()
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-        dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
 
 
 def test_client_goes_through_https_proxy_and_never_shows_its_password(
