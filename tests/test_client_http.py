@@ -5,10 +5,13 @@ the bearer token anywhere a redirect points."""
 from __future__ import annotations
 
 import base64
+import os
 import socket
 import ssl
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +19,7 @@ from hatchway.client import relay_api
 from hatchway.errors import RelayError
 from hatchway.relay.pki import TlsFiles, ensure_tls_files
 from hatchway.tunnel.connect import ProxyConfig, proxy_from_environment
-from tests.procs import free_port, join_sockets, serve_connections
+from tests.procs import HATCHWAY, free_port, join_sockets, serve_connections
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,6 +46,19 @@ def _read_head(conn: socket.socket) -> str:
             break
         head += data
     return head.decode("latin-1")
+
+
+def _read_body(conn: socket.socket, head: str) -> None:
+    """Read (and drop) the body ``head`` announces with its Content-Length, if any: a
+    head read with ``_read_head`` may already hold some of it."""
+    length = 0
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    got = len(head.partition("\r\n\r\n")[2].encode("latin-1"))
+    while got < length and (data := conn.recv(65536)):
+        got += len(data)
 
 
 def _response(status: str, extra: bytes = b"", body: bytes = b"") -> bytes:
@@ -80,7 +96,9 @@ class Server:
             return
         with conn:
             try:
-                self.heads.append(_read_head(conn))
+                head = _read_head(conn)
+                self.heads.append(head)
+                _read_body(conn, head)  # all of it: closing on unread bytes resets
                 conn.sendall(self.answer)
             except OSError:
                 pass
@@ -247,3 +265,25 @@ def test_streams_take_the_route_of_the_api_calls(
     netloc = "relay.example.com" + (f":{port}" if port else "")
     assert (relay_proxy(f"wss://{netloc}/api/v1/client") is not None) is proxied
     assert (proxy_from_environment("relay.example.com", port or 443) is not None) is proxied
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"hello": "world"}', "the relay's answer has no 'token' (is that a hatchway relay?)"),
+        (b'["token"]', "the relay's answer is not a JSON object"),
+    ],
+)
+def test_login_to_a_server_that_is_no_hatchway_relay_says_so(
+    tls: TlsFiles, closing: list[socket.socket], tmp_path: Path, body: bytes, says: str
+) -> None:
+    """A relay URL that answers JSON of another shape: one sentence, no traceback."""
+    relay = _relay(tls, closing, _response("200 OK", body=body))
+    environ = {**os.environ, "HATCHWAY_CONFIG_DIR": str(tmp_path / "config")}
+    out = subprocess.run(
+        [*HATCHWAY, "login", f"https://localhost:{relay.port}", "--user", "admin",
+         "--password-stdin", "--ca-file", str(tls.ca_cert)],
+        input=b"Vivid-Lantern-482!\n", capture_output=True, timeout=30, env=environ,
+    )  # fmt: skip
+    assert (out.returncode, out.stdout) == (1, b"")
+    assert out.stderr.decode() == f"hatchway: {says}\n"

@@ -39,7 +39,7 @@ def main() -> None:
 
         sys.exit(agent_main(argv[1:]))
     try:
-        from hatchway.cli import cli
+        from hatchway.cli import main as cli_main
     except ImportError as exc:
         print(
             f"hatchway: this command needs the client or server extras ({exc.name} is missing):"
@@ -47,7 +47,7 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    cli()
+    cli_main()
 
 
 if __name__ == "__main__":

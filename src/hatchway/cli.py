@@ -576,7 +576,10 @@ def ssh(target: str, ssh_args: tuple[str, ...], service: str) -> None:
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except HatchwayError as exc:  # one a command did not expect: still one sentence
+        _fail(str(exc))
 
 
 for _group in ADMIN_GROUPS:

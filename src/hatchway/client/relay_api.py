@@ -260,6 +260,21 @@ def _call(
     except (TimeoutError, OSError, http.client.HTTPException) as exc:
         raise _unreachable(server, proxy, exc) from None
     try:
-        return json.loads(raw)
+        answer = json.loads(raw, object_hook=_Answer)
     except ValueError:
         raise RelayError(0, "bad_response", "the relay sent a response that is not JSON") from None
+    if not isinstance(answer, dict):
+        raise RelayError(0, "bad_response", "the relay's answer is not a JSON object")
+    return answer
+
+
+class _Answer(dict[str, Any]):
+    """A JSON object from the relay: a field it lacks is the relay's mistake (or not a
+    hatchway relay at that URL), said in a sentence rather than as a KeyError."""
+
+    def __missing__(self, key: str) -> Any:
+        raise RelayError(
+            0,
+            "bad_response",
+            f"the relay's answer has no {printable(str(key), 64)!r} (is that a hatchway relay?)",
+        )
