@@ -903,6 +903,29 @@ def test_a_peer_that_sends_but_never_reads_is_dropped(env: Env, path: str, ping:
         assert raw.next_frame().data[0] == FrameType.HELLO
 
 
+def test_a_client_stream_that_breaks_the_protocol_sends_nothing_more(setup: Setup) -> None:
+    """A text message other than "eof" closes the stream (1003); binary messages that
+    came behind it, in the same read, do not reach the device."""
+    token = relay_token(setup.env)
+    path = "/api/v1/connect?device=dev1&service=echo"
+    with RawWebSocket(setup.port, setup.env.ca_file, path, token) as raw:
+        while raw.ws.state is not OPEN:  # the 101 comes once the device took the channel
+            raw.ws.receive_data(raw.tls.recv(65536))
+        raw.ws.send_text(b"junk")
+        raw.ws.send_binary(b"behind it")
+        raw.flush()  # one write: the relay reads both at once
+        closing = raw.next_frame()
+        assert closing.opcode is Opcode.CLOSE
+        assert int.from_bytes(closing.data[:2], "big") == 1003
+    setup.relay.wait_output(r"service=echo from=\S+: .*bytes up")
+    (ended,) = [
+        line
+        for line in setup.relay.output().splitlines()
+        if "service=echo from=" in line and "bytes up" in line
+    ]
+    assert ", 0 bytes up, " in ended
+
+
 def test_a_client_stream_in_odd_frames_reaches_the_device_whole(setup: Setup) -> None:
     """A client stream written as another WebSocket client may write it: fragmented
     messages, pings between them, every frame cut into 3-byte TLS records. The relay

@@ -213,7 +213,8 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
     # --- WebSocket → channel ----------------------------------------------------------
 
     def on_binary(self, data: bytes | memoryview) -> None:
-        self.forward(data)
+        if self.is_open:  # not once closing (an unexpected text message): nothing more
+            self.forward(data)
 
     def on_text(self, data: bytes) -> None:
         if data == EOF_MESSAGE:
