@@ -23,7 +23,7 @@ from hatchway.mux.frames import GoAwayReason, OpenFailure, ResetReason
 from hatchway.mux.session import PROTOCOL_VERSION, Role
 from hatchway.relay.api import ApiError
 from hatchway.relay.splice import SpliceBinding
-from hatchway.relay.streams import OPEN_TIMEOUT, describe_failure
+from hatchway.relay.streams import OPEN_TIMEOUT, describe_failure, log_channel
 from hatchway.store.base import ChannelRecord, UserRecord
 from hatchway.text import printable
 from hatchway.tunnel.endpoint import TunnelEndpoint
@@ -143,7 +143,7 @@ class ClientTunnel(TunnelEndpoint):
             bytes_down=0,
             outcome=f"open-failed: {text}",
         )
-        _log_channel(channel, record, 0.0)
+        log_channel(channel, record, 0.0)
         self.server.record_channel(record)
 
 
@@ -239,23 +239,8 @@ class _Opening:
             bytes_down=self.client_side.bytes_to_tunnel,
             outcome=self.outcome,
         )
-        _log_channel(self.channel, record, duration)
+        log_channel(self.channel, record, duration)
         self.tunnel.server.record_channel(record)
-
-
-def _log_channel(channel: int, record: ChannelRecord, duration: float) -> None:
-    log.info(
-        "channel %s user=%s device=%s service=%s from=%s: %s, %d bytes up, %d bytes down, %.3f s",
-        channel,
-        record.user,
-        record.device,
-        record.service,
-        record.source,
-        record.outcome,
-        record.bytes_up,
-        record.bytes_down,
-        duration,
-    )
 
 
 class _ClientSide(SpliceBinding):

@@ -85,6 +85,22 @@ def channel_record(
     )
 
 
+def log_channel(channel: int, record: ChannelRecord, duration: float) -> None:
+    """The channel log's line for a channel that has just ended (or was refused)."""
+    log.info(
+        "channel %s user=%s device=%s service=%s from=%s: %s, %d bytes up, %d bytes down, %.3f s",
+        channel,
+        record.user,
+        record.device,
+        record.service,
+        record.source,
+        record.outcome,
+        record.bytes_up,
+        record.bytes_down,
+        duration,
+    )
+
+
 def error_response(status: int, code: str, message: str) -> Response:
     body = json.dumps({"error": code, "message": message}).encode() + b"\n"
     headers = Headers(
@@ -289,18 +305,5 @@ class ClientStream(WebSocketEndpoint, ChannelBinding):
             self, self.user, self.device, self.service, self.peer_address(), self.started_at,
             self.outcome,
         )  # fmt: skip
-        duration = (record.ended_at - record.started_at).total_seconds()
-        log.info(
-            "channel %s user=%s device=%s service=%s from=%s: %s, %d bytes up, %d bytes down, "
-            "%.3f s",
-            self.channel,
-            self.user,
-            self.device,
-            self.service,
-            record.source,
-            self.outcome,
-            record.bytes_up,
-            record.bytes_down,
-            duration,
-        )
+        log_channel(self.channel, record, (record.ended_at - record.started_at).total_seconds())
         self.server.record_channel(record)
